@@ -1,0 +1,34 @@
+"""Command-line entry point: parse options, run the extraction, exit with its status.
+
+Exit codes: 0 every input done (or skipped as already done), 1 some input failed,
+2 the run could not start (invalid option, missing weights, no device).
+"""
+from __future__ import annotations
+
+import logging
+import sys
+
+from utils.config import parse_args
+from utils.errors import FeatureError
+from utils.runner import configure_logging, run
+
+
+def main(argv: list[str] | None = None) -> int:
+    configure_logging("info")
+    try:
+        cfg = parse_args(sys.argv[1:] if argv is None else argv)
+        configure_logging(cfg.log_level)
+        summary = run(cfg)
+    except FeatureError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished outputs are kept; rerun to complete the rest", file=sys.stderr)
+        return 130
+    print(summary.text(), file=sys.stderr)
+    logging.shutdown()
+    return summary.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Networks and their extractors, one package per family; `models.registry` maps feature types."""

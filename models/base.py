@@ -1,0 +1,56 @@
+"""The Extractor seam every feature type implements.
+
+An extractor is built once per worker with ``(cfg, device)``; the runner then calls
+:meth:`Extractor.extract` for one video at a time and writes whatever dict it returns. Bad input
+is reported by raising :class:`utils.errors.VideoError` with a one-line reason.
+
+Option validation happens in :meth:`Extractor.validate`, a classmethod the config layer calls
+before any worker starts or any model is loaded.
+"""
+from __future__ import annotations
+
+import abc
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from utils.config import Config
+
+
+class Extractor(abc.ABC):
+    #: keys of the dict ``extract`` returns, in the order they are written; set per instance
+    output_keys: tuple[str, ...] = ()
+    #: option names this feature type understands beyond the shared ones (for ``--help``)
+    options: ClassVar[dict[str, str]] = {}
+
+    def __init__(self, cfg: Config, device: torch.device) -> None:
+        self.cfg = cfg
+        self.device = torch.device(device)
+        #: frames decoded for the current video; the runner reads it for frames/s
+        self.frames_read = 0
+
+    @classmethod
+    def validate(cls, cfg: Config) -> None:
+        """Raise :class:`utils.errors.ConfigError` naming the option when ``cfg`` is invalid."""
+
+    @abc.abstractmethod
+    def extract(self, path: str) -> dict[str, np.ndarray]:
+        """Features of one video (or frame folder / audio file) as numpy arrays."""
+
+    @classmethod
+    def output_keys_for(cls, cfg: Config) -> tuple[str, ...]:
+        """Keys ``extract`` will return under ``cfg`` (used to find finished outputs up front)."""
+        return tuple(cls.output_keys)
+
+    def count_frames(self, n: int) -> None:
+        self.frames_read += int(n)
+
+    def print_predictions(self, title: str, probs: torch.Tensor, labels: list[str],
+                          k: int = 5, first: int = 0) -> None:
+        """``--show_pred``: top-k classes per row of ``probs`` (rows = frames or stacks)."""
+        top_p, top_i = probs.float().cpu().topk(min(k, probs.shape[-1]), dim=-1)
+        for row, (ps, ids) in enumerate(zip(top_p.tolist(), top_i.tolist())):
+            preds = "  ".join(f"{labels[i] if i < len(labels) else i}: {p:.3f}"
+                              for p, i in zip(ps, ids))
+            print(f"{title} #{first + row}: {preds}", flush=True)

@@ -1,0 +1,1 @@
+"""Frame-wise ResNet features (torchvision's ImageNet-1k models)."""

@@ -1,0 +1,1 @@
+"""Machinery shared by every feature type: config, decoding, windows, weights, output, runner."""

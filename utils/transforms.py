@@ -1,0 +1,75 @@
+"""Batched image preprocessing on the device.
+
+The reference preprocessing runs PIL per frame: resize (bilinear with antialias), which yields
+uint8, then crop and normalise. These functions do the same on whole batches of frames on the
+GPU (or CPU): the resize uses an antialiased bilinear kernel like PIL's and rounds back to whole
+levels, so the result matches the per-frame PIL path to within one grey level.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def to_device(frames: np.ndarray, device: torch.device) -> torch.Tensor:
+    """(N, H, W, 3) uint8 numpy -> (N, 3, H, W) uint8 tensor on ``device`` (async from pinned memory)."""
+    t = torch.from_numpy(np.ascontiguousarray(frames))
+    device = torch.device(device)
+    if device.type == "cuda":
+        t = t.pin_memory().to(device, non_blocking=True)
+    return t.permute(0, 3, 1, 2)
+
+
+def short_side_size(h: int, w: int, size: int) -> tuple[int, int]:
+    """Output (h, w) when the shorter side becomes ``size``; the longer is truncated to int,
+    as torchvision's Resize(int) and the reference tool compute it."""
+    if h <= w:
+        return size, int(size * w / h)
+    return int(size * h / w), size
+
+
+def resize(x: torch.Tensor, hw: tuple[int, int], antialias: bool = True,
+           round_to_uint8: bool = True) -> torch.Tensor:
+    """Bilinear resize of (N, C, H, W) to ``hw``; returns float32 in [0, 255].
+
+    ``round_to_uint8`` reproduces the 8-bit image PIL would return (round, clamp).
+    """
+    x = x.float()
+    if tuple(x.shape[-2:]) != tuple(hw):
+        x = F.interpolate(x, size=hw, mode="bilinear", align_corners=False, antialias=antialias)
+    if round_to_uint8:
+        x = x.round_().clamp_(0, 255)
+    return x
+
+
+def resize_short_side(x: torch.Tensor, size: int, antialias: bool = True,
+                      round_to_uint8: bool = True) -> torch.Tensor:
+    h, w = x.shape[-2:]
+    return resize(x, short_side_size(h, w, size), antialias, round_to_uint8)
+
+
+def center_crop(x: torch.Tensor, size: int | tuple[int, int], offset: str = "round") -> torch.Tensor:
+    """Centre crop of the last two dims. ``offset='round'`` is torchvision's CenterCrop
+    (``round((H - h) / 2)``), ``'floor'`` is ``(H - h) // 2`` as the reference I3D code uses."""
+    th, tw = (size, size) if isinstance(size, int) else size
+    h, w = x.shape[-2:]
+    if th > h or tw > w:
+        raise ValueError(f"crop {th}x{tw} larger than frame {h}x{w}")
+    if offset == "round":
+        top, left = int(round((h - th) / 2.0)), int(round((w - tw) / 2.0))
+    elif offset == "floor":
+        top, left = (h - th) // 2, (w - tw) // 2
+    else:
+        raise ValueError(f"offset must be round or floor, got {offset!r}")
+    return x[..., top:top + th, left:left + tw]
+
+
+def normalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """(x - mean) / std over the channel axis (dim -3)."""
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+    return (x - m) / s

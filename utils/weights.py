@@ -1,0 +1,170 @@
+"""Checkpoint cards and resolution: explicit path -> local cache -> verified download -> error.
+
+Every checkpoint the tool can load has a :class:`WeightCard`. Resolution never falls back to
+random weights; the only way to run without a real checkpoint is the explicit
+``allow_random_weights`` option, which extractors honour with a loud warning (see
+:func:`random_weights_requested`).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from utils.errors import WeightsError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WeightCard:
+    """What we know about one published checkpoint.
+
+    ``sha256`` is the full hex digest where it is published; where the publisher only embeds a
+    prefix in the file name (torchvision, torch.hub convention) it holds that prefix and the
+    downloaded file's digest must start with it.
+    """
+
+    name: str
+    url: str
+    sha256: str
+    filename: str
+    layout: str
+    preprocessing: str = ""
+    num_classes: int | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+CARDS: dict[str, WeightCard] = {}
+
+
+def register_card(card: WeightCard) -> WeightCard:
+    if card.name in CARDS and CARDS[card.name] != card:
+        raise ValueError(f"weight card {card.name!r} registered twice with different contents")
+    CARDS[card.name] = card
+    return card
+
+
+def get_card(name: str) -> WeightCard:
+    try:
+        return CARDS[name]
+    except KeyError:
+        raise WeightsError(f"unknown checkpoint {name!r}; known: {', '.join(sorted(CARDS))}") from None
+
+
+def cache_dir() -> Path:
+    """Where downloaded checkpoints live: torch hub's checkpoint folder (honours TORCH_HOME)."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _download(card: WeightCard, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
+    os.close(fd)
+    try:
+        log.info("downloading %s from %s", card.name, card.url)
+        with urllib.request.urlopen(card.url, timeout=60) as resp, open(tmp, "wb") as out:
+            shutil.copyfileobj(resp, out, length=1 << 20)
+        digest = sha256_of(tmp)
+        if not digest.startswith(card.sha256.lower()):
+            raise WeightsError(
+                f"{card.name}: downloaded file from {card.url} has sha256 {digest}, "
+                f"expected {card.sha256}; refusing to use it"
+            )
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def resolve_checkpoint(card: WeightCard, checkpoint_path: str | None = None,
+                       download: bool = True) -> Path:
+    """Return a local file for ``card``.
+
+    Order: ``checkpoint_path`` (must exist) -> ``<cache_dir>/<card.filename>`` -> download into
+    the cache with a hash check -> :class:`WeightsError` naming the URL and the expected path.
+    """
+    if checkpoint_path:
+        p = Path(checkpoint_path).expanduser()
+        if not p.is_file():
+            raise WeightsError(f"checkpoint_path {checkpoint_path!r} for {card.name} does not exist")
+        return p
+    cached = cache_dir() / card.filename
+    if cached.is_file():
+        return cached
+    if download and os.environ.get("VIDEO_FEATURES_OFFLINE", "") not in ("1", "true", "yes"):
+        try:
+            _download(card, cached)
+            return cached
+        except WeightsError:
+            raise
+        except Exception as exc:  # network errors of every kind end in the same advice
+            reason = f"{type(exc).__name__}: {exc}"
+    else:
+        reason = "downloads are disabled"
+    raise WeightsError(
+        f"weights for {card.name} are missing and could not be downloaded ({reason}); "
+        f"fetch {card.url} and put it at {cached} (or pass checkpoint_path=FILE)"
+    )
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load a checkpoint file into a flat state dict on the CPU.
+
+    Accepts plain state dicts and the common wrappers (``{'state_dict': ...}``,
+    ``{'model': ...}``); the caller converts key layouts.
+    """
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise WeightsError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+    if not isinstance(obj, dict):
+        raise WeightsError(f"checkpoint {path} does not hold a state dict")
+    return obj
+
+
+def random_weights_requested(cfg: Any, what: str) -> bool:
+    """True when the user explicitly asked for random weights; logs a loud warning then."""
+    if bool(getattr(cfg, "allow_random_weights", False)):
+        log.warning("*** %s: RANDOM WEIGHTS (allow_random_weights=true) - features are "
+                    "meaningless, use only for benchmarks and smoke tests ***", what)
+        return True
+    return False
+
+
+def check_keys(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor],
+               what: str) -> None:
+    """Fail with a short, readable diff when a state dict does not fit a network."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        if wrong:
+            k = wrong[0]
+            parts.append(f"{len(wrong)} with wrong shape (e.g. {k}: {tuple(state[k].shape)} vs "
+                         f"{tuple(expected[k].shape)})")
+        raise WeightsError(f"{what}: checkpoint does not fit the network: " + "; ".join(parts))

@@ -1,0 +1,97 @@
+"""Sliding windows (stacks) over a stream of frames that arrives in chunks.
+
+Works on numpy arrays and torch tensors alike (frames on the first axis), so an extractor can
+window frames that are already resized on the device: overlapping stacks (step < size) then
+share the decoded and preprocessed frames instead of recomputing them.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+TAILS = ("drop", "pad")
+
+
+def _cat(parts: Sequence[Any]) -> Any:
+    if len(parts) == 1:
+        return parts[0]
+    if isinstance(parts[0], np.ndarray):
+        return np.concatenate(parts)
+    import torch
+
+    return torch.cat(list(parts))
+
+
+def num_windows(n_frames: int, size: int, step: int, tail: str = "drop") -> int:
+    """How many windows :class:`SlidingWindows` yields for ``n_frames`` frames."""
+    if n_frames < size:
+        return 1 if (tail == "pad" and n_frames > 0) else 0
+    full = (n_frames - size) // step + 1
+    if tail == "pad":
+        next_start = full * step
+        if next_start < n_frames:
+            full += 1
+    return full
+
+
+class SlidingWindows:
+    """Push chunks in, take complete windows out.
+
+    A window holds ``size`` consecutive frames; the next starts ``step`` frames later. With
+    ``tail='drop'`` (the reference tool's behaviour) frames after the last complete window are
+    ignored; with ``tail='pad'`` one more window starting at the next step position is emitted,
+    completed by repeating its last real frame. Each window comes with the timestamps of its
+    frames (padded slots repeat the last timestamp) and the number of real frames in it.
+    """
+
+    def __init__(self, size: int, step: int, tail: str = "drop"):
+        if size < 1 or step < 1:
+            raise ValueError("size and step must be >= 1")
+        if tail not in TAILS:
+            raise ValueError(f"tail must be one of {TAILS}")
+        self.size, self.step, self.tail = size, step, tail
+        self._frames: list[Any] = []
+        self._ts: list[np.ndarray] = []
+        self._n = 0          # frames buffered
+        self._skip = 0       # frames still to discard before the next window starts (step > size)
+        self._emitted = 0
+
+    def _trim_front(self, k: int) -> None:
+        frames, ts = _cat(self._frames), np.concatenate(self._ts)
+        self._frames, self._ts = [frames[k:]], [ts[k:]]
+        self._n -= k
+
+    def push(self, frames: Any, timestamps: np.ndarray) -> list[tuple[Any, np.ndarray, int]]:
+        """Add frames; return the windows completed by them as ``(frames, timestamps, n_real)``."""
+        timestamps = np.asarray(timestamps, dtype=np.float64)
+        if self._skip:
+            k = min(self._skip, len(timestamps))
+            frames, timestamps = frames[k:], timestamps[k:]
+            self._skip -= k
+        if len(timestamps) == 0:
+            return []
+        self._frames.append(frames)
+        self._ts.append(timestamps)
+        self._n += len(timestamps)
+        out = []
+        while self._n >= self.size:
+            allf, allt = _cat(self._frames), np.concatenate(self._ts)
+            self._frames, self._ts = [allf], [allt]
+            out.append((allf[: self.size], allt[: self.size], self.size))
+            self._emitted += 1
+            drop = min(self.step, self._n)
+            self._skip = self.step - drop
+            self._trim_front(drop)
+        return out
+
+    def finish(self) -> list[tuple[Any, np.ndarray, int]]:
+        """The padded tail window, if ``tail='pad'`` and real frames are left over."""
+        if self.tail != "pad" or self._n == 0:
+            return []
+        frames, ts = _cat(self._frames), np.concatenate(self._ts)
+        n = len(ts)
+        idx = np.minimum(np.arange(self.size), n - 1)
+        self._frames, self._ts, self._n = [], [], 0
+        self._emitted += 1
+        return [(frames[idx] if isinstance(frames, np.ndarray) else frames[list(idx)], ts[idx], n)]
