@@ -154,7 +154,10 @@ class FrameSource:
                              f"({_short(exc)})") from None
         if n == 0:
             raise VideoError("no decodable video frames")
-        self._decoded = n
+        hint = self.num_frames_hint
+        if hint and n < 0.9 * hint - 1:
+            raise VideoError(f"truncated video: only {n} of the {hint} frames the container "
+                             "declares could be decoded")
 
     def _frame_items(self) -> Iterator[tuple[float, Any]]:
         for i, f in enumerate(self._files):

@@ -1,0 +1,1 @@
+"""I3D (two-stream Inflated 3D ConvNet): network, checkpoints and labels."""
