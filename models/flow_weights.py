@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Mapping
 
 import torch
@@ -97,7 +98,11 @@ def _load(model: torch.nn.Module, card: WeightCard, convert, checkpoint_path: st
     else:
         path = resolve_checkpoint(card, checkpoint_path)
         state = convert(load_state_dict(path))
-        check_keys(state, model.state_dict(), f"{card.name} ({path})")
+        expected = model.state_dict()
+        for key, value in expected.items():  # BatchNorm counters are absent from older saves
+            if key.endswith("num_batches_tracked") and key not in state:
+                state[key] = value
+        check_keys(state, expected, f"{card.name} ({path})")
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:  # e.g. dtype trouble that check_keys does not see
@@ -142,10 +147,10 @@ def _official_state(kind: str, seed: int) -> dict[str, torch.Tensor]:
     raise ValueError(f"unknown flow checkpoint kind {kind!r}; use 'pwc' or 'raft'")
 
 
-def write_random_checkpoint(path: str | os.PathLike, kind: str, seed: int = 0) -> str:
+def write_random_checkpoint(path: str | os.PathLike, kind: str, seed: int = 0) -> Path:
     """Write random weights for ``kind`` ('pwc' or 'raft') in the published key layout and
     shapes (PWC: ``moduleExtractor...``; RAFT: ``module.fnet...``). Returns the path."""
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(_official_state(kind, seed), path)
     return path

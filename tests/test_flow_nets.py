@@ -192,6 +192,11 @@ def test_raft_random_checkpoint_has_published_layout_and_loads(hub):
     for key, value in state.items():
         torch.testing.assert_close(loaded[key[len("module."):]], value, rtol=0, atol=0)
 
+    # saves without the BatchNorm counters (older PyTorch) load as well
+    trimmed = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    torch.save(trimmed, hub / "trimmed.pth")
+    load_raft(str(hub / "trimmed.pth"))
+
 
 def test_missing_weights_name_the_url(hub):
     for loader, card in ((load_pwc, PWC_CARD), (load_raft, RAFT_CARD)):

@@ -34,8 +34,8 @@ from torch import nn
 VARIANTS = ("pytorch_i3d", "video_features")
 _BN_EPS = {"pytorch_i3d": 1e-3, "video_features": 1e-5}
 
-# (name, input channels, [b0, b1a, b1b, b2a, b2b, b3b] output channels); None marks a pooling
-_MIXED = {
+# Inception blocks: name -> (input channels, output channels of b0, b1a, b1b, b2a, b2b, b3b)
+MIXED_BLOCKS = {
     "mixed_3b": (192, (64, 96, 128, 16, 32, 32)),
     "mixed_3c": (256, (128, 128, 192, 32, 96, 64)),
     "mixed_4b": (480, (192, 96, 208, 16, 48, 64)),
@@ -91,7 +91,8 @@ class Unit3D(nn.Module):
     """Conv3d (no bias) -> BatchNorm3d -> ReLU with "SAME" padding."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel: Sequence[int],
-                 stride: Sequence[int] = (1, 1, 1), eps: float = 1e-3, dynamic: bool = True) -> None:
+                 stride: Sequence[int] = (1, 1, 1), eps: float = 1e-3,
+                 dynamic: bool = True) -> None:
         super().__init__()
         kernel, stride = tuple(kernel), tuple(stride)
         symmetric = all(s == 1 and k % 2 == 1 for k, s in zip(kernel, stride))
@@ -146,8 +147,9 @@ class Mixed(nn.Module):
 class I3D(nn.Module):
     """Inception-v1 I3D; input ``(B, C, T, H, W)`` float in [-1, 1], C = 3 (rgb) or 2 (flow).
 
-    The published models expect 224x224 crops; other sizes work (the final pooling window is
-    clipped to what is left).  ``T`` >= 9 keeps the temporal pooling window of the originals.
+    The published models expect 224x224 crops.  Other sizes work: the final (2, 7, 7) pooling
+    window is clipped to what is left, which changes nothing for 224x224 clips of at least 10
+    frames (9 suffice for ``pytorch_i3d``; ``video_features`` shortens odd lengths by one).
     """
 
     def __init__(self, num_classes: int = 400, in_channels: int = 3,
@@ -165,17 +167,17 @@ class I3D(nn.Module):
         self.conv3d_2b_1x1 = Unit3D(64, 64, (1, 1, 1), eps=eps, dynamic=dyn)
         self.conv3d_2c_3x3 = Unit3D(64, 192, (3, 3, 3), eps=eps, dynamic=dyn)
         self.maxpool3d_3a_3x3 = _MaxPoolSame((1, 3, 3), (1, 2, 2), dyn)
-        self.mixed_3b = Mixed(*_MIXED["mixed_3b"], eps, dyn)
-        self.mixed_3c = Mixed(*_MIXED["mixed_3c"], eps, dyn)
+        self.mixed_3b = Mixed(*MIXED_BLOCKS["mixed_3b"], eps, dyn)
+        self.mixed_3c = Mixed(*MIXED_BLOCKS["mixed_3c"], eps, dyn)
         self.maxpool3d_4a_3x3 = _MaxPoolSame((3, 3, 3), (2, 2, 2), dyn)
-        self.mixed_4b = Mixed(*_MIXED["mixed_4b"], eps, dyn)
-        self.mixed_4c = Mixed(*_MIXED["mixed_4c"], eps, dyn)
-        self.mixed_4d = Mixed(*_MIXED["mixed_4d"], eps, dyn)
-        self.mixed_4e = Mixed(*_MIXED["mixed_4e"], eps, dyn)
-        self.mixed_4f = Mixed(*_MIXED["mixed_4f"], eps, dyn)
+        self.mixed_4b = Mixed(*MIXED_BLOCKS["mixed_4b"], eps, dyn)
+        self.mixed_4c = Mixed(*MIXED_BLOCKS["mixed_4c"], eps, dyn)
+        self.mixed_4d = Mixed(*MIXED_BLOCKS["mixed_4d"], eps, dyn)
+        self.mixed_4e = Mixed(*MIXED_BLOCKS["mixed_4e"], eps, dyn)
+        self.mixed_4f = Mixed(*MIXED_BLOCKS["mixed_4f"], eps, dyn)
         self.maxpool3d_5a_2x2 = _MaxPoolSame((2, 2, 2), (2, 2, 2), dyn)
-        self.mixed_5b = Mixed(*_MIXED["mixed_5b"], eps, dyn)
-        self.mixed_5c = Mixed(*_MIXED["mixed_5c"], eps, dyn)
+        self.mixed_5b = Mixed(*MIXED_BLOCKS["mixed_5b"], eps, dyn)
+        self.mixed_5c = Mixed(*MIXED_BLOCKS["mixed_5c"], eps, dyn)
         self.dropout = nn.Dropout(dropout)
         # 1x1x1 conv with bias, as published; applied to pooled features it is a linear layer
         self.logits = nn.Conv3d(FEATURE_DIM, self.num_classes, (1, 1, 1), bias=True)

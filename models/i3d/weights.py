@@ -16,12 +16,13 @@ Both store 57 conv+BatchNorm units and a biased 1x1x1 classifier: 287 tensors, 3
 ``num_batches_tracked`` counters newer PyTorch versions save.  The counters play no part in
 inference, so they are accepted when present and filled in when absent.
 
-Digests: the files live in the two projects' git trees; no sha256 is published for any of them,
-and this project could not download them to compute one.  Their git blob ids (SHA-1 over
-``"blob <size>\\0" + content``), read from the repositories' trees, are recorded in
-``extra["git_blob_sha1"]``, and :func:`load_i3d` checks a freshly downloaded file against it.
-``sha256`` is left empty (``utils.weights`` then accepts any download) until real digests are
-filled in.
+Digests: the files live in the two projects' git trees (no releases, no LFS).  Neither project
+publishes a sha256 and none could be found elsewhere; the files were not downloadable here to
+compute one.  ``sha256`` is therefore left empty (``utils.weights`` then accepts any download)
+until real digests are filled in.  What is known is each file's git blob id (SHA-1 over
+``"blob <size>\\0" + content``), read from the repositories' trees at the pinned commits of the
+URLs; it is recorded in ``extra["git_blob_sha1"]`` and :func:`load_i3d` checks every fresh
+download against it.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ from typing import Mapping
 
 import torch
 
-from models.i3d.net import _MIXED, FEATURE_DIM, I3D
+from models.i3d.net import MIXED_BLOCKS, FEATURE_DIM, I3D
 from utils.errors import WeightsError
 from utils.weights import (WeightCard, cache_dir, check_keys, get_card, load_state_dict,
                            register_card, resolve_checkpoint)
@@ -120,7 +121,7 @@ def _units(in_channels: int) -> list[tuple[str, int, int, tuple[int, int, int]]]
     units = [("conv3d_1a_7x7", in_channels, 64, (7, 7, 7)),
              ("conv3d_2b_1x1", 64, 64, (1, 1, 1)),
              ("conv3d_2c_3x3", 64, 192, (3, 3, 3))]
-    for block, (cin, (c0, c1a, c1b, c2a, c2b, c3b)) in _MIXED.items():
+    for block, (cin, (c0, c1a, c1b, c2a, c2b, c3b)) in MIXED_BLOCKS.items():
         units += [(f"{block}/b0", cin, c0, (1, 1, 1)), (f"{block}/b1a", cin, c1a, (1, 1, 1)),
                   (f"{block}/b1b", c1a, c1b, (3, 3, 3)), (f"{block}/b2a", cin, c2a, (1, 1, 1)),
                   (f"{block}/b2b", c2a, c2b, (3, 3, 3)), (f"{block}/b3b", cin, c3b, (1, 1, 1))]
@@ -246,7 +247,7 @@ def convert_state_dict(state: Mapping[str, torch.Tensor], family: str = "auto",
     out: dict[str, torch.Tensor] = {}
     for name in ("conv3d_1a_7x7", "conv3d_2b_1x1", "conv3d_2c_3x3"):
         out.update({f"{name}.{k}": v for k, v in unit(name).items()})
-    for block in _MIXED:
+    for block in MIXED_BLOCKS:
         heads = [unit(f"{block}/{b}") for b in ("b0", "b1a", "b2a")]
         for k in heads[0]:
             if k.endswith(_NBT):

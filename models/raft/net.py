@@ -310,6 +310,9 @@ class RAFT(nn.Module):
         number of pairs at once. Returns (B, 2, H, W) with ``unpad=True``; with ``unpad=False``
         the field on the replicate-padded frames, (B, 2, H8, W8) with H8, W8 the multiples of 8
         (the reference tool's behaviour, see the module docstring).
+
+        Memory: the all-pairs volume holds ``(H8 * W8 / 64) ** 2`` floats per pair (7.6 MB at
+        256x344, 4.2 GB at 1080x1920), so callers pick the number of pairs per call by size.
         """
         if frames1.shape != frames2.shape or frames1.dim() != 4 or frames1.shape[1] != 3:
             raise ValueError(f"estimate needs two equal (B, 3, H, W) tensors, got "

@@ -31,8 +31,8 @@ import torch
 from models.base import Extractor
 from models.vggish.mel import (EXAMPLE_HOP, EXAMPLE_SPAN, SAMPLE_RATE, LogMelExamples,
                                num_examples, samples_for)
-from models.vggish.net import VGGish, PCAQuantizer
-from models.vggish.weights import load_pca, load_vggish_state, tf_checkpoint_prefix
+from models.vggish.net import PCAQuantizer
+from models.vggish.weights import build_vggish, load_pca, tf_checkpoint_prefix
 from utils.audio import AudioInfo, iter_audio, pcm_source_description
 from utils.errors import ConfigError, VideoError
 
@@ -113,8 +113,7 @@ class VGGishExtractor(Extractor):
         self.batch_size = int(getattr(cfg, "batch_size", 64) or 64)
         self.postprocess = bool(getattr(cfg, "postprocess", False))
         self.keep_priming = bool(getattr(cfg, "keep_priming", False))
-        model = VGGish()
-        self.weights_source = load_vggish_state(model, cfg)
+        model, self.weights_source = build_vggish(cfg)
         log.info("vggish weights: %s", self.weights_source)
         self.model = model.to(self.device).eval()
         mel_dtype = torch.float64 if self.device.type in ("cpu", "cuda") else torch.float32

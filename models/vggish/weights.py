@@ -148,26 +148,37 @@ def convert_tf_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 # -- state dicts ---------------------------------------------------------------------------------
-def load_vggish_state(model: torch.nn.Module, cfg: Any) -> str:
-    """Fill ``model`` per the config; returns where the weights came from (for logs).
+def _read_state(cfg: Any) -> tuple[dict[str, torch.Tensor] | None, str]:
+    """The state dict the config asks for (None: random weights) and where it came from.
 
     Order: ``checkpoint_path`` (a .pth in the port's layout, or a TF checkpoint) -> random
     weights when ``allow_random_weights`` -> the card (cache, verified download, clear error).
     """
     path = getattr(cfg, "checkpoint_path", None)
     if path and tf_checkpoint_prefix(path) is not None and not str(path).endswith(".pth"):
-        state = convert_tf_checkpoint(path)
-        source = f"TensorFlow checkpoint {path}"
-    elif not path and random_weights_requested(cfg, "vggish"):
-        return "random weights"
-    else:
-        file = resolve_checkpoint(VGGISH_CARD, path)
-        state = load_state_dict(file)
-        source = str(file)
-    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+        return convert_tf_checkpoint(path), f"TensorFlow checkpoint {path}"
+    if not path and random_weights_requested(cfg, "vggish"):
+        return None, "random weights"
+    file = resolve_checkpoint(VGGISH_CARD, path)
+    return load_state_dict(file), str(file)
+
+
+def build_vggish(cfg: Any) -> tuple[torch.nn.Module, str]:
+    """A :class:`~models.vggish.net.VGGish` on the CPU with the weights ``cfg`` selects, loaded
+    strictly; returns ``(model, source)``. Real weights are assigned into a model built on the
+    meta device, so the 72M parameters are never initialised only to be overwritten."""
+    from models.vggish.net import VGGish
+
+    state, source = _read_state(cfg)
+    if state is None:
+        return VGGish(), source
+    state = {(k[len("module."):] if k.startswith("module.") else k): v.float()
+             for k, v in state.items()}
+    with torch.device("meta"):
+        model = VGGish()
     check_keys(state, model.state_dict(), f"vggish ({source})")
-    model.load_state_dict(state, strict=True)
-    return source
+    model.load_state_dict(state, strict=True, assign=True)
+    return model, source
 
 
 def _numpy_pickle_globals() -> list[Any]:
@@ -236,7 +247,9 @@ def write_random_checkpoint(path: str | os.PathLike, seed: int = 0) -> Path:
 
     gen = torch.Generator().manual_seed(seed)
     state = {}
-    for key, ref in VGGish().state_dict().items():
+    with torch.device("meta"):
+        shapes = VGGish().state_dict()
+    for key, ref in shapes.items():
         if key.endswith(".weight"):
             fan_in = int(np.prod(ref.shape[1:]))
             state[key] = torch.randn(ref.shape, generator=gen) * (2.0 / fan_in) ** 0.5
