@@ -52,8 +52,10 @@ PWC_CARD = register_card(WeightCard(
 
 # sha256 of raft-sintel.pth as extracted from the official models.zip of princeton-vl/RAFT
 # (download_models.sh); recorded identically by two independent third-party projects that
-# audited their copies against that zip. The reference tool keeps the same file name in its
-# repository (committed 2020-10-07); its URL below is the one the reference tool reads from.
+# audited their copies against that zip. The reference tool ships a file of the same name in
+# its repository (committed 2020-10-07, unchanged since) and reads it from there; that this copy
+# is byte-identical to the official one could not be checked here. Should it differ, the download
+# stops with both digests and the file can be taken from the official archive in ``extra``.
 RAFT_CARD = register_card(WeightCard(
     name="raft-sintel",
     url=("https://github.com/v-iashin/video_features/raw/"

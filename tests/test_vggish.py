@@ -114,7 +114,7 @@ def test_log_mel_matches_numpy_reference() -> None:
     assert np.abs(got64 - expected.astype(np.float32)).max() <= 1e-5
     assert np.abs(got64 - expected).max() / np.abs(expected).max() < 1e-6
     got32 = mel.LogMelExamples(dtype=torch.float32)(torch.from_numpy(x.astype(np.float32))).numpy()
-    assert np.abs(got32 - expected).max() < 2e-3
+    assert np.abs(got32 - expected).max() < 1e-4
 
 
 def test_log_mel_batches_of_examples_are_independent() -> None:
@@ -322,6 +322,7 @@ def test_tensorflow_is_never_imported(files: dict[str, Path]) -> None:
     assert res.returncode == 0, res.stderr[-2000:]
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_matches_cpu(files: dict[str, Path]) -> None:
     cfg = make_cfg(checkpoint_path=str(files["ckpt"]), postprocess=False)
@@ -351,7 +352,7 @@ class TFVGGish:
 
     def _make(self, scope: str, rng: np.random.Generator, shape: tuple, fan_in: int) -> None:
         tf = self.tf
-        w = (rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+        w = rng.standard_normal(shape, dtype=np.float32) * np.float32(np.sqrt(2.0 / fan_in))
         b = (rng.standard_normal(shape[-1]) * 0.01).astype(np.float32)
         with tf.name_scope(f"vggish/{scope}"):
             self.vars[f"vggish/{scope}/weights"] = tf.Variable(w, name="weights")
@@ -392,12 +393,14 @@ class TFVGGish:
         path.parent.mkdir(parents=True, exist_ok=True)
         values = {name: var.numpy() for name, var in self.vars.items()}
         with tf.Graph().as_default():
-            variables = [tf.compat.v1.get_variable(name, initializer=value)
-                         for name, value in values.items()]
+            # values are fed in, not baked into the graph as (huge) constants
+            holders = {n: tf.compat.v1.placeholder(tf.float32, v.shape) for n, v in values.items()}
+            variables = [tf.compat.v1.Variable(holders[n], name=n) for n in values]
             saver = tf.compat.v1.train.Saver(variables,
                                              write_version=tf.compat.v1.train.SaverDef.V1)
             with tf.compat.v1.Session() as sess:
-                sess.run(tf.compat.v1.global_variables_initializer())
+                sess.run(tf.compat.v1.global_variables_initializer(),
+                         feed_dict={holders[n]: values[n] for n in values})
                 saver.save(sess, str(path), write_meta_graph=False)
         return path
 

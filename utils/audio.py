@@ -97,7 +97,10 @@ def iter_pcm16(path: str, keep_priming: bool = False,
         except Exception:
             stream = container.streams.audio[0]
         ctx = stream.codec_context
-        info.codec = ctx.name if ctx is not None else "?"
+        if ctx is None:
+            raise VideoError(f"audio codec {getattr(stream, 'codec_tag', '') or '?'} cannot be "
+                             "decoded by this FFmpeg build")
+        info.codec = ctx.name
         if keep_priming:
             # decoder reports the priming/padding to skip instead of dropping it
             ctx.flags2 |= av.codec.context.Flags2.skip_manual

@@ -39,33 +39,45 @@ from utils.errors import ConfigError, VideoError
 log = logging.getLogger(__name__)
 
 
+def _set_fp32_precision(conv: Any, matmul: Any) -> None:
+    torch.backends.cudnn.conv.fp32_precision = conv
+    torch.backends.cuda.matmul.fp32_precision = matmul
+
+
 @contextlib.contextmanager
 def full_fp32(device: torch.device) -> Iterator[None]:
     """Keep convolutions and matmuls in IEEE fp32 on CUDA (no TF32) for reference parity.
 
     VGGish costs ~1.7 GFLOP per 0.96 s of audio, so TF32's speed-up is irrelevant here while
-    its ~1e-3 relative error is not.
+    its ~1e-3 relative error is not. Best effort: if this torch refuses to switch, the
+    process-wide setting stays as it is.
     """
     if device.type != "cuda":
         yield
         return
-    conv = getattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision", None)
-    mm = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
-    if conv is not None and mm is not None:
-        torch.backends.cudnn.conv.fp32_precision = "ieee"
-        torch.backends.cuda.matmul.fp32_precision = "ieee"
-        try:
-            yield
-        finally:
-            torch.backends.cudnn.conv.fp32_precision = conv
-            torch.backends.cuda.matmul.fp32_precision = mm
-    else:  # older torch
-        old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-        try:
-            yield
-        finally:
-            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+    restore = None
+    try:
+        old = (torch.backends.cudnn.conv.fp32_precision,
+               torch.backends.cuda.matmul.fp32_precision)
+        _set_fp32_precision("ieee", "ieee")
+        restore = lambda: _set_fp32_precision(*old)  # noqa: E731
+    except (AttributeError, RuntimeError, ValueError):
+        try:  # torch without the fp32_precision API
+            old_flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+
+            def restore() -> None:
+                torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old_flags
+        except (AttributeError, RuntimeError):
+            log.debug("cannot disable TF32; vggish runs with the process-wide setting")
+    try:
+        yield
+    finally:
+        if restore is not None:
+            try:
+                restore()
+            except (AttributeError, RuntimeError, ValueError):
+                pass
 
 
 class VGGishExtractor(Extractor):

@@ -81,7 +81,7 @@ def tf_checkpoint_prefix(path: str | os.PathLike) -> str | None:
     Recognises a V1 ``*.ckpt`` file, a V2 prefix (``<prefix>.index`` exists), and the V2
     ``.index`` / ``.data-NNNNN-of-NNNNN`` files themselves.
     """
-    p = str(path)
+    p = os.path.expanduser(str(path))
     if p.endswith(".index"):
         return p[: -len(".index")]
     if _DATA_SHARD.search(p):
@@ -197,7 +197,7 @@ def _numpy_pickle_globals() -> list[Any]:
 
 def read_pca_file(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]:
     """``(eigen_vectors (128, 128), means (128,))`` float64 from a .npz or a torch pickle."""
-    p = Path(path)
+    p = Path(path).expanduser()
     if not p.is_file():
         raise WeightsError(f"PCA parameters {str(path)!r} do not exist")
     try:

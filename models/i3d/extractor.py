@@ -1,0 +1,184 @@
+"""I3D two-stream features: RGB and optical-flow stacks -> 1024-d vectors (or feature maps).
+
+Data flow for one video, all on the device after decoding:
+
+    chunk of frames -> resize (short side 256, PIL-like) -> flow between consecutive frames
+    (PWC-Net or RAFT, every needed pair of the chunk in one batch) -> centre crop 224 ->
+    RGB to [-1, 1], flow clamped/quantised to [-1, 1] -> sliding windows -> batches of stacks
+    -> I3D per stream.
+
+An element of the stream is frame ``i`` together with the flow from frame ``i`` to ``i + 1``,
+so a stack of ``stack_size`` elements covers ``stack_size + 1`` frames, as in the reference
+tool. Overlapping stacks (``step_size < stack_size``) share elements, so no frame is resized and
+no flow is computed twice; with ``step_size > stack_size`` the flow of frames no stack uses is
+never computed. A stack's timestamp is that of its last frame (the reference's decoder position
+after reading the stack).
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from models.base import Extractor
+from models.i3d.weights import get_card, load_i3d, load_labels
+from models.r21d.extractor import validate_stacks
+from utils.config import Config
+from utils.errors import ConfigError, VideoError
+from utils.transforms import center_crop, resize_short_side, to_device
+from utils.video import open_frames
+from utils.windows import stack_batches, windows_from
+
+STREAMS = ("rgb", "flow")
+FLOW_TYPES = ("pwc", "raft")
+WEIGHTS = {
+    "reference": {"rgb": "i3d_rgb", "flow": "i3d_flow"},
+    "imagenet": {"rgb": "pytorch_i3d_rgb_imagenet", "flow": "pytorch_i3d_flow_imagenet"},
+    "charades": {"rgb": "pytorch_i3d_rgb_charades", "flow": "pytorch_i3d_flow_charades"},
+}
+
+
+def rgb_to_i3d(x: torch.Tensor) -> torch.Tensor:
+    """[0, 255] -> [-1, 1]."""
+    return x * (2.0 / 255.0) - 1.0
+
+
+def flow_to_i3d(flow: torch.Tensor) -> torch.Tensor:
+    """Flow in pixels -> I3D input: clamp to [-20, 20], quantise to 8 bits as the released
+    flow images are (``round(128 + 255 / 40 * f)``), then map [0, 255] to [-1, 1]."""
+    q = torch.round(128.0 + 255.0 / 40.0 * flow.clamp(-20.0, 20.0))
+    return q * (2.0 / 255.0) - 1.0
+
+
+class I3DExtractor(Extractor):
+    options = {
+        "streams": "rgb, flow or both (space separated)",
+        "flow_type": "pwc (PWC-Net) or raft (RAFT, 20 iterations)",
+        "weights": "I3D checkpoints: reference (the reference tool's i3d_rgb.pt/i3d_flow.pt), "
+                   "imagenet (pytorch-i3d rgb/flow_imagenet.pt) or charades (rgb/flow_charades.pt)",
+        "stack_size": "frames per stack (a stack reads stack_size + 1 frames: flow needs pairs)",
+        "step_size": "frames between the starts of consecutive stacks",
+        "tail": "drop: ignore frames after the last full stack (reference behaviour); "
+                "pad: one more stack, completed by repeating its last frame",
+        "spatial": "save the unpooled Mixed_5c feature maps (Tv x 1024 x t x 7 x 7) instead of vectors",
+        "checkpoint_path_rgb": "explicit I3D RGB checkpoint file",
+        "checkpoint_path_flow": "explicit I3D flow checkpoint file",
+        "flow_checkpoint_path": "explicit PWC-Net / RAFT checkpoint file",
+        "raft_iters": "RAFT refinement iterations",
+        "raft_padding": "unpad: crop RAFT's flow back to the frame (correct); reference: keep the "
+                        "padded field before the centre crop, as the reference tool does",
+    }
+
+    @classmethod
+    def output_keys_for(cls, cfg: Config) -> tuple[str, ...]:
+        return (*cfg.streams, "fps", "timestamps_ms")
+
+    @classmethod
+    def validate(cls, cfg: Config) -> None:
+        validate_stacks(cfg)
+        streams = cfg.streams
+        if not streams or any(s not in STREAMS for s in streams) or len(set(streams)) != len(streams):
+            raise ConfigError(f"streams {streams!r} must be rgb, flow or both")
+        if cfg.flow_type not in FLOW_TYPES:
+            raise ConfigError(f"flow_type {cfg.flow_type!r} must be pwc or raft")
+        if cfg.weights not in WEIGHTS:
+            raise ConfigError(f"weights {cfg.weights!r} must be one of {', '.join(WEIGHTS)}")
+        if cfg.raft_padding not in ("unpad", "reference"):
+            raise ConfigError(f"raft_padding {cfg.raft_padding!r} must be unpad or reference")
+        if cfg.raft_iters < 1:
+            raise ConfigError(f"raft_iters must be >= 1, got {cfg.raft_iters}")
+        if cfg.get("checkpoint_path"):
+            raise ConfigError("checkpoint_path is ambiguous for i3d: use checkpoint_path_rgb, "
+                              "checkpoint_path_flow or flow_checkpoint_path")
+
+    def __init__(self, cfg: Config, device: torch.device) -> None:
+        super().__init__(cfg, device)
+        self.streams = tuple(cfg.streams)
+        self.output_keys = self.output_keys_for(cfg)
+        allow_random = bool(cfg.allow_random_weights)
+        self.nets = {}
+        self.labels = {}
+        for s in self.streams:
+            card = get_card(WEIGHTS[cfg.weights][s])
+            self.nets[s] = load_i3d(s, card.name, cfg.get(f"checkpoint_path_{s}"), allow_random, self.device)
+            if cfg.show_pred:
+                self.labels[s] = load_labels(card.extra.get("labels", "kinetics400"))
+        self.flow_net = None
+        if "flow" in self.streams:
+            from models import flow_weights
+
+            load = flow_weights.load_pwc if cfg.flow_type == "pwc" else flow_weights.load_raft
+            self.flow_net = load(cfg.flow_checkpoint_path, allow_random, self.device)
+
+    # -- per chunk ---------------------------------------------------------------------------
+    def _flow(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if self.cfg.flow_type == "pwc":
+            return self.flow_net.estimate(a, b)
+        return self.flow_net.estimate(a, b, iters=self.cfg.raft_iters,
+                                      unpad=self.cfg.raft_padding == "unpad")
+
+    def _elements(self, src) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
+        """Stream of (elements (n, C, 224, 224), timestamps of the frame after each element)."""
+        cfg = self.cfg
+        prev: torch.Tensor | None = None      # last resized frame of the previous chunk
+        index = 0                             # global index of the next element
+        for chunk in src.chunks(max(cfg.stack_size, 8)):
+            self.count_frames(len(chunk.timestamps_ms))
+            frames = resize_short_side(to_device(chunk.frames, self.device), 256)
+            seq = frames if prev is None else torch.cat([prev[None], frames])
+            n = len(seq) - 1                  # elements completed by this chunk
+            prev = seq[-1]
+            if n <= 0:
+                continue
+            parts = []
+            if "rgb" in self.streams:
+                parts.append(rgb_to_i3d(center_crop(seq[:n], 224, offset="floor")))
+            if "flow" in self.streams:
+                flow = torch.zeros((n, 2, 224, 224), device=self.device)
+                idx = torch.arange(index, index + n)
+                need = ((idx % cfg.step_size) < cfg.stack_size).nonzero().flatten()
+                if len(need):
+                    need_d = need.to(self.device)
+                    f = self._flow(seq[need_d], seq[need_d + 1])
+                    flow[need_d] = flow_to_i3d(center_crop(f, 224, offset="floor"))
+                parts.append(flow)
+            element_ts = chunk.timestamps_ms[-n:]  # timestamp of frame i + 1 for element i
+            index += n
+            yield torch.cat(parts, dim=1) if len(parts) > 1 else parts[0], element_ts
+
+    @torch.inference_mode()
+    def extract(self, path: str) -> dict[str, np.ndarray]:
+        cfg = self.cfg
+        outs: dict[str, list[torch.Tensor]] = {s: [] for s in self.streams}
+        stamps: list[np.ndarray] = []
+        done = 0
+        with open_frames(path, cfg.extraction_fps, cfg.frames_fps) as src:
+            windows = windows_from(self._elements(src), cfg.stack_size, cfg.step_size, cfg.tail)
+            for batch, ts in stack_batches(windows, cfg.batch_size):
+                x = batch.permute(0, 2, 1, 3, 4)  # (B, T, C, H, W) -> (B, C, T, H, W)
+                c0 = 0
+                for s in self.streams:
+                    c = 3 if s == "rgb" else 2
+                    xs = x[:, c0:c0 + c].contiguous()
+                    c0 += c
+                    net = self.nets[s]
+                    if cfg.spatial:
+                        feats = net.feature_maps(xs)
+                    elif cfg.show_pred:
+                        feats, logits = net.features_and_logits(xs)
+                        probs = torch.sigmoid(logits) if net.num_classes == 157 else torch.softmax(logits, -1)
+                        self.print_predictions(f"{path} {s} stack", probs, self.labels[s], first=done)
+                    else:
+                        feats = net.features(xs)
+                    outs[s].append(feats.float().cpu())
+                stamps.append(ts)
+                done += len(ts)
+            fps = src.fps
+        if not stamps:
+            raise VideoError(f"too short: a stack needs stack_size + 1 = {cfg.stack_size + 1} frames, "
+                             f"the video has {self.frames_read} at {fps:g} fps")
+        result = {s: torch.cat(outs[s]).numpy() for s in self.streams}
+        result["fps"] = np.array(fps, dtype=np.float64)
+        result["timestamps_ms"] = np.concatenate(stamps)
+        return result
