@@ -44,7 +44,7 @@ def test_file_with_video_paths(tmp_path):
     (["--feature_type", "resnet", "--device", "gpu", "--video_paths", "a"], "device"),
     (["--feature_type", "resnet", "--device", "cpu", "--video_paths", "a", "colour=red"], "colour"),
     (["--feature_type", "resnet", "--device", "cpu"], "video_paths"),
-    (["--feature_type", "resnet", "--device_ids", "0", "2", "--video_paths", "a"], "cpu"),
+    (["--feature_type", "resnet", "--device", "cuda", "--device_ids", "0", "2", "--video_paths", "a"], "cpu"),
 ])
 def test_invalid_values_name_the_option(argv, option):
     with pytest.raises(ConfigError) as ei:

@@ -21,7 +21,7 @@ SHARED_HELP: dict[str, str] = {
     "feature_type": "what to extract: resnet (alias resnet50), i3d, r21d (alias r21d_rgb), vggish",
     "video_paths": "input videos (or frame folders / audio files), space separated",
     "file_with_video_paths": "text file with one input path per line (blank lines and # comments ignored)",
-    "device": "cuda or cpu",
+    "device": "auto (cuda when a GPU is visible, else cpu), cuda or cpu",
     "device_ids": "GPU indices to use, one worker process per GPU (device=cuda)",
     "cpu_workers": "number of worker processes when device=cpu",
     "on_extraction": "print | save_numpy | save_pickle",
@@ -296,8 +296,18 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"on_extraction {cfg.on_extraction!r} must be print, save_numpy or save_pickle")
     if cfg.on_extraction != "print" and not cfg.output_path:
         raise ConfigError("output_path is required when on_extraction saves files")
-    if cfg.device not in ("cuda", "cpu"):
-        raise ConfigError(f"device {cfg.device!r} must be cuda or cpu")
+    if cfg.device not in ("auto", "cuda", "cpu"):
+        raise ConfigError(f"device {cfg.device!r} must be auto, cuda or cpu")
+    if cfg.device == "auto":
+        import logging
+
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cpu":
+            logging.getLogger(__name__).warning("no CUDA GPU visible: running on the CPU "
+                                                "(device=auto; cpu_workers sets the worker count)")
+        cfg = cfg.replace(device=device)
     ids = cfg.device_ids
     if cfg.device == "cuda":
         if not ids or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
