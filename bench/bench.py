@@ -12,7 +12,6 @@ with RANDOM weights (same cost, meaningless features), clearly a benchmark-only 
 from __future__ import annotations
 
 import argparse
-import os
 import resource
 import sys
 import tempfile

@@ -323,17 +323,20 @@ def test_missing_weights_error_names_url(torch_home):
     assert card.url in msg and str(torch_home / card.filename) in msg
 
 
-def test_download_is_checked_against_git_blob_id(torch_home, monkeypatch):
+def test_download_is_checked_against_git_blob_id(tmp_path, monkeypatch):
+    """A download that is not the official file (here: random weights served from a local URL)
+    is refused and never lands in the cache; the same bytes with a matching id are accepted."""
+    import dataclasses
+
     monkeypatch.delenv("VIDEO_FEATURES_OFFLINE")
-    card = uw.get_card("i3d_rgb")
-
-    def fake_download(c, dest):  # stands in for the network: a file that is not the official one
-        iw.write_random_checkpoint(dest, c.layout, c.extra["stream"], c.num_classes)
-
-    monkeypatch.setattr(uw, "_download", fake_download)
+    served = iw.write_random_checkpoint(tmp_path / "served.pt", "video_features", "rgb", 400)
+    card = dataclasses.replace(uw.get_card("i3d_rgb"), url=served.as_uri(), filename="blob-test.pt")
     with pytest.raises(WeightsError, match="git blob id"):
-        iw.load_i3d("rgb", card.name)
-    assert not (torch_home / card.filename).exists()
+        uw.resolve_checkpoint(card)
+    assert not (uw.cache_dir() / card.filename).exists()
+    good = dataclasses.replace(card, extra={**card.extra, "git_blob_sha1": iw.git_blob_sha1(served)})
+    assert uw.resolve_checkpoint(good) == uw.cache_dir() / card.filename
+    (uw.cache_dir() / card.filename).unlink()
 
 
 def test_git_blob_sha1(tmp_path):

@@ -238,25 +238,23 @@ def parse_args(argv: Iterable[str]) -> Config:
     for key, value in list(cli_values.items()):
         if not isinstance(value, list):
             cli_values[key] = _parse_scalar(value)
-    merged = dict(defaults)
-    for layer in (file_values, cli_values, overrides):
-        for key, value in layer.items():
-            if key not in defaults:
-                raise ConfigError(f"unknown option {key!r} for feature_type={ft} (see --help)")
-            merged[key] = _coerce(key, value, defaults[key])
-    merged["feature_type"] = ft
-    return validate(Config(merged))
+    return _merge(ft, defaults, (file_values, cli_values, overrides))
 
 
 def make_config(feature_type: str, **values: Any) -> Config:
     """Programmatic API: defaults of ``feature_type`` updated with ``values``, validated."""
     ft = canonical_feature_type(feature_type)
-    defaults = defaults_for(ft)
+    return _merge(ft, defaults_for(ft), (values,))
+
+
+def _merge(ft: str, defaults: Mapping[str, Any], layers: Iterable[Mapping[str, Any]]) -> Config:
+    """Apply ``layers`` over ``defaults`` in order (each value typed like its default), validate."""
     merged = dict(defaults)
-    for key, value in values.items():
-        if key not in defaults:
-            raise ConfigError(f"unknown option {key!r} for feature_type={ft}")
-        merged[key] = _coerce(key, value, defaults[key])
+    for layer in layers:
+        for key, value in layer.items():
+            if key not in defaults:
+                raise ConfigError(f"unknown option {key!r} for feature_type={ft} (see --help)")
+            merged[key] = _coerce(key, value, defaults[key])
     merged["feature_type"] = ft
     return validate(Config(merged))
 

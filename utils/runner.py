@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from utils.config import Config
-from utils.errors import FeatureError, VideoError
+from utils.errors import FeatureError
 from utils.output import OutputWriter
 
 log = logging.getLogger(__name__)

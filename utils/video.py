@@ -22,7 +22,6 @@ import queue
 import re
 import threading
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable, Iterator
 

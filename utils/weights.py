@@ -30,7 +30,8 @@ class WeightCard:
 
     ``sha256`` is the full hex digest where it is published; where the publisher only embeds a
     prefix in the file name (torchvision, torch.hub convention) it holds that prefix and the
-    downloaded file's digest must start with it.
+    downloaded file's digest must start with it. Files published only in git trees carry their
+    git blob id in ``extra["git_blob_sha1"]`` instead (see :func:`verify_download`).
     """
 
     name: str
@@ -73,6 +74,32 @@ def sha256_of(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def git_blob_sha1(path: str | os.PathLike) -> str:
+    """Git's object id of a file's content: SHA-1 over ``b"blob <size>\\0" + content``."""
+    h = hashlib.sha1(b"blob %d\0" % os.path.getsize(path))
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_download(card: WeightCard, path: str | os.PathLike) -> None:
+    """Check a downloaded file against the card's sha256 (or sha256 prefix) or, for files
+    published only in git trees, its git blob id (``card.extra["git_blob_sha1"]``)."""
+    if card.sha256:
+        digest = sha256_of(path)
+        if not digest.startswith(card.sha256.lower()):
+            raise WeightsError(f"{card.name}: downloaded file from {card.url} has sha256 {digest}, "
+                               f"expected {card.sha256}; refusing to use it")
+    elif card.extra.get("git_blob_sha1"):
+        got = git_blob_sha1(path)
+        if got != card.extra["git_blob_sha1"]:
+            raise WeightsError(f"{card.name}: downloaded file from {card.url} has git blob id {got}, "
+                               f"expected {card.extra['git_blob_sha1']}; refusing to use it")
+    else:
+        log.warning("%s: no published digest to check the download against", card.name)
+
+
 def _download(card: WeightCard, dest: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
@@ -81,12 +108,7 @@ def _download(card: WeightCard, dest: Path) -> None:
         log.info("downloading %s from %s", card.name, card.url)
         with urllib.request.urlopen(card.url, timeout=60) as resp, open(tmp, "wb") as out:
             shutil.copyfileobj(resp, out, length=1 << 20)
-        digest = sha256_of(tmp)
-        if not digest.startswith(card.sha256.lower()):
-            raise WeightsError(
-                f"{card.name}: downloaded file from {card.url} has sha256 {digest}, "
-                f"expected {card.sha256}; refusing to use it"
-            )
+        verify_download(card, tmp)
         os.replace(tmp, dest)
     finally:
         if os.path.exists(tmp):

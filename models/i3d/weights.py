@@ -21,12 +21,11 @@ publishes a sha256 and none could be found elsewhere; the files were not downloa
 compute one.  ``sha256`` is therefore left empty (``utils.weights`` then accepts any download)
 until real digests are filled in.  What is known is each file's git blob id (SHA-1 over
 ``"blob <size>\\0" + content``), read from the repositories' trees at the pinned commits of the
-URLs; it is recorded in ``extra["git_blob_sha1"]`` and :func:`load_i3d` checks every fresh
+URLs; it is recorded in ``extra["git_blob_sha1"]`` and :mod:`utils.weights` checks every fresh
 download against it.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections import OrderedDict
@@ -38,7 +37,8 @@ import torch
 
 from models.i3d.net import MIXED_BLOCKS, FEATURE_DIM, I3D
 from utils.errors import WeightsError
-from utils.weights import (WeightCard, cache_dir, check_keys, get_card, load_state_dict,
+from utils.weights import git_blob_sha1  # noqa: F401  (re-exported for callers of this module)
+from utils.weights import (WeightCard, check_keys, get_card, load_state_dict,
                            register_card, resolve_checkpoint)
 
 log = logging.getLogger(__name__)
@@ -309,15 +309,6 @@ def write_random_checkpoint(path: str | os.PathLike, family: str, stream: str = 
 
 
 # -- loading ----------------------------------------------------------------------------------
-def git_blob_sha1(path: str | os.PathLike) -> str:
-    """Git's object id of a file's content: SHA-1 over ``b"blob <size>\\0" + content``."""
-    h = hashlib.sha1(b"blob %d\0" % os.path.getsize(path))
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def load_i3d(stream: str, checkpoint: str | None = None, checkpoint_path: str | None = None,
              allow_random: bool = False, device: str | torch.device = "cpu") -> I3D:
     """Build the I3D of ``stream`` with the weights of card ``checkpoint``, in eval mode.
@@ -347,10 +338,7 @@ def load_i3d(stream: str, checkpoint: str | None = None, checkpoint_path: str | 
         state = random_official_state_dict(card.layout, stream, num_classes)
         weights = convert_state_dict(state, card.layout, in_channels, num_classes)
     else:
-        fresh = not checkpoint_path and not (cache_dir() / card.filename).is_file()
         path = resolve_checkpoint(card, checkpoint_path)
-        if fresh:
-            _verify_download(card, path)
         state = load_state_dict(path)
         if checkpoint_path:
             b = _strip_wrapper_prefix(state).get(_logits_prefix(card.layout) + ".bias")
@@ -367,18 +355,6 @@ def load_i3d(stream: str, checkpoint: str | None = None, checkpoint_path: str | 
     model.load_state_dict(weights, strict=True)
     model.requires_grad_(False)
     return model.eval().to(device)
-
-
-def _verify_download(card: WeightCard, path: Path) -> None:
-    """Check a just-downloaded file against the git blob id recorded on the card."""
-    expected = card.extra.get("git_blob_sha1")
-    if not expected or card.sha256:
-        return  # a real sha256 was already checked by utils.weights
-    got = git_blob_sha1(path)
-    if got != expected:
-        path.unlink(missing_ok=True)
-        raise WeightsError(f"{card.name}: file downloaded from {card.url} has git blob id {got}, "
-                           f"expected {expected}; refusing to use it")
 
 
 # -- labels -----------------------------------------------------------------------------------

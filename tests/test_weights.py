@@ -1,0 +1,60 @@
+"""Checkpoint resolution: explicit path, cache, verified download, clear errors."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from utils import weights as uw
+from utils.errors import WeightsError
+
+
+def _card(tmp_path, data: bytes, **kw) -> uw.WeightCard:
+    src = tmp_path / "served.bin"
+    src.write_bytes(data)
+    base = dict(name="test-card", url=src.as_uri(), sha256=uw.sha256_of(src),
+                filename="test-card.bin", layout="bytes")
+    base.update(kw)
+    return uw.WeightCard(**base)
+
+
+def test_download_checks_sha256_and_prefix(tmp_path, monkeypatch):
+    monkeypatch.delenv("VIDEO_FEATURES_OFFLINE")
+    card = _card(tmp_path, b"weights" * 100)
+    got = uw.resolve_checkpoint(card)
+    assert got == uw.cache_dir() / "test-card.bin" and got.read_bytes() == b"weights" * 100
+    got.unlink()
+    prefix = dataclasses.replace(card, sha256=card.sha256[:8])
+    assert uw.resolve_checkpoint(prefix).exists()
+    uw.resolve_checkpoint(prefix).unlink()
+    wrong = dataclasses.replace(card, sha256="0" * 64)
+    with pytest.raises(WeightsError, match="refusing to use it"):
+        uw.resolve_checkpoint(wrong)
+    assert not (uw.cache_dir() / "test-card.bin").exists()
+    assert not list(uw.cache_dir().glob("test-card.bin.*"))  # no partial download left
+
+
+def test_order_explicit_then_cache_then_error(tmp_path):
+    card = _card(tmp_path, b"x", url="https://example.invalid/w.bin", filename="order.bin")
+    explicit = tmp_path / "mine.bin"
+    explicit.write_bytes(b"mine")
+    assert uw.resolve_checkpoint(card, str(explicit)) == explicit
+    with pytest.raises(WeightsError, match="does not exist"):
+        uw.resolve_checkpoint(card, str(tmp_path / "nope.bin"))
+    with pytest.raises(WeightsError) as ei:  # offline in tests: no cache, no download
+        uw.resolve_checkpoint(card)
+    assert "https://example.invalid/w.bin" in str(ei.value) and str(uw.cache_dir() / "order.bin") in str(ei.value)
+    cached = uw.cache_dir() / "order.bin"
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    cached.write_bytes(b"cached")
+    try:
+        assert uw.resolve_checkpoint(card) == cached
+    finally:
+        cached.unlink()
+
+
+def test_unreadable_checkpoint_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.pth"
+    bad.write_text("not a checkpoint")
+    with pytest.raises(WeightsError, match="cannot read checkpoint"):
+        uw.load_state_dict(bad)
