@@ -4,11 +4,12 @@ independent per-frame re-computation, stream selection, frame folders, weights a
 Checkpoints are random weights written in the published layouts under the card file names in the
 private torch hub cache, so every extractor here loads them through the real path. The PWC-Net
 checkpoint has its last refiner layer scaled up so that the random network's flow spans several
-pixels (and reaches the [-20, 20] clamp); with plain random weights it is ~0.1 px, which would
+pixels (up to the [-20, 20] clamp); with plain random weights it is ~0.1 px, which would
 leave the flow stream nearly constant and the flow checks toothless.
 
-Frames of every video are 64x48 (resized to 341x256 inside), stacks are 2-5 elements long, and
-PWC-Net / RAFT run on as few pairs as the checks need: flow is what costs time on a CPU.
+Frames of every video are 64x48 (resized to 341x256 inside), stacks are short, and PWC-Net /
+RAFT run on as few pairs as the checks need: flow is what costs time on a CPU. Where only the
+windowing is under test, cheap stand-ins replace the networks.
 """
 from __future__ import annotations
 
@@ -49,16 +50,11 @@ def _write_pwc(hub) -> None:
     torch.save(state, path)
 
 
-def _write_default_weights(hub) -> None:
-    """Deterministic (seeded) files, so rewriting them yields the same weights."""
-    _write_i3d_card(hub, "i3d_rgb")
-    _write_i3d_card(hub, "i3d_flow")
-    _write_pwc(hub)
-
-
 @pytest.fixture(scope="session")
 def i3d_weights(hub_checkpoints):
-    _write_default_weights(hub_checkpoints)
+    _write_i3d_card(hub_checkpoints, "i3d_rgb")
+    _write_i3d_card(hub_checkpoints, "i3d_flow")
+    _write_pwc(hub_checkpoints)
     return hub_checkpoints
 
 
@@ -161,17 +157,28 @@ class _Probe:
         return torch.nn.functional.pad(m, (0, 1024 - m.shape[1]))
 
 
+class _FakeFlow:
+    """A cheap stand-in for PWC-Net: the "flow" of a pair is a scaled frame difference, so every
+    element's flow is distinct, and an element whose flow was skipped (zeros, not even the
+    mapped 0 px = 128 level) shows."""
+
+    def estimate(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return (b - a)[:, :2] * 0.25
+
+
 @pytest.fixture
 def probe_nets(monkeypatch):
     monkeypatch.setattr("models.i3d.extractor.load_i3d", lambda *a, **k: _Probe())
+    monkeypatch.setattr(flow_weights, "load_pwc", lambda *a, **k: _FakeFlow())
 
 
 @pytest.mark.parametrize("n,stack,step,tail", [
     (13, 4, 2, "drop"),   # overlapping
     (13, 4, 4, "drop"),   # back to back
-    (13, 4, 5, "drop"),   # gaps between stacks
+    (13, 4, 5, "drop"),   # gaps between stacks: the flow of skipped elements is not computed
     (13, 3, 5, "drop"),
     (13, 6, 4, "drop"),
+    (13, 2, 3, "drop"),   # a stack (elements 6, 7) across the 8-frame decoding chunks
     (13, 4, 3, "pad"),    # padded tail stack after 3 full ones
     (13, 4, 5, "pad"),    # padded tail after a gap
     (13, 4, 4, "pad"),    # pad with nothing left over: no extra stack
@@ -180,21 +187,22 @@ def probe_nets(monkeypatch):
     (10, 9, 1, "drop"),   # one stack using every frame
     (10, 12, 3, "pad"),   # shorter than a stack: one padded stack
 ])
-def test_window_counts_timestamps_and_contents(i3d_weights, make_video, probe_nets,
-                                               n, stack, step, tail):
+def test_window_counts_timestamps_and_contents(make_video, probe_nets, n, stack, step, tail):
     path = make_video(f"i3d{n}.mp4", n_frames=n, fps=FPS, width=W, height=H)
     # every element on its own: row i holds the mean of element i (frame i, its flow to i + 1)
-    _, single = _extract(path, streams=["rgb"], stack_size=1, step_size=1)
-    elem = single["rgb"][:, 0]
-    assert len(elem) == n - 1
-    _, out = _extract(path, streams=["rgb"], stack_size=stack, step_size=step, tail=tail)
+    _, single = _extract(path, stack_size=1, step_size=1)
+    elem = {s: single[s][:, 0] for s in ("rgb", "flow")}
+    assert len(elem["rgb"]) == n - 1
+    assert (np.abs(elem["flow"]) > 1e-4).all()    # distinguishable from a skipped (zero) element
+    _, out = _extract(path, stack_size=stack, step_size=step, tail=tail)
     ends = expected_stack_ends(n, stack, step, tail)
-    assert out["rgb"].shape == (len(ends), 1024) and out["rgb"].dtype == np.float32
     np.testing.assert_allclose(out["timestamps_ms"], np.array(ends) / FPS * 1000)
-    for k, row in enumerate(out["rgb"]):  # stack k holds elements k*step ..., the last repeated
-        idx = np.minimum(np.arange(k * step, k * step + stack), n - 2)
-        np.testing.assert_allclose(row[:stack], elem[idx], rtol=0, atol=1e-6)
-        assert not row[stack:].any()
+    for s in ("rgb", "flow"):
+        assert out[s].shape == (len(ends), 1024) and out[s].dtype == np.float32
+        for k, row in enumerate(out[s]):  # stack k: elements k*step ..., the last one repeated
+            idx = np.minimum(np.arange(k * step, k * step + stack), n - 2)
+            np.testing.assert_allclose(row[:stack], elem[s][idx], rtol=0, atol=1e-6)
+            assert not row[stack:].any()
 
 
 def test_extraction_fps_changes_the_count(i3d_weights, make_video):
@@ -222,15 +230,32 @@ def test_rgb_only(base_run, video9):
     np.testing.assert_array_equal(out["timestamps_ms"], both["timestamps_ms"])
 
 
-def test_flow_only(base_run, video9):
+def test_stream_order_does_not_change_features(base_run, video9):
+    _, both = base_run
+    _, out = _extract(video9, streams=["flow", "rgb"], step_size=8)   # one stack, frames 0-4
+    assert list(out) == ["flow", "rgb", "fps", "timestamps_ms"]
+    features_close(out["rgb"][0], both["rgb"][0], 1e-5)
+    features_close(out["flow"][0], both["flow"][0], 1e-4)
+
+
+def _pool_like_i3d(maps: np.ndarray) -> np.ndarray:
+    """The published pooling of Mixed_5c maps: (2, 7, 7) window, stride 1, then the mean of
+    what is left, as I3D.features does after feature_maps."""
+    t = torch.from_numpy(maps)
+    pooled = torch.nn.functional.avg_pool3d(t, (min(2, t.shape[2]), 7, 7), stride=1)
+    return pooled.mean(dim=(2, 3, 4)).numpy()
+
+
+def test_flow_only_with_spatial_maps(base_run, video9):
     _, both = base_run
     # step 8: one stack (frames 0-4); the flow of elements 4-7 is not needed and not computed
-    ex, out = _extract(video9, streams=["flow"], step_size=8)
+    ex, out = _extract(video9, streams=["flow"], step_size=8, spatial=True)
     assert list(out) == ["flow", "fps", "timestamps_ms"]
     assert I3DExtractor.output_keys_for(ex.cfg) == ("flow", "fps", "timestamps_ms") == ex.output_keys
     assert set(ex.nets) == {"flow"}
-    assert out["flow"].shape == (1, 1024)
-    features_close(out["flow"][0], both["flow"][0], 1e-4)
+    maps = out["flow"]
+    assert maps.shape == (1, 1024, 1, 7, 7) and maps.dtype == np.float32   # (Tv, 1024, t, 7, 7)
+    features_close(_pool_like_i3d(maps)[0], both["flow"][0], 1e-4)
     np.testing.assert_allclose(out["timestamps_ms"], [160.0])
 
 
@@ -315,19 +340,18 @@ def test_frame_folder_equals_video(base_run, video9, tmp_path):
     # numbered 8 .. 16: natural order differs from plain string order ("10" < "8")
     for i, f in enumerate(decode_rgb(video9)):
         Image.fromarray(f).save(folder / f"frame_{i + 8}.png")
-    ex, out = _extract(folder, frames_fps=FPS)
-    assert list(out) == list(vid)
+    # rgb alone shows that the same frames arrive in the same order (flow is a function of them)
+    ex, out = _extract(folder, streams=["rgb"], frames_fps=FPS)
+    assert list(out) == ["rgb", "fps", "timestamps_ms"]
     assert float(out["fps"]) == FPS
     np.testing.assert_array_equal(out["timestamps_ms"], vid["timestamps_ms"])
     features_close(out["rgb"], vid["rgb"], 1e-5)
-    features_close(out["flow"], vid["flow"], 1e-5)
 
 
 # -- 7. too short ----------------------------------------------------------------------------------
 def test_too_short_raises_then_pad_gives_one_stack(i3d_weights, video5):
-    for streams in (["rgb"], ["rgb", "flow"]):
-        with pytest.raises(VideoError, match="stack_size"):
-            _extract(video5, streams=streams, stack_size=5)  # a stack needs 6 frames, there are 5
+    with pytest.raises(VideoError, match="stack_size"):
+        _extract(video5, streams=["rgb"], stack_size=5)  # a stack needs 6 frames, there are 5
     ex, out = _extract(video5, stack_size=5, tail="pad")
     assert out["rgb"].shape == out["flow"].shape == (1, 1024)
     np.testing.assert_allclose(out["timestamps_ms"], [4 / FPS * 1000])  # the last real frame
@@ -347,18 +371,20 @@ def test_padded_stack_repeats_the_last_element(i3d_weights, video5):
     features_close(out["rgb"][0], want, 1e-5)
 
 
-# -- 8. spatial feature maps -----------------------------------------------------------------------
-def test_spatial_maps_pool_to_the_vectors(base_run, video9):
+# -- 8. spatial feature maps (flow: see test_flow_only_with_spatial_maps) ------------------------
+def test_spatial_rgb_maps_pool_to_the_vectors(base_run, video9):
     _, vec = base_run
-    _, out = _extract(video9, spatial=True, step_size=8)  # one stack, frames 0-4
-    for s in ("rgb", "flow"):
-        maps = out[s]
-        assert maps.ndim == 5 and maps.shape[:2] == (1, 1024) and maps.shape[3:] == (7, 7)
-        assert maps.shape[2] >= 1 and maps.dtype == np.float32
-        # the published pooling: (2, 7, 7) window, stride 1, then the mean of what is left
-        t = torch.from_numpy(maps)
-        pooled = torch.nn.functional.avg_pool3d(t, (min(2, t.shape[2]), 7, 7), stride=1)
-        features_close(pooled.mean(dim=(2, 3, 4))[0].numpy(), vec[s][0], 1e-4)
+    _, out = _extract(video9, streams=["rgb"], spatial=True)
+    maps = out["rgb"]
+    assert maps.shape == (2, 1024, 1, 7, 7) and maps.dtype == np.float32
+    features_close(_pool_like_i3d(maps), vec["rgb"], 1e-5)
+    np.testing.assert_array_equal(out["timestamps_ms"], vec["timestamps_ms"])
+
+
+def test_spatial_time_axis_follows_the_stack(i3d_weights, make_video):
+    path = make_video("i3d17.mp4", n_frames=17, fps=FPS, width=W, height=H)
+    _, out = _extract(path, streams=["rgb"], spatial=True, stack_size=16, step_size=16)
+    assert out["rgb"].shape == (1, 1024, 2, 7, 7)     # 16 frames -> 2 steps of Mixed_5c
 
 
 # -- 9. Charades checkpoints and --show_pred -------------------------------------------------------
@@ -381,6 +407,15 @@ def test_charades_weights_and_show_pred(i3d_weights, charades_weights, video5, c
             for p in preds:
                 name, prob = p.rsplit(": ", 1)
                 assert name in labels and 0.0 < float(prob) < 1.0
+
+
+def test_spatial_maps_still_show_predictions(i3d_weights, video5, capsys):
+    _, plain = _extract(video5, streams=["rgb"], show_pred=True, stack_size=2, step_size=2)
+    vec_lines = [ln for ln in capsys.readouterr().out.splitlines() if " stack #" in ln]
+    _, out = _extract(video5, streams=["rgb"], show_pred=True, spatial=True, stack_size=2, step_size=2)
+    map_lines = [ln for ln in capsys.readouterr().out.splitlines() if " stack #" in ln]
+    assert out["rgb"].ndim == 5 and len(map_lines) == len(vec_lines) == len(plain["rgb"])
+    assert map_lines == vec_lines  # same classes and probabilities from maps as from vectors
 
 
 def test_allow_random_weights_works_and_warns(i3d_weights, video5, caplog):
@@ -441,9 +476,8 @@ def test_raft_flow_both_paddings(i3d_weights, raft_weights, make_video):
 
 
 # -- 12. end to end --------------------------------------------------------------------------------
-def test_main_saves_numpy_files(base_run, video9, tmp_path, hub_checkpoints):
-    _, ref = base_run
-    _write_default_weights(hub_checkpoints)  # the same seeded files the in-process runs loaded
+def test_main_saves_numpy_files(base_run, video9, tmp_path):
+    _, ref = base_run                        # the worker loads the same cached checkpoints
     (tmp_path / "d1").mkdir()
     shutil.copy(video9, tmp_path / "d1" / "clip.mp4")
     res = run_main("--feature_type", "i3d", "--device", "cpu", "--video_paths", "d1/clip.mp4",

@@ -45,8 +45,9 @@ def rgb_to_i3d(x: torch.Tensor) -> torch.Tensor:
 
 
 def flow_to_i3d(flow: torch.Tensor) -> torch.Tensor:
-    """Flow in pixels -> I3D input: clamp to [-20, 20], quantise to 8 bits as the released
-    flow images are (``round(128 + 255 / 40 * f)``), then map [0, 255] to [-1, 1]."""
+    """Flow in pixels -> I3D input: clamp to [-20, 20], quantise as the released flow images
+    (``round(128 + 255 / 40 * f)``, levels 0..256: +20 px is 255.5, which rounds to even 256,
+    as in the reference), then map levels to [-1, 1] by ``2 * q / 255 - 1``."""
     q = torch.round(128.0 + 255.0 / 40.0 * flow.clamp(-20.0, 20.0))
     return q * (2.0 / 255.0) - 1.0
 
@@ -132,9 +133,10 @@ class I3DExtractor(Extractor):
             if n <= 0:
                 continue
             parts = []
-            if "rgb" in self.streams:
-                parts.append(rgb_to_i3d(center_crop(seq[:n], 224, offset="floor")))
-            if "flow" in self.streams:
+            for stream in self.streams:  # channel blocks in cfg.streams order, as extract() reads them
+                if stream == "rgb":
+                    parts.append(rgb_to_i3d(center_crop(seq[:n], 224, offset="floor")))
+                    continue
                 flow = torch.zeros((n, 2, 224, 224), device=self.device)
                 idx = torch.arange(index, index + n)
                 need = ((idx % cfg.step_size) < cfg.stack_size).nonzero().flatten()
@@ -164,13 +166,16 @@ class I3DExtractor(Extractor):
                     c0 += c
                     net = self.nets[s]
                     if cfg.spatial:
-                        feats = net.feature_maps(xs)
-                    elif cfg.show_pred:
-                        feats, logits = net.features_and_logits(xs)
+                        maps = net.feature_maps(xs)
+                        feats = maps
+                        pooled = net._avg_pool(maps).mean(dim=(2, 3, 4)) if cfg.show_pred else None
+                    else:
+                        feats = pooled = net.features(xs)
+                    if cfg.show_pred:
+                        logits = net.classify(pooled)
+                        # Charades is multi-label (sigmoid); Kinetics single-label (softmax)
                         probs = torch.sigmoid(logits) if net.num_classes == 157 else torch.softmax(logits, -1)
                         self.print_predictions(f"{path} {s} stack", probs, self.labels[s], first=done)
-                    else:
-                        feats = net.features(xs)
                     outs[s].append(feats.float().cpu())
                 stamps.append(ts)
                 done += len(ts)
