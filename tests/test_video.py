@@ -152,3 +152,22 @@ def test_audio_only_file_has_no_video_stream(tmp_path):
             out.mux(p)
     with pytest.raises(VideoError, match="no video stream"):
         open_frames(str(path))
+
+
+def test_frames_and_timestamps_equal_opencv_decoding(make_video):
+    """The reference tool decodes with OpenCV (BGR -> RGB) and stamps frames with
+    CAP_PROP_POS_MSEC; our decode gives the same pixels and times."""
+    cv2 = pytest.importorskip("cv2")
+    path = make_video("cv.mp4", n_frames=20, fps=29.97, width=96, height=72)
+    cap = cv2.VideoCapture(str(path))
+    frames, stamps = [], []
+    while True:
+        ok, bgr = cap.read()
+        if not ok:
+            break
+        frames.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+        stamps.append(cap.get(cv2.CAP_PROP_POS_MSEC))
+    ours, ts, fps, _ = decode_all(path)
+    assert fps == pytest.approx(cap.get(cv2.CAP_PROP_FPS))
+    np.testing.assert_array_equal(ours, np.stack(frames))
+    np.testing.assert_allclose(ts, stamps, atol=1e-6)
