@@ -21,6 +21,9 @@ from utils.config import Config
 class Extractor(abc.ABC):
     #: keys of the dict ``extract`` returns, in the order they are written; set per instance
     output_keys: tuple[str, ...] = ()
+    #: ``batch_size: auto`` per device type: CPUs run convolutions fastest on small batches
+    #: (cache locality), GPUs need large ones to be kept busy
+    auto_batch_size: ClassVar[dict[str, int]] = {"cpu": 8, "cuda": 32}
     #: option names this feature type understands beyond the shared ones (for ``--help``)
     options: ClassVar[dict[str, str]] = {}
 

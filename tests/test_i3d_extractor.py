@@ -409,6 +409,13 @@ def test_charades_weights_and_show_pred(i3d_weights, charades_weights, video5, c
                 assert name in labels and 0.0 < float(prob) < 1.0
 
 
+def test_flow_batch_size_does_not_change_features(base_run, video9):
+    _, both = base_run
+    _, out = _extract(video9, flow_batch_size=3)  # 8 pairs per chunk in groups of 3, 3, 2
+    features_close(out["flow"], both["flow"], 1e-4)
+    features_close(out["rgb"], both["rgb"], 1e-6)
+
+
 def test_spatial_maps_still_show_predictions(i3d_weights, video5, capsys):
     _, plain = _extract(video5, streams=["rgb"], show_pred=True, stack_size=2, step_size=2)
     vec_lines = [ln for ln in capsys.readouterr().out.splitlines() if " stack #" in ln]

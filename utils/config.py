@@ -28,7 +28,9 @@ SHARED_HELP: dict[str, str] = {
     "output_path": "root folder of saved features (see README: output layout)",
     "input_root": "inputs are mirrored under output_path relative to this folder "
                   "(default: the current folder; inputs outside it keep their absolute path)",
-    "batch_size": "frames (frame-wise models) or stacks (clip models) per forward pass",
+    "batch_size": "frames (frame-wise models) or stacks (clip models) per forward pass; auto: "
+                  "the feature type's default for the device (small on CPU, where big batches "
+                  "run slower; large on GPU)",
     "extraction_fps": "resample the video to this frame rate by timestamp (no re-encoding); "
                       "null keeps the native rate",
     "frames_fps": "frame rate assumed for folders of frames (timestamps); videos ignore it",
@@ -149,6 +151,8 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
                 return list(value)
             return [value]
         if isinstance(default, str):
+            if default == "auto" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                return int(value) if float(value).is_integer() else value  # auto-or-number options
             # tri-state options (progress: auto|true|false) keep booleans
             return value if isinstance(value, bool) else str(value)
     except (TypeError, ValueError):
@@ -322,8 +326,10 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"device_ids {bad} do not exist: this machine has {n} GPU(s)")
     if cfg.cpu_workers < 1:
         raise ConfigError(f"cpu_workers must be >= 1, got {cfg.cpu_workers}")
-    if cfg.batch_size < 1:
-        raise ConfigError(f"batch_size must be >= 1, got {cfg.batch_size}")
+    if cfg.batch_size == "auto":
+        cfg = cfg.replace(batch_size=get_extractor_class(cfg.feature_type).auto_batch_size[cfg.device])
+    if not isinstance(cfg.batch_size, int) or isinstance(cfg.batch_size, bool) or cfg.batch_size < 1:
+        raise ConfigError(f"batch_size must be auto or an integer >= 1, got {cfg.batch_size!r}")
     for key in ("extraction_fps", "frames_fps"):
         v = cfg.get(key)
         if v is not None and not (isinstance(v, (int, float)) and v > 0):

@@ -53,6 +53,7 @@ def flow_to_i3d(flow: torch.Tensor) -> torch.Tensor:
 
 
 class I3DExtractor(Extractor):
+    auto_batch_size = {"cpu": 1, "cuda": 4}
     options = {
         "streams": "rgb, flow or both (space separated)",
         "flow_type": "pwc (PWC-Net) or raft (RAFT, 20 iterations)",
@@ -67,6 +68,7 @@ class I3DExtractor(Extractor):
         "checkpoint_path_flow": "explicit I3D flow checkpoint file",
         "flow_checkpoint_path": "explicit PWC-Net / RAFT checkpoint file",
         "raft_iters": "RAFT refinement iterations",
+        "flow_batch_size": "frame pairs per optical-flow forward pass",
         "raft_padding": "unpad: crop RAFT's flow back to the frame (correct); reference: keep the "
                         "padded field before the centre crop, as the reference tool does",
     }
@@ -87,6 +89,8 @@ class I3DExtractor(Extractor):
             raise ConfigError(f"weights {cfg.weights!r} must be one of {', '.join(WEIGHTS)}")
         if cfg.raft_padding not in ("unpad", "reference"):
             raise ConfigError(f"raft_padding {cfg.raft_padding!r} must be unpad or reference")
+        if cfg.flow_batch_size < 1:
+            raise ConfigError(f"flow_batch_size must be >= 1, got {cfg.flow_batch_size}")
         if cfg.raft_iters < 1:
             raise ConfigError(f"raft_iters must be >= 1, got {cfg.raft_iters}")
         if cfg.get("checkpoint_path"):
@@ -140,10 +144,9 @@ class I3DExtractor(Extractor):
                 flow = torch.zeros((n, 2, 224, 224), device=self.device)
                 idx = torch.arange(index, index + n)
                 need = ((idx % cfg.step_size) < cfg.stack_size).nonzero().flatten()
-                if len(need):
-                    need_d = need.to(self.device)
-                    f = self._flow(seq[need_d], seq[need_d + 1])
-                    flow[need_d] = flow_to_i3d(center_crop(f, 224, offset="floor"))
+                for group in need.to(self.device).split(cfg.flow_batch_size):
+                    f = self._flow(seq[group], seq[group + 1])
+                    flow[group] = flow_to_i3d(center_crop(f, 224, offset="floor"))
                 parts.append(flow)
             element_ts = chunk.timestamps_ms[-n:]  # timestamp of frame i + 1 for element i
             index += n

@@ -41,6 +41,7 @@ def validate_stacks(cfg: Config) -> None:
 
 class R21DExtractor(Extractor):
     output_keys = ("r21d", "fps", "timestamps_ms")
+    auto_batch_size = {"cpu": 1, "cuda": 16}
     options = {
         "stack_size": "frames per clip",
         "step_size": "frames between the starts of consecutive clips",

@@ -22,6 +22,7 @@ def preprocess(frames_u8: torch.Tensor) -> torch.Tensor:
 
 class ResNetExtractor(Extractor):
     output_keys = ("resnet", "fps", "timestamps_ms")
+    auto_batch_size = {"cpu": 8, "cuda": 64}
     options = {
         "model_name": "resnet18 | resnet34 | resnet50 | resnet101 | resnet152 (ImageNet-1k IMAGENET1K_V1 weights)",
     }
@@ -41,7 +42,8 @@ class ResNetExtractor(Extractor):
         feats, stamps = [], []
         with open_frames(path, self.cfg.extraction_fps, self.cfg.frames_fps) as src:
             for chunk in src.chunks(self.cfg.batch_size):
-                x = preprocess(to_device(chunk.frames, self.device))
+                x = preprocess(to_device(chunk.frames, self.device)).contiguous(
+                    memory_format=torch.channels_last)
                 f = self.net(x)
                 if self.cfg.show_pred:
                     probs = torch.softmax(self.net.head(f), dim=-1)

@@ -49,7 +49,8 @@ def load_resnet(model_name: str, cfg: object, device: torch.device) -> ResNetFea
         state = load_state_dict(path)
         check_keys(state, net.state_dict(), f"{model_name} checkpoint {path}")
         net.load_state_dict(state)
-    return ResNetFeatures(net).to(device).eval()
+    # channels-last runs the convolutions 10-20% faster on CPUs (oneDNN) and on tensor-core GPUs
+    return ResNetFeatures(net).to(device, memory_format=torch.channels_last).eval()
 
 
 def write_random_checkpoint(path: str | Path, model_name: str, seed: int = 0) -> Path:
