@@ -16,6 +16,26 @@ import numpy as np
 import torch
 
 from utils.config import Config
+from utils.errors import ConfigError
+from utils.windows import TAILS
+
+#: options of the clip models (i3d, r21d), documented once
+STACK_OPTIONS = {
+    "stack_size": "frames per stack (clip); an i3d stack reads stack_size + 1 frames (flow needs pairs)",
+    "step_size": "frames between the starts of consecutive stacks",
+    "tail": "drop: ignore frames after the last full stack (reference behaviour); "
+            "pad: one more stack, completed by repeating its last frame",
+}
+
+
+def validate_stacks(cfg: Config) -> None:
+    """Checks shared by the clip models: stack_size, step_size, tail."""
+    for key in ("stack_size", "step_size"):
+        v = cfg[key]
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ConfigError(f"{key} must be a positive integer, got {v!r}")
+    if cfg.tail not in TAILS:
+        raise ConfigError(f"tail {cfg.tail!r} must be one of {', '.join(TAILS)}")
 
 
 class Extractor(abc.ABC):

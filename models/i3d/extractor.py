@@ -21,9 +21,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from models.base import Extractor
+from models.base import STACK_OPTIONS, Extractor, validate_stacks
 from models.i3d.weights import get_card, load_i3d, load_labels
-from models.r21d.extractor import validate_stacks
 from utils.config import Config
 from utils.errors import ConfigError, VideoError
 from utils.transforms import center_crop, resize_short_side, to_device
@@ -59,10 +58,7 @@ class I3DExtractor(Extractor):
         "flow_type": "pwc (PWC-Net) or raft (RAFT, 20 iterations)",
         "weights": "I3D checkpoints: reference (the reference tool's i3d_rgb.pt/i3d_flow.pt), "
                    "imagenet (pytorch-i3d rgb/flow_imagenet.pt) or charades (rgb/flow_charades.pt)",
-        "stack_size": "frames per stack (a stack reads stack_size + 1 frames: flow needs pairs)",
-        "step_size": "frames between the starts of consecutive stacks",
-        "tail": "drop: ignore frames after the last full stack (reference behaviour); "
-                "pad: one more stack, completed by repeating its last frame",
+        **STACK_OPTIONS,
         "spatial": "save the unpooled Mixed_5c feature maps (Tv x 1024 x t x 7 x 7) instead of vectors",
         "checkpoint_path_rgb": "explicit I3D RGB checkpoint file",
         "checkpoint_path_flow": "explicit I3D flow checkpoint file",

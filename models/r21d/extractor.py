@@ -8,13 +8,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from models.base import Extractor
+from models.base import STACK_OPTIONS, Extractor, validate_stacks
 from models.r21d.weights import labels, load_r21d
 from utils.config import Config
-from utils.errors import ConfigError, VideoError
+from utils.errors import VideoError
 from utils.transforms import center_crop, normalize, resize, to_device
 from utils.video import open_frames
-from utils.windows import TAILS, stack_batches, windows_from
+from utils.windows import stack_batches, windows_from
 
 KINETICS_MEAN = (0.43216, 0.394666, 0.37645)
 KINETICS_STD = (0.22803, 0.22145, 0.216989)
@@ -29,25 +29,10 @@ def preprocess(frames_u8: torch.Tensor) -> torch.Tensor:
     return center_crop(x, 112, offset="round")
 
 
-def validate_stacks(cfg: Config) -> None:
-    """Checks shared by the clip models (stack_size, step_size, tail)."""
-    if not isinstance(cfg.stack_size, int) or cfg.stack_size < 1:
-        raise ConfigError(f"stack_size must be a positive integer, got {cfg.stack_size!r}")
-    if not isinstance(cfg.step_size, int) or cfg.step_size < 1:
-        raise ConfigError(f"step_size must be a positive integer, got {cfg.step_size!r}")
-    if cfg.tail not in TAILS:
-        raise ConfigError(f"tail {cfg.tail!r} must be one of {', '.join(TAILS)}")
-
-
 class R21DExtractor(Extractor):
     output_keys = ("r21d", "fps", "timestamps_ms")
     auto_batch_size = {"cpu": 1, "cuda": 16}
-    options = {
-        "stack_size": "frames per clip",
-        "step_size": "frames between the starts of consecutive clips",
-        "tail": "drop: ignore frames after the last full clip (reference behaviour); "
-                "pad: one more clip, completed by repeating its last frame",
-    }
+    options = STACK_OPTIONS
 
     @classmethod
     def validate(cls, cfg: Config) -> None:
