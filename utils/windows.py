@@ -23,18 +23,6 @@ def _cat(parts: Sequence[Any]) -> Any:
     return torch.cat(list(parts))
 
 
-def num_windows(n_frames: int, size: int, step: int, tail: str = "drop") -> int:
-    """How many windows :class:`SlidingWindows` yields for ``n_frames`` frames."""
-    if n_frames < size:
-        return 1 if (tail == "pad" and n_frames > 0) else 0
-    full = (n_frames - size) // step + 1
-    if tail == "pad":
-        next_start = full * step
-        if next_start < n_frames:
-            full += 1
-    return full
-
-
 class SlidingWindows:
     """Push chunks in, take complete windows out.
 
@@ -55,7 +43,6 @@ class SlidingWindows:
         self._ts: list[np.ndarray] = []
         self._n = 0          # frames buffered
         self._skip = 0       # frames still to discard before the next window starts (step > size)
-        self._emitted = 0
 
     def _trim_front(self, k: int) -> None:
         frames, ts = _cat(self._frames), np.concatenate(self._ts)
@@ -79,7 +66,6 @@ class SlidingWindows:
             allf, allt = _cat(self._frames), np.concatenate(self._ts)
             self._frames, self._ts = [allf], [allt]
             out.append((allf[: self.size], allt[: self.size], self.size))
-            self._emitted += 1
             drop = min(self.step, self._n)
             self._skip = self.step - drop
             self._trim_front(drop)
@@ -93,7 +79,6 @@ class SlidingWindows:
         n = len(ts)
         idx = np.minimum(np.arange(self.size), n - 1)
         self._frames, self._ts, self._n = [], [], 0
-        self._emitted += 1
         return [(frames[idx] if isinstance(frames, np.ndarray) else frames[list(idx)], ts[idx], n)]
 
 
