@@ -10,7 +10,7 @@ before any worker starts or any model is loaded.
 from __future__ import annotations
 
 import abc
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import numpy as np
 import torch
@@ -52,6 +52,8 @@ class Extractor(abc.ABC):
         self.device = torch.device(device)
         #: frames decoded for the current video; the runner reads it for frames/s
         self.frames_read = 0
+        #: called with each count as frames are read (the runner's live progress), or None
+        self.progress_hook: Callable[[int], None] | None = None
 
     @classmethod
     def validate(cls, cfg: Config) -> None:
@@ -68,6 +70,8 @@ class Extractor(abc.ABC):
 
     def count_frames(self, n: int) -> None:
         self.frames_read += int(n)
+        if self.progress_hook is not None:
+            self.progress_hook(int(n))
 
     def print_predictions(self, title: str, probs: torch.Tensor, labels: list[str],
                           k: int = 5, first: int = 0) -> None:

@@ -149,3 +149,18 @@ def test_a_dying_worker_costs_only_its_video(tmp_path, make_video, resnet_weight
     assert f"done {8 - len(failed)}," in err
     res = run_main(*args[2:], cwd=tmp_path)
     assert res.returncode == 0 and len(_npys(out)) == 24
+
+
+def test_progress_bar_reports_frames_per_second_during_the_run(make_video, resnet_weights, capsys):
+    from utils.config import make_config
+    from utils.runner import run
+
+    resnet_weights("resnet18")
+    path = make_video("prog.mp4", n_frames=12, fps=25.0, width=64, height=48)
+    cfg = make_config("resnet", video_paths=[str(path)], device="cpu", model_name="resnet18",
+                      batch_size=4, progress=True, on_extraction="save_numpy",
+                      output_path=str(path.parent / "prog_out"), overwrite=True)
+    summary = run(cfg)
+    err = capsys.readouterr().err
+    assert summary.count("done") == 1 and summary.results[0].frames == 12
+    assert "1/1" in err and "frames/s" in err

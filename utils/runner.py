@@ -135,12 +135,24 @@ def _worker_main(wid: int, device: str, cfg: Config, tasks: Any, results: Any) -
         results.put(("fatal", wid, f"{type(exc).__name__}: {exc}"))
         return
     results.put(("ready", wid, device))
+    pending = [0, time.monotonic()]  # frames not yet reported, time of the last report
+
+    def report(n: int) -> None:  # throttled live progress to the parent
+        pending[0] += n
+        if time.monotonic() - pending[1] >= 0.5:
+            results.put(("frames", wid, pending[0]))
+            pending[:] = [0, time.monotonic()]
+
+    extractor.progress_hook = report
     while True:
         path = tasks.get()
         if path is None:
             break
         results.put(("start", wid, path))
         res = process_one(extractor, writer, path)
+        if pending[0]:
+            results.put(("frames", wid, pending[0]))
+            pending[:] = [0, time.monotonic()]
         results.put(("result", wid, res))
     results.put(("exit", wid, None))
 
@@ -149,19 +161,29 @@ class _Progress:
     def __init__(self, total: int, enabled: bool):
         self.frames = 0
         self.failed = 0
-        self.t0 = time.perf_counter()
+        self.t0 = self._shown = time.perf_counter()
         self.bar = None
         if enabled and total:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, unit="video", dynamic_ncols=True, file=sys.stderr)
 
+    def add_frames(self, n: int) -> None:
+        """Frames read so far (live, during a video)."""
+        self.frames += n
+        if self.bar is not None and time.perf_counter() - self._shown >= 0.5:
+            self._postfix()
+
+    def _postfix(self) -> None:
+        self._shown = time.perf_counter()
+        fps = self.frames / max(1e-9, self._shown - self.t0)
+        self.bar.set_postfix_str(f"{fps:.1f} frames/s, {self.failed} failed")
+
     def update(self, res: Result) -> None:
-        self.frames += res.frames
+        """One input finished (its frames were counted by add_frames)."""
         self.failed += res.status == "failed"
         if self.bar is not None:
-            fps = self.frames / max(1e-9, time.perf_counter() - self.t0)
-            self.bar.set_postfix_str(f"{fps:.1f} frames/s, {self.failed} failed")
+            self._postfix()
             self.bar.update(1)
         if res.status == "failed":
             msg = f"failed: {res.path}: {res.reason}"
@@ -230,6 +252,7 @@ def run(cfg: Config) -> Summary:
 
 def _run_inline(cfg: Config, device: str, todo: list[str], summary: Summary, progress: _Progress) -> None:
     extractor = build_extractor(cfg, device)  # errors here (weights, device) end the run
+    extractor.progress_hook = progress.add_frames
     writer = OutputWriter.from_config(cfg)
     for path in todo:
         res = process_one(extractor, writer, path)
@@ -278,6 +301,8 @@ def _run_pool(cfg: Config, devices: list[str], todo: list[str], summary: Summary
                 kind, wid, payload = msg
                 if kind == "start":
                     inflight[wid] = payload
+                elif kind == "frames":
+                    progress.add_frames(payload)
                 elif kind == "result":
                     inflight.pop(wid, None)
                     summary.results.append(payload)
