@@ -17,9 +17,7 @@ import torch
 
 from models.pwc.net import PWCNet
 from models.raft.net import RAFT
-from utils.errors import WeightsError
-from utils.weights import (WeightCard, check_keys, load_state_dict, register_card,
-                           resolve_checkpoint)
+from utils.weights import WeightCard, load_checkpoint_into, register_card
 
 log = logging.getLogger(__name__)
 
@@ -98,17 +96,7 @@ def _load(model: torch.nn.Module, card: WeightCard, convert, checkpoint_path: st
         log.warning("*** %s: RANDOM WEIGHTS (allow_random_weights=true) - optical flow is "
                     "meaningless, use only for benchmarks and smoke tests ***", card.name)
     else:
-        path = resolve_checkpoint(card, checkpoint_path)
-        state = convert(load_state_dict(path))
-        expected = model.state_dict()
-        for key, value in expected.items():  # BatchNorm counters are absent from older saves
-            if key.endswith("num_batches_tracked") and key not in state:
-                state[key] = value
-        check_keys(state, expected, f"{card.name} ({path})")
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as exc:  # e.g. dtype trouble that check_keys does not see
-            raise WeightsError(f"{card.name}: cannot load {path}: {exc}") from exc
+        load_checkpoint_into(model, card, checkpoint_path, convert, fill_bn_counters=True)
     return model.to(device).eval()
 
 

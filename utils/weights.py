@@ -15,7 +15,7 @@ import tempfile
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -162,6 +162,33 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict):
         raise WeightsError(f"checkpoint {path} does not hold a state dict")
     return obj
+
+
+def load_checkpoint_into(model: torch.nn.Module, card: WeightCard,
+                         checkpoint_path: str | None = None,
+                         convert: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+                         fill_bn_counters: bool = False) -> Path:
+    """Resolve ``card`` (see :func:`resolve_checkpoint`), convert the published key layout with
+    ``convert`` and load it strictly into ``model``; returns the file used.
+
+    ``fill_bn_counters`` accepts files saved before PyTorch stored BatchNorm's
+    ``num_batches_tracked`` (unused at inference) by taking the model's own counters.
+    """
+    path = resolve_checkpoint(card, checkpoint_path)
+    state = load_state_dict(path)
+    if convert is not None:
+        state = convert(state)
+    expected = model.state_dict()
+    if fill_bn_counters:
+        for key, value in expected.items():
+            if key.endswith("num_batches_tracked") and key not in state:
+                state[key] = value
+    check_keys(state, expected, f"{card.name} ({path})")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:  # e.g. dtype trouble that check_keys does not see
+        raise WeightsError(f"{card.name}: cannot load {path}: {exc}") from exc
+    return path
 
 
 def random_weights_requested(cfg: Any, what: str) -> bool:

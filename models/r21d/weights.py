@@ -6,8 +6,7 @@ from pathlib import Path
 import torch
 
 from models.r21d.net import R21DFeatures, build_r2plus1d_18
-from utils.weights import (WeightCard, check_keys, load_state_dict, random_weights_requested,
-                           register_card, resolve_checkpoint)
+from utils.weights import WeightCard, load_checkpoint_into, random_weights_requested, register_card
 
 CARD = register_card(WeightCard(
     name="r2plus1d_18_kinetics400_v1",
@@ -26,10 +25,7 @@ LABELS_FILE = Path(__file__).resolve().parent.parent / "i3d" / "labels" / "kinet
 def load_r21d(cfg: object, device: torch.device) -> R21DFeatures:
     net = build_r2plus1d_18()
     if not random_weights_requested(cfg, "r21d"):
-        path = resolve_checkpoint(CARD, getattr(cfg, "checkpoint_path", None))
-        state = load_state_dict(path)
-        check_keys(state, net.state_dict(), f"r2plus1d_18 checkpoint {path}")
-        net.load_state_dict(state)
+        load_checkpoint_into(net, CARD, getattr(cfg, "checkpoint_path", None))
     return R21DFeatures(net).to(device).eval()
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 
 from models.resnet.net import NAMES, ResNetFeatures, build_resnet
-from utils.weights import (WeightCard, check_keys, get_card, load_state_dict, random_weights_requested,
-                           register_card, resolve_checkpoint)
+from utils.weights import (WeightCard, get_card, load_checkpoint_into, random_weights_requested,
+                           register_card)
 
 _FILES = {
     "resnet18": "resnet18-f37072fd.pth",
@@ -45,10 +45,7 @@ def load_resnet(model_name: str, cfg: object, device: torch.device) -> ResNetFea
     """The pretrained network on ``device`` in eval mode; random only on explicit request."""
     net = build_resnet(model_name)
     if not random_weights_requested(cfg, model_name):
-        path = resolve_checkpoint(card_for(model_name), getattr(cfg, "checkpoint_path", None))
-        state = load_state_dict(path)
-        check_keys(state, net.state_dict(), f"{model_name} checkpoint {path}")
-        net.load_state_dict(state)
+        load_checkpoint_into(net, card_for(model_name), getattr(cfg, "checkpoint_path", None))
     # channels-last runs the convolutions 10-20% faster on CPUs (oneDNN) and on tensor-core GPUs
     return ResNetFeatures(net).to(device, memory_format=torch.channels_last).eval()
 
