@@ -84,17 +84,22 @@ def test_main_job_two_workers_bad_inputs_and_rerun(tmp_path, make_video, resnet_
     assert float(np.load(out / "resnet" / "d1" / "clip_fps.npy")) == 25.0
 
 
-def test_kill_leaves_no_partial_files_and_rerun_completes(tmp_path, make_video, resnet_weights):
-    resnet_weights("resnet18")
+def _copies_and_args(tmp_path: Path, make_video, n: int, out: Path, *extra: str) -> list[str]:
+    """``n`` copies of one tiny video and the command line that saves their ResNet-18 features."""
     videos = []
-    for i in range(6):
+    for i in range(n):
         p = tmp_path / f"v{i}.mp4"
         shutil.copy(make_video("k.mp4", n_frames=24, fps=25.0, width=64, height=48), p)
         videos.append(str(p))
+    return [sys.executable, str(ROOT / "main.py"), "--feature_type", "resnet", "--device", "cpu",
+            *extra, "--video_paths", *videos, "--on_extraction", "save_numpy", "--output_path",
+            str(out), "batch_size=4", "model_name=resnet18", f"input_root={tmp_path}"]
+
+
+def test_kill_leaves_no_partial_files_and_rerun_completes(tmp_path, make_video, resnet_weights):
+    resnet_weights("resnet18")
     out = tmp_path / "out"
-    args = [sys.executable, str(ROOT / "main.py"), "--feature_type", "resnet", "--device", "cpu",
-            "--video_paths", *videos, "--on_extraction", "save_numpy", "--output_path", str(out),
-            "batch_size=4", "model_name=resnet18", f"input_root={tmp_path}"]
+    args = _copies_and_args(tmp_path, make_video, 6, out)
     proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True)
     deadline = time.time() + 300
@@ -124,15 +129,8 @@ def _worker_pids(parent: int) -> list[int]:
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
 def test_a_dying_worker_costs_only_its_video(tmp_path, make_video, resnet_weights):
     resnet_weights("resnet18")
-    videos = []
-    for i in range(8):
-        p = tmp_path / f"w{i}.mp4"
-        shutil.copy(make_video("w.mp4", n_frames=24, fps=25.0, width=64, height=48), p)
-        videos.append(str(p))
     out = tmp_path / "out"
-    args = [sys.executable, str(ROOT / "main.py"), "--feature_type", "resnet", "--device", "cpu",
-            "--cpu_workers", "2", "--video_paths", *videos, "--on_extraction", "save_numpy",
-            "--output_path", str(out), "batch_size=4", "model_name=resnet18", f"input_root={tmp_path}"]
+    args = _copies_and_args(tmp_path, make_video, 8, out, "--cpu_workers", "2")
     proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env={**os.environ, "PYTHONPATH": str(ROOT)}, text=True)
     deadline = time.time() + 300
