@@ -10,32 +10,28 @@ before any worker starts or any model is loaded.
 from __future__ import annotations
 
 import abc
+import dataclasses
 from typing import Callable, ClassVar
 
 import numpy as np
 import torch
 
-from utils.config import Config
-from utils.errors import ConfigError
+from utils.config import Config, SharedOptions, option
 from utils.windows import TAILS
-
-#: options of the clip models (i3d, r21d), documented once
-STACK_OPTIONS = {
-    "stack_size": "frames per stack (clip); an i3d stack reads stack_size + 1 frames (flow needs pairs)",
-    "step_size": "frames between the starts of consecutive stacks",
-    "tail": "drop: ignore frames after the last full stack (reference behaviour); "
-            "pad: one more stack, completed by repeating its last frame",
-}
+from utils.weights import WeightCard
 
 
-def validate_stacks(cfg: Config) -> None:
-    """Checks shared by the clip models: stack_size, step_size, tail."""
-    for key in ("stack_size", "step_size"):
-        v = cfg[key]
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ConfigError(f"{key} must be a positive integer, got {v!r}")
-    if cfg.tail not in TAILS:
-        raise ConfigError(f"tail {cfg.tail!r} must be one of {', '.join(TAILS)}")
+@dataclasses.dataclass
+class StackOptions(SharedOptions):
+    """Options of the clip models (i3d, r21d)."""
+
+    stack_size: int = option("frames per stack (clip); an i3d stack reads stack_size + 1 frames "
+                             "(flow needs pairs)", at_least=1, changes_values=True)
+    step_size: int = option("frames between the starts of consecutive stacks", at_least=1,
+                            changes_values=True)
+    tail: str = option("drop: ignore frames after the last full stack (reference behaviour); "
+                       "pad: one more stack, completed by repeating its last frame",
+                       choices=TAILS, changes_values=True)
 
 
 class Extractor(abc.ABC):
@@ -44,8 +40,11 @@ class Extractor(abc.ABC):
     #: ``batch_size: auto`` per device type: CPUs run convolutions fastest on small batches
     #: (cache locality), GPUs need large ones to be kept busy
     auto_batch_size: ClassVar[dict[str, int]] = {"cpu": 8, "cuda": 32}
-    #: option names this feature type understands beyond the shared ones (for ``--help``)
-    options: ClassVar[dict[str, str]] = {}
+    #: the typed schema of this feature type's options (utils/config.py)
+    schema: ClassVar[type] = SharedOptions
+    #: bumped whenever this feature type's numbers change for the same options and weights,
+    #: so that outputs of an older revision are recomputed rather than reused
+    revision: ClassVar[int] = 1
 
     def __init__(self, cfg: Config, device: torch.device) -> None:
         self.cfg = cfg
@@ -62,6 +61,12 @@ class Extractor(abc.ABC):
     @abc.abstractmethod
     def extract(self, path: str) -> dict[str, np.ndarray]:
         """Features of one video (or frame folder / audio file) as numpy arrays."""
+
+    @classmethod
+    def weights_for(cls, cfg: Config) -> dict[str, tuple[WeightCard, str | None]]:
+        """role -> (weight card, explicit checkpoint path or None) of every checkpoint ``cfg``
+        loads; recorded beside the outputs so that other weights are never mistaken for these."""
+        return {}
 
     @classmethod
     def output_keys_for(cls, cfg: Config) -> tuple[str, ...]:

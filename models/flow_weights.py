@@ -17,7 +17,7 @@ import torch
 
 from models.pwc.net import PWCNet
 from models.raft.net import RAFT
-from utils.weights import WeightCard, load_checkpoint_into, register_card
+from utils.weights import WeightCard, load_checkpoint_into, register_card, use_random_weights
 
 log = logging.getLogger(__name__)
 
@@ -92,10 +92,7 @@ def convert_raft_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torc
 
 def _load(model: torch.nn.Module, card: WeightCard, convert, checkpoint_path: str | None,
           allow_random: bool, device: torch.device | str) -> torch.nn.Module:
-    if allow_random and not checkpoint_path:
-        log.warning("*** %s: RANDOM WEIGHTS (allow_random_weights=true) - optical flow is "
-                    "meaningless, use only for benchmarks and smoke tests ***", card.name)
-    else:
+    if not use_random_weights(allow_random, checkpoint_path, card.name):
         load_checkpoint_into(model, card, checkpoint_path, convert, fill_bn_counters=True)
     return model.to(device).eval()
 

@@ -1,8 +1,15 @@
 """Feature type name -> extractor class, imported lazily so that one family's dependencies
-(e.g. tensorflow for converting VGGish checkpoints) never burden another."""
+(e.g. tensorflow for converting VGGish checkpoints) never burden another.
+
+Feature types of your own can be added without editing the package: set
+``VIDEO_FEATURES_PLUGINS="name=package.module:ClassName,..."`` (worker processes inherit it). The
+class subclasses :class:`models.base.Extractor`; its ``schema`` dataclass carries the defaults of
+options that configs/ does not know.
+"""
 from __future__ import annotations
 
 import importlib
+import os
 
 from utils.errors import ConfigError
 
@@ -13,16 +20,36 @@ _EXTRACTORS = {
     "vggish": "models.vggish.extractor:VGGishExtractor",
 }
 
+PLUGINS_ENV = "VIDEO_FEATURES_PLUGINS"
+
+
+def _all() -> dict[str, str]:
+    out = dict(_EXTRACTORS)
+    for item in os.environ.get(PLUGINS_ENV, "").split(","):
+        if not item.strip():
+            continue
+        name, sep, target = item.strip().partition("=")
+        if not sep or ":" not in target:
+            raise ConfigError(f"{PLUGINS_ENV}: cannot read {item!r}; expected name=module:Class")
+        out[name.strip()] = target.strip()
+    return out
+
 
 def feature_types() -> list[str]:
-    return list(_EXTRACTORS)
+    return list(_all())
 
 
 def get_extractor_class(feature_type: str) -> type:
+    types = _all()
     try:
-        target = _EXTRACTORS[feature_type]
+        target = types[feature_type]
     except KeyError:
         raise ConfigError(f"feature_type {feature_type!r} is unknown; choose one of "
-                          f"{', '.join(_EXTRACTORS)}") from None
+                          f"{', '.join(types)}") from None
     module, _, name = target.partition(":")
-    return getattr(importlib.import_module(module), name)
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        if feature_type in _EXTRACTORS:
+            raise
+        raise ConfigError(f"feature_type {feature_type}: cannot import {target} ({exc})") from None

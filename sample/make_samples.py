@@ -80,6 +80,33 @@ def write_video(path: str | Path, n_frames: int = 30, fps: float = 25.0, width: 
     return path
 
 
+def write_vfr_video(path: str | Path, pts_ms: list[int], width: int = 64, height: int = 48,
+                    time_base: Fraction = Fraction(1, 1000), seed: int = 0) -> Path:
+    """Write a variable-frame-rate mp4 (libx264, no audio); frame ``i`` is shown at ``pts_ms[i]``.
+
+    The stream and encoder both use ``time_base``, so the irregular times are kept exactly
+    (mp4 may store them in a finer time base of its own).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as out:
+        vs = out.add_stream("libx264", rate=25)
+        vs.width, vs.height, vs.pix_fmt = width, height, "yuv420p"
+        vs.options = {"crf": "18", "preset": "veryfast"}
+        vs.time_base = time_base
+        vs.codec_context.time_base = time_base
+        for i, ms in enumerate(pts_ms):
+            img = synth_frame(i, width, height, 25.0, seed)
+            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+            frame.pts = int(round(Fraction(ms, 1000) / time_base))
+            frame.time_base = time_base
+            for pkt in vs.encode(frame):
+                out.mux(pkt)
+        for pkt in vs.encode():
+            out.mux(pkt)
+    return path
+
+
 SAMPLES = {
     # name: (frames, fps, width, height)
     "A.mp4": (75, 25.0, 320, 240),

@@ -16,6 +16,19 @@ os.environ["TORCH_HOME"] = _CACHE
 os.environ["VIDEO_FEATURES_OFFLINE"] = "1"
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` run where a CUDA GPU is visible and are skipped, with the reason,
+    elsewhere."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def torch_home() -> Path:
     return Path(_CACHE)
@@ -59,11 +72,11 @@ def resnet_weights(hub_checkpoints: Path):
     return _get
 
 
-def run_main(*args: str, cwd: Path | None = None, timeout: int = 600):
+def run_main(*args: str, cwd: Path | None = None, timeout: int = 600, env: dict | None = None):
     """Run ``python main.py ARGS`` as a user would; returns the CompletedProcess."""
     import subprocess
     import sys
 
     return subprocess.run([sys.executable, str(ROOT / "main.py"), *args], cwd=cwd or ROOT,
                           capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})

@@ -44,12 +44,77 @@ def test_file_with_video_paths(tmp_path):
     (["--feature_type", "resnet", "--device", "gpu", "--video_paths", "a"], "device"),
     (["--feature_type", "resnet", "--device", "cpu", "--video_paths", "a", "colour=red"], "colour"),
     (["--feature_type", "resnet", "--device", "cpu"], "video_paths"),
-    (["--feature_type", "resnet", "--device", "cuda", "--device_ids", "0", "2", "--video_paths", "a"], "cpu"),
+    (["--feature_type", "resnet", "--device", "cpu", "--video_paths", "a", "input_root=2024"], "input_root"),
+    (["--feature_type", "resnet", "--device", "cpu", "--video_paths", "a", "file_with_video_paths=0"],
+     "file_with_video_paths"),
+    (["--feature_type", "resnet", "--device", "cpu", "--video_paths", "a", "tf32=maybe"], "tf32"),
+    (["--feature_type", "resnet", "--device", "cpu", "--video_paths", "a", "timestamps=frames"], "timestamps"),
+    (["--feature_type", "resnet", "--device", "cpu", "--video_paths", "a", "on_mismatch=skip"], "on_mismatch"),
+    (["--feature_type", "resnet", "--device", "cpu", "--video_paths", "a", "worker_timeout=-1"], "worker_timeout"),
+    (["--feature_type", "resnet", "--device", "cpu", "--video_paths", "a", "--device_ids", "x"], "device_ids"),
+    (["--feature_type", "i3d", "--device", "cpu", "--video_paths", "a", "streams=[rgb,depth]"], "streams"),
+    (["--feature_type", "i3d", "--device", "cpu", "--video_paths", "a", "--stack_size", "1.5"], "stack_size"),
+    (["--feature_type", "vggish", "--device", "cpu", "--video_paths", "a", "postprocess=sometimes"], "postprocess"),
 ])
 def test_invalid_values_name_the_option(argv, option):
     with pytest.raises(ConfigError) as ei:
         parse_args(argv)
     assert option in str(ei.value)
+
+
+def _gpus(monkeypatch, n: int) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: n > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
+
+
+@pytest.mark.parametrize("n_gpus,message", [(0, "no CUDA GPU is available here; use --device cpu"),
+                                            (1, "device_ids [2] do not exist: this machine has 1 GPU")])
+def test_device_ids_are_checked_against_the_gpus_present(monkeypatch, n_gpus, message):
+    _gpus(monkeypatch, n_gpus)
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        parse_args(["--feature_type", "resnet", "--device", "cuda", "--device_ids", "0", "2",
+                    "--video_paths", "a"])
+
+
+def test_device_ids_on_a_machine_with_enough_gpus(monkeypatch):
+    _gpus(monkeypatch, 3)
+    cfg = parse_args(["--feature_type", "resnet", "--device", "cuda", "--device_ids", "0", "2",
+                      "--video_paths", "a"])
+    assert cfg.device_ids == [0, 2] and cfg.batch_size == 64  # auto: the GPU default
+
+
+def test_values_are_typed_by_the_schema(tmp_path):
+    (tmp_path / "2024").mkdir()
+    cfg = parse_args(["--feature_type", "i3d", "--device", "cpu", "--video_paths", "a",
+                      f"input_root={tmp_path / '2024'}", "--output_path", "0001", "streams=flow",
+                      "stack_size=16", "extraction_fps=5", "progress=false", "--tf32", "true"])
+    assert cfg.output_path == "0001"           # text stays text
+    assert cfg.streams == ["flow"] and cfg.stack_size == 16
+    assert cfg.extraction_fps == 5.0 and isinstance(cfg.extraction_fps, float)
+    assert cfg.progress is False and cfg.tf32 is True
+
+
+def test_schema_and_yaml_defaults_cover_each_other():
+    """Every option has a type (schema) and a default (configs/), and nothing else exists."""
+    from models.registry import feature_types
+    from utils.config import defaults_for, schema_fields, schema_for
+
+    for ft in feature_types():
+        fields = schema_fields(schema_for(ft))
+        defaults = defaults_for(ft)
+        assert set(defaults) == set(fields), ft
+        for key, (_, f) in fields.items():
+            assert f.metadata.get("help"), (ft, key)
+
+
+def test_typed_errors_exit_2_without_traceback(tmp_path):
+    for word in ("input_root=2024", "file_with_video_paths=0", "batch_size=2.5"):
+        res = run_main("--feature_type", "resnet", "--device", "cpu", "--video_paths", "a.mp4",
+                       word, cwd=tmp_path)
+        assert res.returncode == 2, (word, res.stderr)
+        assert word.split("=")[0] in res.stderr and "Traceback" not in res.stderr
 
 
 def test_help_documents_every_option():

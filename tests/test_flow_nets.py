@@ -289,7 +289,7 @@ def test_raft_default_iterations_on_multiples_of_8(raft):
     assert torch.equal(flow, raft.estimate(one, two, unpad=False))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 def test_gpu_matches_cpu(pwc, raft):
     import copy
 

@@ -493,7 +493,8 @@ def test_main_saves_numpy_files(base_run, video9, tmp_path):
     assert res.returncode == 0, res.stderr
     folder = tmp_path / "out" / "i3d" / "d1"
     names = sorted(p.name for p in folder.iterdir())
-    assert names == sorted(f"clip_{k}.npy" for k in ("rgb", "flow", "fps", "timestamps_ms"))
+    assert names == sorted([f"clip_{k}.npy" for k in ("rgb", "flow", "fps", "timestamps_ms")]
+                           + ["clip_meta.json"])
     rgb, flow = np.load(folder / "clip_rgb.npy"), np.load(folder / "clip_flow.npy")
     assert rgb.shape == flow.shape == (1, 1024) and rgb.dtype == np.float32
     assert float(np.load(folder / "clip_fps.npy")) == FPS

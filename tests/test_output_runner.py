@@ -34,14 +34,14 @@ def test_write_is_atomic_and_done_detection(tmp_path, mode):
     assert not w.is_done(video, feats)
     paths = w.write(video, feats)
     assert all(p.exists() for p in paths) and w.is_done(video, feats)
+    assert paths[-1].name == "v_meta.json"  # the record is written last
     assert not [p for p in paths[0].parent.iterdir() if p.name.endswith(".tmp")]
-    # a temporary file left by a run killed mid-write is cleaned up by the next write
-    stale = paths[0].parent / f".{paths[0].name}.abc123.tmp"
-    stale.write_bytes(b"half")
-    w.write(video, feats)
-    assert not stale.exists()
     # a damaged file is not "done"
     paths[0].write_bytes(paths[0].read_bytes()[:20])
+    assert not w.is_done(video, feats)
+    # arrays without their record (a run killed between them) are not "done" either
+    w.write(video, feats)
+    paths[-1].unlink()
     assert not w.is_done(video, feats)
 
 

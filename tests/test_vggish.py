@@ -257,9 +257,12 @@ def test_short_and_silent_inputs(files: dict[str, Path]) -> None:
 
 def test_validate_names_the_option(files: dict[str, Path], tmp_path: Path) -> None:
     VGGishExtractor.validate(make_cfg(checkpoint_path=str(files["ckpt"])))
+    from utils.config import make_config
+
+    for option, value in (("batch_size", 0), ("postprocess", "sometimes")):  # typed by the schema
+        with pytest.raises(ConfigError, match=option):
+            make_config("vggish", video_paths=[str(files["wav"])], device="cpu", **{option: value})
     cases = [
-        (make_cfg(batch_size=0), "batch_size"),
-        (make_cfg(postprocess="yes"), "postprocess"),
         (make_cfg(show_pred=True), "show_pred"),
         (make_cfg(checkpoint_path=str(tmp_path / "none.pth")), "checkpoint_path"),
         (make_cfg(checkpoint_path=str(tmp_path / "none.ckpt")), "checkpoint_path"),

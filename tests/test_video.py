@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import utils.video
 from utils.errors import VideoError
 from utils.video import open_frames
 
@@ -84,6 +85,8 @@ def test_frame_folder_equals_video(make_video, tmp_path):
     f2, ts2, fps2, _ = decode_all(folder, frames_fps=25.0)
     np.testing.assert_array_equal(f2, frames)
     np.testing.assert_allclose(ts2, ts)
+    # frames have no pts: index / frames_fps in both modes
+    np.testing.assert_array_equal(decode_all(folder, frames_fps=25.0, timestamps="index")[1], ts2)
     f3, _, fps3, _ = decode_all(folder, extraction_fps=5.0, frames_fps=25.0)
     assert fps3 == 5.0 and len(f3) == 2  # 12 frames at 25 fps = 0.48 s -> round(2.4) = 2
     # slot n shows the latest frame i with round(i / 25 * 5) <= n: frames 2 and 7
@@ -120,24 +123,145 @@ def test_bad_inputs_give_one_line_reasons(tmp_path, make_video):
             assert words in msg, (name, msg)
 
 
-def test_truncated_stream_with_index_up_front(tmp_path):
-    """moov atom first (faststart): the container opens, the stream ends early."""
+def _write_faststart(path, n_frames=50):
+    """moov atom first (faststart), as a web download: the index precedes the data."""
     from sample.make_samples import synth_frame
 
-    path = tmp_path / "fs.mp4"
     with av.open(str(path), "w", options={"movflags": "faststart"}) as out:
         vs = out.add_stream("libx264", rate=25)
         vs.width, vs.height, vs.pix_fmt = 64, 48, "yuv420p"
-        for i in range(50):
+        for i in range(n_frames):
             for p in vs.encode(av.VideoFrame.from_ndarray(synth_frame(i, 64, 48, 25), format="rgb24")):
                 out.mux(p)
         for p in vs.encode():
             out.mux(p)
-    assert len(decode_all(path)[0]) == 50
+    return path
+
+
+def _without_index_entries(monkeypatch):
+    """Act as a PyAV without ``Stream.index_entries``: the seek probe checks instead."""
+    monkeypatch.setattr(utils.video, "_index_entries", lambda stream: None)
+
+
+def _plain_decode(path):
+    with av.open(str(path)) as c:
+        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+
+
+@pytest.mark.parametrize("check", ["index", "probe"])
+@pytest.mark.parametrize("keep", [0.5, 0.9])
+def test_truncated_stream_with_index_up_front(tmp_path, monkeypatch, check, keep):
+    """A cut faststart mp4 opens (its index is whole) but its data ends early: rejected when
+    opened, before a single frame is decoded or handed out, not after the whole decode."""
+    if check == "probe":
+        _without_index_entries(monkeypatch)
+    path = _write_faststart(tmp_path / "fs.mp4")
+    frames, _, _, _ = decode_all(path)
+    assert len(frames) == 50
+    np.testing.assert_array_equal(frames, _plain_decode(path))  # the probe leaves decoding as is
     cut = tmp_path / "cut.mp4"
-    cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    with pytest.raises(VideoError, match="truncated video: only .* of the 50 frames"):
-        decode_all(cut)
+    cut.write_bytes(path.read_bytes()[: int(path.stat().st_size * keep)])
+    with av.open(str(cut)) as c:  # FFmpeg opens it and declares the full length
+        assert c.streams.video[0].frames == 50
+    delivered = []
+    reason = r"^truncated video: the file ends .*declared.* 2\.0 s"
+    with pytest.raises(VideoError, match=reason) as ei:
+        with open_frames(str(cut)) as src:
+            for chunk in src.chunks(7):
+                delivered.append(len(chunk.frames))
+    assert delivered == []
+    assert "\n" not in str(ei.value)
+    # the failure is already at open_frames()
+    with pytest.raises(VideoError, match="^truncated video"):
+        open_frames(str(cut))
+
+
+def test_plain_mp4_cut_fails_to_open(tmp_path, make_video):
+    """moov at the end (the usual mp4): a cut file has no index and is no readable video."""
+    data = make_video("plain.mp4", n_frames=30, fps=25.0, width=64, height=48).read_bytes()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: int(len(data) * 0.9)])
+    with pytest.raises(VideoError, match="^not a readable video"):
+        open_frames(str(cut))
+
+
+def _remux_shifted(src, dst, shift_frames, fps=25):
+    """Copy the video packets of ``src`` with times moved ``shift_frames`` earlier: the mp4
+    muxer writes an edit list that starts the presentation at the former frame ``shift_frames``
+    (the frames before it are still stored and decoded, then dropped)."""
+    with av.open(str(src)) as ic, av.open(str(dst), "w") as oc:
+        ivs = ic.streams.video[0]
+        ovs = oc.add_stream_from_template(ivs)
+        shift = int(Fraction(shift_frames, fps) / ivs.time_base)
+        for pkt in ic.demux(ivs):
+            if pkt.dts is None:
+                continue
+            pkt.pts -= shift
+            pkt.dts -= shift
+            pkt.stream = ovs
+            oc.mux(pkt)
+    return dst
+
+
+@pytest.mark.parametrize("check", ["index", "probe"])
+def test_edit_list_that_trims_frames_is_not_truncation(tmp_path, monkeypatch, make_video, check):
+    """100 frames stored, an edit list shows the last 50: the declared frame count is twice
+    what decodes, which the old frame-count heuristic rejected as truncated."""
+    if check == "probe":
+        _without_index_entries(monkeypatch)
+    src = make_video("e100.mp4", n_frames=100, fps=25.0, width=64, height=48, audio=False)
+    path = _remux_shifted(src, tmp_path / "edit.mp4", 50)
+    ref = _plain_decode(path)
+    with av.open(str(path)) as c:
+        declared = c.streams.video[0].frames
+    assert declared == 100 and len(ref) == 50
+    assert len(ref) < 0.9 * declared - 1  # the old check: "only 50 of the 100 frames"
+    np.testing.assert_array_equal(ref, _plain_decode(src)[50:])  # it is the edit, not a loss
+    frames, ts, fps, _ = decode_all(path)
+    np.testing.assert_array_equal(frames, ref)
+    np.testing.assert_allclose(ts, np.arange(50) * 40.0)
+
+
+VFR_GAPS_MS = [40, 40, 80, 20, 120] * 4
+
+
+@pytest.mark.parametrize("tb", [Fraction(1, 1000), Fraction(1, 90000)])
+def test_variable_frame_rate_timestamps_are_presentation_times(tmp_path, monkeypatch, tb):
+    from sample.make_samples import write_vfr_video
+
+    pts_ms = np.concatenate([[0], np.cumsum(VFR_GAPS_MS)]).astype(np.float64)
+    path = write_vfr_video(tmp_path / "vfr.mp4", [int(v) for v in pts_ms], time_base=tb)
+    # the container keeps the irregular times (a plain decode reads them back)
+    with av.open(str(path)) as c:
+        vs = c.streams.video[0]
+        got = [f.pts for f in c.decode(vs)]
+        stored = np.array([float((p - got[0]) * vs.time_base * 1000) for p in got])
+    np.testing.assert_array_equal(stored, pts_ms)
+
+    frames, ts, fps, chunks = decode_all(path)
+    assert ts.dtype == np.float64 and ts.shape == (len(pts_ms),)
+    assert all(c.timestamps_ms.dtype == np.float64 for c in chunks)
+    np.testing.assert_allclose(ts, pts_ms, rtol=0, atol=1e-9)
+    # the reference tool's form, on request: index / fps (fps: the stream's average rate)
+    f_idx, ts_idx, fps_idx, _ = decode_all(path, timestamps="index")
+    np.testing.assert_array_equal(f_idx, frames)
+    np.testing.assert_allclose(ts_idx, np.arange(len(pts_ms)) / fps * 1000)
+    assert np.abs(ts_idx - pts_ms).max() > 50  # the two really differ on this video
+    # with extraction_fps the output grid's times, whatever the mode
+    for mode in ("pts", "index"):
+        f10, ts10, _, _ = decode_all(path, extraction_fps=10.0, timestamps=mode)
+        np.testing.assert_allclose(ts10, np.arange(len(f10)) * 100.0)
+    # frame selection follows the presentation times: FFmpeg's fps filter agrees
+    np.testing.assert_array_equal(f10, ffmpeg_fps_filter(path, 10.0))
+    # a good VFR file passes the seek probe too
+    _without_index_entries(monkeypatch)
+    assert len(decode_all(path)[0]) == len(pts_ms)
+
+
+def test_timestamps_mode_is_checked(make_video):
+    path = make_video("m.mp4", n_frames=5, fps=25.0, width=64, height=48)
+    with pytest.raises(ValueError, match="timestamps"):
+        open_frames(str(path), timestamps="frame")
 
 
 def test_audio_only_file_has_no_video_stream(tmp_path):

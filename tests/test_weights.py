@@ -58,3 +58,45 @@ def test_unreadable_checkpoint_is_a_clear_error(tmp_path):
     bad.write_text("not a checkpoint")
     with pytest.raises(WeightsError, match="cannot read checkpoint"):
         uw.load_state_dict(bad)
+
+
+@pytest.mark.parametrize("family", ["resnet", "r21d", "i3d", "pwc"])
+def test_an_explicit_checkpoint_wins_over_allow_random_weights(tmp_path, family):
+    """One rule for every family: allow_random_weights never replaces a checkpoint the user named."""
+    import torch
+
+    from utils.config import Config
+
+    if family == "resnet":
+        from models.resnet.weights import load_resnet, write_random_checkpoint
+
+        path = write_random_checkpoint(tmp_path / "r18.pth", "resnet18", seed=5)
+        cfg = Config({"allow_random_weights": True, "checkpoint_path": str(path)})
+        state = load_resnet("resnet18", cfg, torch.device("cpu")).resnet.state_dict()
+    elif family == "r21d":
+        from models.r21d.weights import load_r21d, write_random_checkpoint
+
+        path = write_random_checkpoint(tmp_path / "r21d.pth", seed=5)
+        cfg = Config({"allow_random_weights": True, "checkpoint_path": str(path)})
+        state = load_r21d(cfg, torch.device("cpu")).net.state_dict()
+    elif family == "i3d":
+        from models.i3d import weights as iw
+
+        path = tmp_path / "i3d_rgb.pt"
+        torch.save(iw.random_official_state_dict("video_features", "rgb", 400, seed=5), path)
+        explicit = iw.load_i3d("rgb", "i3d_rgb", str(path), allow_random=True).state_dict()
+        real = iw.load_i3d("rgb", "i3d_rgb", str(path), allow_random=False).state_dict()
+        rand = iw.load_i3d("rgb", "i3d_rgb", None, allow_random=True).state_dict()
+        assert all(torch.equal(explicit[k], real[k]) for k in real)
+        assert not all(torch.equal(rand[k], real[k]) for k in real)
+        return
+    else:
+        from models.flow_weights import load_pwc, write_random_checkpoint
+
+        path = write_random_checkpoint(tmp_path / "pwc.pt", "pwc", seed=5)
+        explicit = load_pwc(str(path), allow_random=True).state_dict()
+        real = load_pwc(str(path), allow_random=False).state_dict()
+        assert all(torch.equal(explicit[k], real[k]) for k in real)
+        return
+    saved = torch.load(path)
+    assert all(torch.equal(state[k], saved[k]) for k in saved)

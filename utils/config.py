@@ -1,50 +1,103 @@
-"""Configuration: YAML defaults <- ``--config file.yml`` <- command-line flags.
+"""Configuration on OmegaConf: typed schema <- YAML defaults <- ``--config`` <- command line.
 
-Both classic flags (``--feature_type i3d --device_ids 0 2``) and ``key=value`` overrides
-(``model_name=resnet101 batch_size=64``) are accepted. Every value is validated up front, so an
-invalid combination fails before any model is loaded, naming the option at fault.
+Each feature type has a structured schema (a dataclass: the type, help text and allowed values
+of every option, :class:`SharedOptions` plus its own fields); its values come from
+``configs/defaults.yml`` and ``configs/<feature_type>.yml``. OmegaConf merges, in this order,
+the schema, those defaults, a ``--config file.yml``, classic flags (``--device_ids 0 2``) and
+``key=value`` words, converting each value to its option's type. Then every value is checked
+(types, choices, ranges, combinations) before any model loads; a bad one raises
+:class:`ConfigError` naming the option, and the command exits with 2.
+
+Extractors receive a :class:`Config`: a read-only mapping of plain Python values with attribute
+access, cheap to pickle into worker processes.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import logging
+import typing
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator, List, Mapping, Optional, Sequence, Union
 
 import yaml
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
 from utils.errors import ConfigError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+log = logging.getLogger(__name__)
 
-#: help text of the options every feature type shares (their defaults live in configs/defaults.yml)
-SHARED_HELP: dict[str, str] = {
-    "feature_type": "what to extract: resnet (alias resnet50), i3d, r21d (alias r21d_rgb), vggish",
-    "video_paths": "input videos (or frame folders / audio files), space separated",
-    "file_with_video_paths": "text file with one input path per line (blank lines and # comments ignored)",
-    "device": "auto (cuda when a GPU is visible, else cpu), cuda or cpu",
-    "device_ids": "GPU indices to use, one worker process per GPU (device=cuda)",
-    "cpu_workers": "number of worker processes when device=cpu",
-    "on_extraction": "print | save_numpy | save_pickle",
-    "output_path": "root folder of saved features (see README: output layout)",
-    "input_root": "inputs are mirrored under output_path relative to this folder "
-                  "(default: the current folder; inputs outside it keep their absolute path)",
-    "batch_size": "frames (frame-wise models) or stacks (clip models) per forward pass; auto: "
-                  "the feature type's default for the device (small on CPU, where big batches "
-                  "run slower; large on GPU)",
-    "extraction_fps": "resample the video to this frame rate by timestamp (no re-encoding); "
-                      "null keeps the native rate",
-    "frames_fps": "frame rate assumed for folders of frames (timestamps); videos ignore it",
-    "checkpoint_path": "explicit checkpoint file; otherwise the torch hub cache, then a verified download",
-    "allow_random_weights": "RANDOM weights instead of a checkpoint: for benchmarks and smoke "
-                            "tests only, features are meaningless",
-    "show_pred": "print the top-5 classes of the pretrained classifier",
-    "overwrite": "recompute videos whose outputs already exist (default: skip them)",
-    "log_level": "debug | info | warning | error",
-    "progress": "show a progress bar (auto: only on a terminal)",
-}
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 #: feature type -> canonical name
 ALIASES = {"resnet50": "resnet", "r21d_rgb": "r21d"}
+
+
+def option(help: str, *, choices: Sequence[Any] | None = None, at_least: float | None = None,
+           above: float | None = None, changes_values: bool = False, default: Any = MISSING) -> Any:
+    """A schema field. Its value normally comes from the YAML defaults (``default`` stays
+    MISSING); ``choices`` / ``at_least`` / ``above`` are checked for every value (each element of
+    a list); ``changes_values`` marks options whose value changes the features, so outputs made
+    under another value are not reused (see utils/output.py)."""
+    meta = {"help": help, "choices": tuple(choices) if choices else None, "at_least": at_least,
+            "above": above, "changes_values": changes_values}
+    return dataclasses.field(default=default, metadata=meta)
+
+
+@dataclasses.dataclass
+class SharedOptions:
+    """Options every feature type understands."""
+
+    feature_type: Optional[str] = option(
+        "what to extract: resnet (alias resnet50), i3d, r21d (alias r21d_rgb), vggish")
+    video_paths: List[str] = option("input videos (or frame folders / audio files), space separated")
+    file_with_video_paths: Optional[str] = option(
+        "text file with one input path per line (blank lines and # comments ignored)")
+    device: str = option("auto (cuda when a GPU is visible, else cpu), cuda or cpu",
+                         choices=("auto", "cuda", "cpu"))
+    device_ids: List[int] = option("GPU indices to use, one worker process per GPU (device=cuda)",
+                                   at_least=0)
+    cpu_workers: int = option("number of worker processes when device=cpu", at_least=1)
+    on_extraction: str = option("print | save_numpy | save_pickle",
+                                choices=("print", "save_numpy", "save_pickle"))
+    output_path: str = option("root folder of saved features (see README: output layout)")
+    input_root: Optional[str] = option(
+        "inputs are mirrored under output_path relative to this folder (default: the current "
+        "folder; inputs outside it keep their absolute path)")
+    batch_size: Union[int, str] = option(
+        "frames (frame-wise models) or stacks (clip models) per forward pass; auto: the feature "
+        "type's default for the device (small on CPU, where big batches run slower; large on GPU)")
+    extraction_fps: Optional[float] = option(
+        "resample the video to this frame rate by timestamp (no re-encoding); null keeps the "
+        "native rate", above=0, changes_values=True)
+    frames_fps: float = option("frame rate assumed for folders of frames (timestamps); videos "
+                               "ignore it", above=0, changes_values=True)
+    timestamps: str = option(
+        "pts: each frame's presentation time from the container (right for variable frame "
+        "rates); index: frame index / fps, the reference tool's form", choices=("pts", "index"),
+        changes_values=True)
+    checkpoint_path: Optional[str] = option(
+        "explicit checkpoint file (always wins, also over allow_random_weights); otherwise the "
+        "torch hub cache, then a verified download")
+    allow_random_weights: bool = option(
+        "RANDOM weights where no checkpoint_path is given: for benchmarks and smoke tests only, "
+        "features are meaningless")
+    tf32: bool = option(
+        "TF32 tensor-core math for fp32 convolutions and matmuls on GPUs: faster, but features "
+        "move by up to ~1e-3 relative (see README); false keeps IEEE fp32", changes_values=True)
+    show_pred: bool = option("print the top-5 classes of the pretrained classifier")
+    overwrite: bool = option("recompute inputs whose outputs already exist (default: skip them)")
+    on_mismatch: str = option(
+        "outputs that exist but were made with other options or weights: recompute them, or "
+        "refuse (the input fails naming the differing options)", choices=("recompute", "refuse"))
+    worker_timeout: float = option(
+        "seconds a worker process may go without any progress on an input before it is "
+        "declared hung, killed and replaced (0: never)", at_least=0)
+    log_level: str = option("debug | info | warning | error",
+                            choices=("debug", "info", "warning", "error"))
+    progress: Union[bool, str] = option("show a progress bar (auto: only on a terminal)",
+                                        choices=("auto", True, False))
 
 
 class Config(Mapping[str, Any]):
@@ -84,12 +137,75 @@ class Config(Mapping[str, Any]):
         return (Config, (self._values,))
 
 
-def canonical_feature_type(name: str | None) -> str:
+# -- schema helpers --------------------------------------------------------------------------
+def schema_for(feature_type: str) -> type:
+    from models.registry import get_extractor_class
+
+    return get_extractor_class(feature_type).schema
+
+
+def schema_fields(schema: type) -> dict[str, tuple[Any, dataclasses.Field]]:
+    """option name -> (resolved type, dataclass field)."""
+    hints = typing.get_type_hints(schema)
+    return {f.name: (hints[f.name], f) for f in dataclasses.fields(schema)}
+
+
+def value_options(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The options of ``cfg`` that change feature values (marked ``changes_values``)."""
+    fields = schema_fields(schema_for(cfg["feature_type"]))
+    return {k: cfg.get(k) for k, (_, f) in fields.items() if f.metadata.get("changes_values")}
+
+
+def _list_element(tp: Any) -> Any | None:
+    """Element type of a List[...] (also inside Optional), else None."""
+    if typing.get_origin(tp) in (list, List):
+        return typing.get_args(tp)[0]
+    if typing.get_origin(tp) is Union:
+        for arg in typing.get_args(tp):
+            if typing.get_origin(arg) in (list, List):
+                return typing.get_args(arg)[0]
+    return None
+
+
+def _is_text(tp: Any) -> bool:
+    """str or Optional[str]: command-line text is taken as is (``0001`` stays ``0001``)."""
+    if tp is str:
+        return True
+    return typing.get_origin(tp) is Union and set(typing.get_args(tp)) == {str, type(None)}
+
+
+def _from_text(tp: Any, raw: Any) -> Any:
+    """A command-line word (or words, for list options) -> a value for an option of type ``tp``.
+
+    Text options keep the word verbatim (``null`` means None); other types read it as YAML
+    (``8`` -> 8, ``true`` -> True, ``[rgb,flow]`` -> a list) and OmegaConf then checks the type.
+    """
+    element = _list_element(tp)
+    if element is not None:
+        if isinstance(raw, list):
+            return [_from_text(element, r) for r in raw]
+        if raw.strip().startswith("["):
+            return _yaml_scalar(raw)
+        return [_from_text(element, raw)]
+    if _is_text(tp):
+        return None if raw in ("null", "~") and tp is not str else raw
+    return _yaml_scalar(raw)
+
+
+def _yaml_scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+# -- sources ---------------------------------------------------------------------------------
+def canonical_feature_type(name: Any) -> str:
     if not name:
         raise ConfigError("feature_type is required (--feature_type resnet|i3d|r21d|vggish)")
     from models.registry import feature_types
 
-    name = ALIASES.get(name, name)
+    name = ALIASES.get(str(name), str(name))
     if name not in feature_types():
         raise ConfigError(f"feature_type {name!r} is unknown; choose one of "
                           f"{', '.join(sorted(feature_types()) + sorted(ALIASES))}")
@@ -110,73 +226,42 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def defaults_for(feature_type: str | None) -> dict[str, Any]:
+    """The YAML defaults: shared ones, then the feature type's (a feature type added as a
+    plugin may have no YAML and carry its defaults in its schema)."""
     values = read_yaml(CONFIG_DIR / "defaults.yml")
-    if feature_type:
+    if feature_type and (CONFIG_DIR / f"{feature_type}.yml").is_file():
         values.update(read_yaml(CONFIG_DIR / f"{feature_type}.yml"))
     return values
 
 
-def _parse_scalar(text: str) -> Any:
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
-def _coerce(key: str, value: Any, default: Any) -> Any:
-    """Bring a command-line/YAML value to the type of its default, naming the option on failure."""
-    if value is None or default is None:
-        return value
-    try:
-        if isinstance(default, bool):
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on"):
-                return True
-            if isinstance(value, str) and value.lower() in ("false", "no", "0", "off"):
-                return False
-            if isinstance(value, int) and value in (0, 1):
-                return bool(value)
-            raise ValueError
-        if isinstance(default, int):
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(value)
-        if isinstance(default, float):
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if isinstance(default, list):
-            if isinstance(value, (list, tuple)):
-                return list(value)
-            return [value]
-        if isinstance(default, str):
-            if default == "auto" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                return int(value) if float(value).is_integer() else value  # auto-or-number options
-            # tri-state options (progress: auto|true|false) keep booleans
-            return value if isinstance(value, bool) else str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"option {key}: {value!r} is not a valid {type(default).__name__}") from None
-    return value
-
-
-def _split_overrides(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
+def _split_words(argv: list[str]) -> tuple[list[str], dict[str, str]]:
     """Separate ``key=value`` words from the flag words."""
     flags: list[str] = []
-    overrides: dict[str, Any] = {}
+    words: dict[str, str] = {}
     for word in argv:
         if not word.startswith("-") and "=" in word:
             key, _, value = word.partition("=")
             if not key.isidentifier():
                 raise ConfigError(f"cannot read override {word!r}: expected key=value")
-            overrides[key] = _parse_scalar(value)
+            words[key] = value
         else:
             flags.append(word)
-    return flags, overrides
+    return flags, words
 
 
-def build_parser(feature_type: str | None, defaults: Mapping[str, Any]) -> argparse.ArgumentParser:
-    from models.registry import feature_types, get_extractor_class
+def typed_words(feature_type: str, words: Mapping[str, str]) -> dict[str, Any]:
+    """``key=value`` words of the command line -> values typed for ``feature_type``'s options."""
+    fields = schema_fields(schema_for(feature_type))
+    out = {}
+    for key, raw in words.items():
+        if key not in fields:
+            raise ConfigError(f"unknown option {key!r} for feature_type={feature_type} (see --help)")
+        out[key] = _from_text(fields[key][0], raw)
+    return out
+
+
+def build_parser(feature_type: str | None) -> argparse.ArgumentParser:
+    from models.registry import feature_types
 
     parser = argparse.ArgumentParser(
         prog="main.py",
@@ -184,51 +269,47 @@ def build_parser(feature_type: str | None, defaults: Mapping[str, Any]) -> argpa
                     "given as --flag value(s), as key=value words, or in a YAML file (--config).",
         epilog="Defaults live in configs/<feature_type>.yml. Example: python main.py "
                "--feature_type resnet --video_paths a.mp4 --on_extraction save_numpy model_name=resnet101",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--config", default=None, help="YAML file with option values")
     shared = parser.add_argument_group("options shared by every feature type")
-    for key, text in SHARED_HELP.items():
-        _add_option(shared, key, defaults.get(key), text)
-    types = [feature_type] if feature_type else sorted(feature_types())
-    for ft in types:
-        cls = get_extractor_class(ft)
-        ft_defaults = defaults if feature_type else defaults_for(ft)
+    defaults = defaults_for(feature_type)
+    for key, (tp, f) in schema_fields(SharedOptions).items():
+        _add_option(shared, key, tp, defaults.get(key), f.metadata["help"])
+    for ft in ([feature_type] if feature_type else sorted(feature_types())):
+        ft_defaults = defaults_for(ft)
         group = parser.add_argument_group(f"options of feature_type={ft}")
-        for key, text in cls.options.items():
-            if key in SHARED_HELP:
+        for key, (tp, f) in schema_fields(schema_for(ft)).items():
+            if key in SharedOptions.__dataclass_fields__:
                 continue
+            default = ft_defaults.get(key, f.default if f.default is not MISSING else None)
             try:
-                _add_option(group, key, ft_defaults.get(key), text)
+                _add_option(group, key, tp, default, f.metadata.get("help", ""))
             except argparse.ArgumentError:
                 pass  # same option documented by an earlier feature type
     return parser
 
 
-def _add_option(group: Any, key: str, default: Any, text: str) -> None:
+def _add_option(group: Any, key: str, tp: Any, default: Any, text: str) -> None:
     kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": f"{text} (default: {default!r})"}
-    if isinstance(default, list) or key in ("video_paths", "device_ids"):
+    if _list_element(tp) is not None:
         kwargs["nargs"] = "+"
     group.add_argument(f"--{key}", dest=key, metavar=key.upper(), **kwargs)
 
 
 def parse_args(argv: Iterable[str]) -> Config:
     """Command line -> validated :class:`Config`. Raises ConfigError; ``--help`` exits."""
-    flags, overrides = _split_overrides(list(argv))
-    # first pass: only what decides which defaults apply
+    flags, words = _split_words(list(argv))
+    # first pass: only what decides which schema and defaults apply
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
     pre.add_argument("--feature_type", default=None)
     known, _ = pre.parse_known_args(flags)
     file_values = read_yaml(known.config) if known.config else {}
-    ft_raw = overrides.get("feature_type") or known.feature_type or file_values.get("feature_type")
-    wants_help = any(w in ("-h", "--help") for w in flags)
-    if wants_help:
-        ft = canonical_feature_type(ft_raw) if ft_raw else None
-        build_parser(ft, defaults_for(ft)).parse_args(flags)  # prints help and exits
+    ft_raw = words.get("feature_type") or known.feature_type or file_values.get("feature_type")
+    if any(w in ("-h", "--help") for w in flags):
+        build_parser(canonical_feature_type(ft_raw) if ft_raw else None).parse_args(flags)  # exits
     ft = canonical_feature_type(ft_raw)
-    defaults = defaults_for(ft)
-    parser = build_parser(ft, defaults)
+    parser = build_parser(ft)
     parser.exit_on_error = False
     try:
         ns, unknown = parser.parse_known_args(flags)
@@ -236,39 +317,51 @@ def parse_args(argv: Iterable[str]) -> Config:
         raise ConfigError(str(exc)) from None
     if unknown:
         raise ConfigError(f"unknown option(s): {' '.join(unknown)} (see --help)")
-    cli_values = {k: v for k, v in vars(ns).items() if k != "config"}
-    if "device_ids" in cli_values:
-        cli_values["device_ids"] = [_parse_scalar(v) for v in cli_values["device_ids"]]
-    for key, value in list(cli_values.items()):
-        if not isinstance(value, list):
-            cli_values[key] = _parse_scalar(value)
-    return _merge(ft, defaults, (file_values, cli_values, overrides))
+    flag_words = {k: v for k, v in vars(ns).items() if k != "config"}
+    fields = schema_fields(schema_for(ft))
+    flag_values = {k: _from_text(fields[k][0], v) for k, v in flag_words.items()}
+    return _merge(ft, (file_values, flag_values, typed_words(ft, words)))
 
 
 def make_config(feature_type: str, **values: Any) -> Config:
     """Programmatic API: defaults of ``feature_type`` updated with ``values``, validated."""
     ft = canonical_feature_type(feature_type)
-    return _merge(ft, defaults_for(ft), (values,))
+    return _merge(ft, (values,))
 
 
-def _merge(ft: str, defaults: Mapping[str, Any], layers: Iterable[Mapping[str, Any]]) -> Config:
-    """Apply ``layers`` over ``defaults`` in order (each value typed like its default), validate."""
-    merged = dict(defaults)
-    for layer in layers:
-        for key, value in layer.items():
-            if key not in defaults:
-                raise ConfigError(f"unknown option {key!r} for feature_type={ft} (see --help)")
-            merged[key] = _coerce(key, value, defaults[key])
-    merged["feature_type"] = ft
-    return validate(Config(merged))
+def _omegaconf_error(exc: OmegaConfBaseException, ft: str) -> ConfigError:
+    key = getattr(exc, "full_key", None) or getattr(exc, "key", None) or "?"
+    if isinstance(exc, ConfigKeyError):
+        return ConfigError(f"unknown option {key!r} for feature_type={ft} (see --help)")
+    if isinstance(exc, MissingMandatoryValue):
+        return ConfigError(f"option {key} has no value (configs/ lacks its default)")
+    msg = str(getattr(exc, "msg", "") or exc).splitlines()[0]
+    return ConfigError(f"option {key}: {msg}")
 
 
+def _merge(ft: str, layers: Iterable[Mapping[str, Any]]) -> Config:
+    """Schema <- YAML defaults <- ``layers`` in order, typed by OmegaConf, then validated."""
+    schema = schema_for(ft)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), defaults_for(ft))
+        for layer in layers:
+            layer = {k: v for k, v in layer.items() if k != "feature_type"}
+            merged = OmegaConf.merge(merged, layer)
+        merged.feature_type = ft
+        values = OmegaConf.to_container(merged, throw_on_missing=True)
+    except OmegaConfBaseException as exc:
+        raise _omegaconf_error(exc, ft) from None
+    return validate(Config(values))
+
+
+# -- validation ------------------------------------------------------------------------------
 def read_path_list(path: str) -> list[str]:
     try:
         with open(path) as f:
             lines = [ln.strip() for ln in f]
-    except OSError as exc:
-        raise ConfigError(f"file_with_video_paths {path!r} cannot be read: {exc.strerror}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        why = getattr(exc, "strerror", None) or str(exc)
+        raise ConfigError(f"file_with_video_paths {path!r} cannot be read: {why}") from None
     base = Path(path).resolve().parent
     out = []
     for ln in lines:
@@ -283,10 +376,31 @@ def read_path_list(path: str) -> list[str]:
     return out
 
 
+def check_fields(cfg: Mapping[str, Any], schema: type) -> None:
+    """Choices and ranges declared in the schema, for every value (each element of a list)."""
+    for key, (_, f) in schema_fields(schema).items():
+        value = cfg.get(key)
+        if value is None:
+            continue
+        meta = f.metadata
+        for v in (value if isinstance(value, list) else [value]):
+            if meta.get("choices") and not any(v == c and type(v) is type(c) for c in meta["choices"]):
+                allowed = ", ".join(str(c).lower() if isinstance(c, bool) else str(c)
+                                    for c in meta["choices"])
+                raise ConfigError(f"option {key}: {v!r} is not one of {allowed}")
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                if meta.get("at_least") is not None and v < meta["at_least"]:
+                    raise ConfigError(f"option {key} must be >= {meta['at_least']:g}, got {v!r}")
+                if meta.get("above") is not None and v <= meta["above"]:
+                    raise ConfigError(f"option {key} must be > {meta['above']:g}, got {v!r}")
+
+
 def validate(cfg: Config) -> Config:
     """Shared checks, then the feature type's own ``validate``; returns cfg with inputs resolved."""
     from models.registry import get_extractor_class
 
+    cls = get_extractor_class(cfg.feature_type)
+    check_fields(cfg, cls.schema)
     paths = list(cfg.get("video_paths") or [])
     if cfg.get("file_with_video_paths"):
         paths += read_path_list(cfg.file_with_video_paths)
@@ -294,26 +408,22 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("no inputs: give --video_paths or --file_with_video_paths")
     seen: set[str] = set()
     unique = [p for p in paths if not (p in seen or seen.add(p))]
-    if cfg.on_extraction not in ("print", "save_numpy", "save_pickle"):
-        raise ConfigError(f"on_extraction {cfg.on_extraction!r} must be print, save_numpy or save_pickle")
     if cfg.on_extraction != "print" and not cfg.output_path:
         raise ConfigError("output_path is required when on_extraction saves files")
-    if cfg.device not in ("auto", "cuda", "cpu"):
-        raise ConfigError(f"device {cfg.device!r} must be auto, cuda or cpu")
+    if cfg.input_root is not None and not Path(cfg.input_root).expanduser().is_dir():
+        raise ConfigError(f"input_root {cfg.input_root!r} is not an existing folder")
     if cfg.device == "auto":
-        import logging
-
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         if device == "cpu":
-            logging.getLogger(__name__).warning("no CUDA GPU visible: running on the CPU "
-                                                "(device=auto; cpu_workers sets the worker count)")
+            log.warning("no CUDA GPU visible: running on the CPU (device=auto; cpu_workers sets "
+                        "the worker count)")
         cfg = cfg.replace(device=device)
     ids = cfg.device_ids
     if cfg.device == "cuda":
-        if not ids or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
-            raise ConfigError(f"device_ids {ids!r} must be non-negative GPU indices")
+        if not ids:
+            raise ConfigError("device_ids is empty: name at least one GPU")
         if len(set(ids)) != len(ids):
             raise ConfigError(f"device_ids {ids!r} lists a GPU twice")
         import torch
@@ -324,22 +434,10 @@ def validate(cfg: Config) -> Config:
         bad = [i for i in ids if i >= n]
         if bad:
             raise ConfigError(f"device_ids {bad} do not exist: this machine has {n} GPU(s)")
-    if cfg.cpu_workers < 1:
-        raise ConfigError(f"cpu_workers must be >= 1, got {cfg.cpu_workers}")
     if cfg.batch_size == "auto":
-        cfg = cfg.replace(batch_size=get_extractor_class(cfg.feature_type).auto_batch_size[cfg.device])
-    if not isinstance(cfg.batch_size, int) or isinstance(cfg.batch_size, bool) or cfg.batch_size < 1:
-        raise ConfigError(f"batch_size must be auto or an integer >= 1, got {cfg.batch_size!r}")
-    for key in ("extraction_fps", "frames_fps"):
-        v = cfg.get(key)
-        if v is not None and not (isinstance(v, (int, float)) and v > 0):
-            raise ConfigError(f"{key} must be a positive number, got {v!r}")
-    if cfg.log_level not in ("debug", "info", "warning", "error"):
-        raise ConfigError(f"log_level {cfg.log_level!r} must be debug, info, warning or error")
-    if cfg.progress not in ("auto", True, False):
-        raise ConfigError(f"progress {cfg.progress!r} must be auto, true or false")
-    fps = {k: float(cfg[k]) if cfg.get(k) is not None else None
-           for k in ("extraction_fps", "frames_fps")}
-    cfg = cfg.replace(video_paths=unique, **fps)
-    get_extractor_class(cfg.feature_type).validate(cfg)
+        cfg = cfg.replace(batch_size=cls.auto_batch_size[cfg.device])
+    if isinstance(cfg.batch_size, bool) or not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
+        raise ConfigError(f"option batch_size must be auto or an integer >= 1, got {cfg.batch_size!r}")
+    cfg = cfg.replace(video_paths=unique)
+    cls.validate(cfg)
     return cfg

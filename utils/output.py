@@ -1,4 +1,4 @@
-"""Where features go: print | save_numpy | save_pickle, written atomically, skipped when done.
+"""Where features go: print | save_numpy | save_pickle, written atomically, with a record.
 
 Layout: ``<output_path>/<feature_type>/<folder of the input>/<stem>_<key>.<npy|pkl>``, where the
 folder of the input is its parent relative to ``input_root`` (default: the current folder); an
@@ -7,33 +7,62 @@ input outside that root keeps its absolute folder (``/data/x/a.mp4`` ->
 different folders therefore never share an output file, and the layout depends only on each
 input's own path, so reruns find earlier results whatever else is in the list.
 
-Each file is written to a temporary name in the same folder and renamed into place, so a
-killed run never leaves a partial feature file behind.
+Beside the arrays, ``<stem>_meta.json`` records what produced them (utils/record.py: the options
+that change values, the checkpoints' hashes, the feature type's revision, the tool's version),
+every option of the run, and each array's file size, shape and dtype. It is written last, so its
+presence means the arrays are complete; an output counts as done only when the record matches
+this run and every array's size and header agree with it (no array is loaded to check).
+
+Each file is written to a temporary name in its folder and renamed into place, so a killed run
+never leaves a partial feature file. Temporary names carry the host and pid of their writer;
+only those of a dead process on this host are ever removed.
 """
 from __future__ import annotations
 
+import json
 import os
 import pickle
+import socket
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
+from utils.record import differences
+
 SUFFIX = {"save_numpy": ".npy", "save_pickle": ".pkl"}
+META_KEY = "meta"
+HOST = socket.gethostname()
+#: options that are not part of an output's record of the run (they can be huge)
+_UNRECORDED = ("video_paths", "file_with_video_paths")
+
+
+@dataclass
+class OutputState:
+    """Whether an input's outputs can be reused: ``done``, ``missing`` (nothing usable: compute)
+    or ``mismatch`` (complete, but made differently: ``reasons`` says how)."""
+
+    status: str
+    reasons: list[str]
 
 
 class OutputWriter:
     def __init__(self, on_extraction: str, output_path: str | None, feature_type: str,
-                 input_root: str | None = None):
+                 input_root: str | None = None, record: Mapping[str, Any] | None = None,
+                 config: Mapping[str, Any] | None = None):
         self.mode = on_extraction
         self.feature_type = feature_type
         self.root = Path(output_path or ".") / feature_type
-        self.input_root = Path(input_root or os.getcwd()).resolve()
+        self.input_root = Path(input_root or os.getcwd()).expanduser().resolve()
+        self.record = dict(record or {})
+        self.config = {k: v for k, v in (config or {}).items() if k not in _UNRECORDED}
 
     @classmethod
-    def from_config(cls, cfg: Any) -> "OutputWriter":
-        return cls(cfg.on_extraction, cfg.output_path, cfg.feature_type, cfg.get("input_root"))
+    def from_config(cls, cfg: Any, record: Mapping[str, Any] | None = None) -> "OutputWriter":
+        return cls(cfg.on_extraction, cfg.output_path, cfg.feature_type, cfg.get("input_root"),
+                   record, dict(cfg))
 
     @property
     def saves(self) -> bool:
@@ -47,54 +76,111 @@ class OutputWriter:
             rel = Path(*p.parent.parts[1:])  # absolute folder without its anchor
         return self.root / rel
 
+    def _stem(self, video_path: str) -> str:
+        p = Path(video_path.rstrip("/\\"))
+        return p.name if Path(video_path).is_dir() else p.stem
+
     def paths_for(self, video_path: str, keys: Iterable[str]) -> dict[str, Path]:
         folder = self.video_dir(video_path)
-        stem = Path(video_path.rstrip("/\\")).stem if not Path(video_path).is_dir() \
-            else Path(video_path.rstrip("/\\")).name
+        stem = self._stem(video_path)
         return {k: folder / f"{stem}_{k}{SUFFIX[self.mode]}" for k in keys}
 
-    def is_done(self, video_path: str, keys: Iterable[str]) -> bool:
-        """All output files of ``video_path`` exist and load (a truncated file does not count)."""
-        if not self.saves:
-            return False
-        for path in self.paths_for(video_path, keys).values():
-            if not path.is_file():
-                return False
-            try:
-                _load(path)
-            except Exception:
-                return False
-        return True
+    def meta_path(self, video_path: str) -> Path:
+        return self.video_dir(video_path) / f"{self._stem(video_path)}_{META_KEY}.json"
 
-    def write(self, video_path: str, feats: Mapping[str, np.ndarray]) -> list[Path]:
+    def state(self, video_path: str, keys: Iterable[str]) -> OutputState:
+        """Can the existing outputs of ``video_path`` be reused by this run? Reads the record and
+        the array headers only."""
+        if not self.saves:
+            return OutputState("missing", ["outputs are printed, not saved"])
+        meta = read_meta(self.meta_path(video_path))
+        if meta is None:
+            return OutputState("missing", ["no complete output"])
+        paths = self.paths_for(video_path, keys)
+        files = meta.get("outputs") or {}
+        for key, path in paths.items():
+            info = files.get(key)
+            if info is None or not _matches_file(path, info):
+                return OutputState("missing", [f"{path.name} is missing or damaged"])
+        diffs = differences(meta.get("record") or {}, self.record)
+        return OutputState("mismatch", diffs) if diffs else OutputState("done", [])
+
+    def is_done(self, video_path: str, keys: Iterable[str]) -> bool:
+        return self.state(video_path, keys).status == "done"
+
+    def write(self, video_path: str, feats: Mapping[str, np.ndarray],
+              info: Mapping[str, Any] | None = None) -> list[Path]:
+        """Write every array, then the record (``info``: facts of this extraction, e.g. frames
+        and wall time, stored with it). Returns the files written."""
         if not self.saves:
             print_features(video_path, feats)
             return []
-        written = []
+        meta_path = self.meta_path(video_path)
+        # an old record must not vouch for arrays that are being replaced
+        meta_path.unlink(missing_ok=True)
+        written, outputs = [], {}
         for key, path in self.paths_for(video_path, feats.keys()).items():
-            _atomic_write(path, np.asarray(feats[key]), self.mode)
+            value = np.asarray(feats[key])
+            atomic_write(path, lambda f, v=value: _dump(f, v, self.mode))
+            outputs[key] = {"file": path.name, "bytes": path.stat().st_size,
+                            "shape": list(value.shape), "dtype": value.dtype.str}
             written.append(path)
+        meta = {"input": str(Path(video_path).expanduser().resolve()), "record": self.record,
+                "outputs": outputs, "config": self.config, **({"extraction": dict(info)} if info else {})}
+        text = json.dumps(meta, indent=1, default=str).encode()
+        atomic_write(meta_path, lambda f: f.write(text))
+        written.append(meta_path)
         return written
 
 
-def _load(path: Path) -> Any:
-    if path.suffix == ".npy":
-        return np.load(path, allow_pickle=False)
-    with open(path, "rb") as f:
-        return pickle.load(f)
+def read_meta(path: Path) -> dict[str, Any] | None:
+    try:
+        with open(path, "rb") as f:
+            meta = json.loads(f.read())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
 
 
-def _atomic_write(path: Path, value: np.ndarray, mode: str) -> None:
+def _matches_file(path: Path, info: Mapping[str, Any]) -> bool:
+    """The file has the recorded size and, for .npy, a header with the recorded shape/dtype."""
+    try:
+        if path.stat().st_size != info.get("bytes"):
+            return False
+        if path.suffix != ".npy":
+            return True
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                    else np.lib.format.read_array_header_2_0)
+            shape, _, dtype = read(f)
+        return list(shape) == list(info.get("shape", [])) and dtype.str == info.get("dtype")
+    except (OSError, ValueError):
+        return False
+
+
+def _dump(f: Any, value: np.ndarray, mode: str) -> None:
+    if mode == "save_numpy":
+        np.save(f, value, allow_pickle=False)
+    else:
+        pickle.dump(value, f, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}."
+
+
+def atomic_write(path: Path, dump: Callable[[Any], None]) -> None:
+    """Write ``path`` through a temporary file named ``.<name>.<host>.<pid>.<random>.tmp`` in the
+    same folder, fsync it, rename it into place. Abandoned temporary files of ``path`` (their
+    writer, on this host, is gone) are removed first."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a run killed mid-write
-        stale.unlink(missing_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_abandoned_temps(path)
+    fd, tmp = tempfile.mkstemp(prefix=f"{_temp_prefix(path)}{HOST}.{os.getpid()}.", suffix=".tmp",
+                               dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            if mode == "save_numpy":
-                np.save(f, value, allow_pickle=False)
-            else:
-                pickle.dump(value, f, protocol=pickle.HIGHEST_PROTOCOL)
+            dump(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -102,6 +188,44 @@ def _atomic_write(path: Path, value: np.ndarray, mode: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_abandoned_temps(path: Path) -> list[Path]:
+    """Remove temporary files of exactly ``path`` whose writer provably died: written on this
+    host by a process id that no longer exists. Others' live temporary files are never touched
+    (no glob pattern, so names with ``[`` or ``*`` match only themselves)."""
+    prefix = _temp_prefix(path)
+    removed = []
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        name = entry.name
+        if not (name.startswith(prefix) and name.endswith(".tmp")):
+            continue
+        parts = name[len(prefix):-len(".tmp")].rsplit(".", 2)  # host (may hold dots), pid, random
+        if len(parts) != 3 or parts[0] != HOST or not parts[1].isdigit():
+            continue
+        pid = int(parts[1])
+        if pid == os.getpid() or _pid_alive(pid):
+            continue
+        try:
+            os.unlink(entry.path)
+            removed.append(Path(entry.path))
+        except FileNotFoundError:
+            pass
+    return removed
 
 
 def print_features(video_path: str, feats: Mapping[str, np.ndarray]) -> None:

@@ -1,30 +1,41 @@
-"""Run an extraction over many inputs: one worker process per device, one shared queue.
+"""Run an extraction over many inputs: worker processes on the devices, fed one input at a time.
 
-The parent validates, skips inputs whose outputs already exist, hands the rest to workers through
-a shared queue (fast workers take more), shows progress, and records per input whether it was
-done or failed and why. A worker that dies (out of memory, segfault, killed) costs only the input
-it was on: that input is recorded as failed, a replacement worker starts on the same device, and
-the run goes on. With a single worker everything runs in the calling process.
+The parent validates, records what produces the outputs (utils/record.py: resolving, and if
+needed downloading, every checkpoint once), skips inputs whose outputs are already done under
+the same record, and hands the rest to workers. Each worker has its own pipe: the parent sends it
+the next input when it reports the previous one, so the parent always knows which input each
+worker holds. It waits on the pipes and on the processes' sentinels together, so a worker that
+dies (out of memory, segfault, killed) is noticed at once, however busy the others are: its input
+is recorded as failed with the reason and a replacement starts on the same device. A worker that
+reports no progress for ``worker_timeout`` seconds is killed and replaced the same way, and a
+worker whose CUDA context is broken by a sticky error (illegal address, device assert) is
+replaced instead of failing every later input. At the end every planned input has exactly one
+result; anything unaccounted for is reported as failed, never silently dropped.
 
+With one CPU worker (``device=cpu``, ``cpu_workers=1``) everything runs in the calling process
+instead, without that protection; every GPU run uses worker processes.
 :func:`process_one` is the per-input function; a cluster backend can call it as is.
 """
 from __future__ import annotations
 
+import collections
 import logging
 import os
-import queue as queue_mod
 import sys
 import time
 import traceback
 from dataclasses import dataclass, field
+from multiprocessing.connection import wait
 from typing import Any
 
 from utils.config import Config
+from utils.device import is_sticky_device_error, prepare_device
 from utils.errors import FeatureError
 from utils.output import OutputWriter
 
 log = logging.getLogger(__name__)
 
+#: replacements of a device's worker in a row without any input finished in between
 MAX_RESPAWNS_PER_DEVICE = 3
 
 
@@ -35,6 +46,8 @@ class Result:
     reason: str = ""
     frames: int = 0
     seconds: float = 0.0
+    #: the worker's device is unusable after this input (sticky CUDA error): replace the worker
+    device_broken: bool = False
 
 
 @dataclass
@@ -72,37 +85,39 @@ def configure_logging(level: str) -> None:
 
 
 def build_extractor(cfg: Config, device: str) -> Any:
-    import torch
-
     from models.registry import get_extractor_class
 
-    if device.startswith("cuda"):
-        torch.cuda.set_device(torch.device(device))
-        torch.backends.cudnn.benchmark = True
-    return get_extractor_class(cfg.feature_type)(cfg, torch.device(device))
+    return get_extractor_class(cfg.feature_type)(cfg, prepare_device(device, cfg.tf32))
 
 
 def process_one(extractor: Any, writer: OutputWriter, path: str) -> Result:
     """Extract and write one input; every failure becomes a one-line reason."""
     t0 = time.perf_counter()
     extractor.frames_read = 0
+    broken = False
     try:
         feats = extractor.extract(path)
-        writer.write(path, feats)
-        return Result(path, "done", frames=extractor.frames_read, seconds=time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        writer.write(path, feats, {"frames": extractor.frames_read, "seconds": round(seconds, 3),
+                                   "device": str(extractor.device)})
+        return Result(path, "done", frames=extractor.frames_read, seconds=seconds)
     except FeatureError as exc:
         reason = str(exc)
     except MemoryError:
         reason = "out of memory"
     except Exception as exc:  # a bug or a library error: keep the run going, keep the trace
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         if type(exc).__name__ == "OutOfMemoryError":
             reason = "out of GPU memory (lower batch_size)"
             _free_cuda()
+        elif is_sticky_device_error(exc):
+            broken = True
+            reason = f"device error, the worker is replaced: {type(exc).__name__}: {first}"
         else:
-            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            reason = f"{type(exc).__name__}: {first}"
             log.debug("traceback for %s:\n%s", path, traceback.format_exc())
     return Result(path, "failed", reason=reason, frames=extractor.frames_read,
-                  seconds=time.perf_counter() - t0)
+                  seconds=time.perf_counter() - t0, device_broken=broken)
 
 
 def _free_cuda() -> None:
@@ -118,8 +133,8 @@ def _threads_per_worker(n_cpu_workers: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, n_cpu_workers))
 
 
-def _worker_main(wid: int, device: str, cfg: Config, tasks: Any, results: Any) -> None:
-    """Entry point of a spawned worker process."""
+def _worker_main(device: str, cfg: Config, record: dict, conn: Any) -> None:
+    """Entry point of a spawned worker: build once, then extract each path the parent sends."""
     configure_logging(cfg.log_level)
     import torch
 
@@ -127,34 +142,35 @@ def _worker_main(wid: int, device: str, cfg: Config, tasks: Any, results: Any) -
         torch.set_num_threads(_threads_per_worker(len(devices_for(cfg))))
     try:
         extractor = build_extractor(cfg, device)
-        writer = OutputWriter.from_config(cfg)
-    except FeatureError as exc:
-        results.put(("fatal", wid, str(exc)))
-        return
+        writer = OutputWriter.from_config(cfg, record)
     except Exception as exc:
-        results.put(("fatal", wid, f"{type(exc).__name__}: {exc}"))
+        conn.send(("fatal", str(exc) if isinstance(exc, FeatureError) else f"{type(exc).__name__}: {exc}"))
         return
-    results.put(("ready", wid, device))
-    pending = [0, time.monotonic()]  # frames not yet reported, time of the last report
+    conn.send(("ready", device))
+    last = [0, time.monotonic()]  # frames not yet reported, time of the last report
 
-    def report(n: int) -> None:  # throttled live progress to the parent
-        pending[0] += n
-        if time.monotonic() - pending[1] >= 0.5:
-            results.put(("frames", wid, pending[0]))
-            pending[:] = [0, time.monotonic()]
+    def report(n: int) -> None:  # throttled live progress; also the watchdog's heartbeat
+        last[0] += n
+        if time.monotonic() - last[1] >= 0.5:
+            conn.send(("frames", last[0]))
+            last[:] = [0, time.monotonic()]
 
     extractor.progress_hook = report
     while True:
-        path = tasks.get()
+        try:
+            path = conn.recv()
+        except EOFError:  # the parent is gone
+            return
         if path is None:
-            break
-        results.put(("start", wid, path))
+            return
         res = process_one(extractor, writer, path)
-        if pending[0]:
-            results.put(("frames", wid, pending[0]))
-            pending[:] = [0, time.monotonic()]
-        results.put(("result", wid, res))
-    results.put(("exit", wid, None))
+        if last[0]:
+            conn.send(("frames", last[0]))
+            last[:] = [0, time.monotonic()]
+        conn.send(("result", res))
+        if res.device_broken:
+            conn.close()
+            os._exit(3)  # a broken CUDA context can hang an orderly exit
 
 
 class _Progress:
@@ -203,33 +219,47 @@ def _progress_enabled(cfg: Config) -> bool:
     return bool(cfg.progress)
 
 
-def plan(cfg: Config) -> tuple[list[str], list[Result]]:
-    """Split inputs into (to do, skipped). Inputs whose outputs would collide fail up front."""
+def plan(cfg: Config, record: dict) -> tuple[list[str], list[Result]]:
+    """Split inputs into (to do, already settled). Settled: skipped (done under the same record),
+    refused (``on_mismatch=refuse`` and made differently) or colliding with another input."""
     from models.registry import get_extractor_class
 
-    writer = OutputWriter.from_config(cfg)
+    writer = OutputWriter.from_config(cfg, record)
     keys = get_extractor_class(cfg.feature_type).output_keys_for(cfg)
     todo: list[str] = []
-    done: list[Result] = []
+    settled: list[Result] = []
     owners: dict[Any, str] = {}
     for path in cfg.video_paths:
         if writer.saves:
             first = next(iter(writer.paths_for(path, keys).values()))
             other = owners.setdefault(first, path)
             if other != path:
-                done.append(Result(path, "failed", reason=f"its output files would overwrite those of {other}"))
+                settled.append(Result(path, "failed", reason=f"its output files would overwrite those of {other}"))
                 continue
-            if not cfg.overwrite and writer.is_done(path, keys):
-                done.append(Result(path, "skipped"))
-                continue
+            if not cfg.overwrite:
+                state = writer.state(path, keys)
+                if state.status == "done":
+                    settled.append(Result(path, "skipped"))
+                    continue
+                if state.status == "mismatch":
+                    why = "; ".join(state.reasons)
+                    if cfg.on_mismatch == "refuse":
+                        settled.append(Result(path, "failed", reason=(
+                            f"existing outputs were made differently ({why}); on_mismatch=recompute "
+                            "or overwrite=true replaces them, or use another output_path")))
+                        continue
+                    log.info("recomputing %s: its outputs were made differently (%s)", path, why)
         todo.append(path)
-    return todo, done
+    return todo, settled
 
 
 def run(cfg: Config) -> Summary:
     """Extract features for every input of ``cfg``; never raises for a bad input."""
-    todo, summary_results = plan(cfg)
-    summary = Summary(list(summary_results))
+    from utils.record import run_record
+
+    record = run_record(cfg)  # WeightsError here (missing weights) ends the run before any work
+    todo, settled = plan(cfg, record)
+    summary = Summary(list(settled))
     for r in summary.results:
         if r.status == "failed":
             log.warning("failed: %s: %s", r.path, r.reason)
@@ -241,122 +271,161 @@ def run(cfg: Config) -> Summary:
     devices = devices_for(cfg)
     progress = _Progress(len(todo), _progress_enabled(cfg))
     try:
-        if len(devices) == 1 or len(todo) == 1:
-            _run_inline(cfg, devices[0], todo, summary, progress)
+        if devices == ["cpu"]:  # one CPU worker: no process to spawn
+            _run_inline(cfg, record, devices[0], todo, summary, progress)
         else:
-            _run_pool(cfg, devices[: len(todo)], todo, summary, progress)
+            _run_pool(cfg, record, devices[: len(todo)], todo, summary, progress)
     finally:
         progress.close()
+    _reconcile(cfg.video_paths, summary, progress)
     return summary
 
 
-def _run_inline(cfg: Config, device: str, todo: list[str], summary: Summary, progress: _Progress) -> None:
+def _reconcile(planned: list[str], summary: Summary, progress: _Progress) -> None:
+    """Every planned input has a result: one that has none is reported, not dropped."""
+    reported = {r.path for r in summary.results}
+    for path in planned:
+        if path not in reported:
+            res = Result(path, "failed", reason="no result was reported for this input (lost)")
+            summary.results.append(res)
+            progress.update(res)
+
+
+def _run_inline(cfg: Config, record: dict, device: str, todo: list[str], summary: Summary,
+                progress: _Progress) -> None:
     extractor = build_extractor(cfg, device)  # errors here (weights, device) end the run
     extractor.progress_hook = progress.add_frames
-    writer = OutputWriter.from_config(cfg)
-    for path in todo:
+    writer = OutputWriter.from_config(cfg, record)
+    for i, path in enumerate(todo):
         res = process_one(extractor, writer, path)
         summary.results.append(res)
         progress.update(res)
+        if res.device_broken:  # this process's CUDA context is gone: nothing more can run here
+            for rest in todo[i + 1:]:
+                res = Result(rest, "failed", reason="not processed: the device failed on an "
+                                                    "earlier input; rerun to extract it")
+                summary.results.append(res)
+                progress.update(res)
+            return
 
 
-def _run_pool(cfg: Config, devices: list[str], todo: list[str], summary: Summary,
+@dataclass
+class _Worker:
+    proc: Any
+    conn: Any
+    device: str
+    task: str | None = None
+    heard: float = 0.0        # monotonic time of the last message
+    ready: bool = False
+    start_failed: bool = False
+    broken: bool = False      # reported a sticky device error and exits
+
+
+def _run_pool(cfg: Config, record: dict, devices: list[str], todo: list[str], summary: Summary,
               progress: _Progress) -> None:
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
-    tasks = ctx.Queue()
-    results = ctx.Queue()
-    for path in todo:
-        tasks.put(path)
-    for _ in devices:
-        tasks.put(None)
-
-    procs: dict[int, Any] = {}
-    device_of: dict[int, str] = {}
-    inflight: dict[int, str] = {}
-    finished: set[int] = set()
-    respawns: dict[str, int] = {}
+    pending = collections.deque(todo)
+    workers: list[_Worker] = []
+    respawns: dict[str, int] = collections.Counter()
     fatal: list[str] = []
-    next_id = 0
+    timeout = float(cfg.worker_timeout or 0)
 
     def start(device: str) -> None:
-        nonlocal next_id
-        wid, next_id = next_id, next_id + 1
-        p = ctx.Process(target=_worker_main, args=(wid, device, cfg, tasks, results),
-                        name=f"worker{wid}-{device}", daemon=True)
+        parent_end, child_end = ctx.Pipe()
+        p = ctx.Process(target=_worker_main, args=(device, cfg, record, child_end),
+                        name=f"worker-{device}", daemon=True)
         p.start()
-        procs[wid], device_of[wid] = p, device
+        child_end.close()
+        workers.append(_Worker(p, parent_end, device, heard=time.monotonic()))
+
+    def finish(w: _Worker, res: Result) -> None:
+        w.task = None
+        summary.results.append(res)
+        progress.update(res)
+
+    def dispatch(w: _Worker) -> None:
+        if pending and w.ready and w.task is None and w.proc.is_alive():
+            w.task = pending.popleft()
+            w.heard = time.monotonic()
+            try:
+                w.conn.send(w.task)
+            except (BrokenPipeError, OSError):
+                pass  # it died; its sentinel says so next round, with the task still held
+
+    def retire(w: _Worker, why: str, replace: bool) -> None:
+        workers.remove(w)
+        w.conn.close()
+        if w.proc.is_alive():
+            w.proc.kill()
+        w.proc.join(timeout=10)
+        if w.task is not None:
+            finish(w, Result(w.task, "failed", reason=why))
+        respawns[w.device] += 1
+        if replace and pending and respawns[w.device] <= MAX_RESPAWNS_PER_DEVICE:
+            log.warning("worker on %s: %s; starting a new one", w.device, why)
+            start(w.device)
 
     for d in devices:
         start(d)
-    remaining = len(todo)
     try:
-        while remaining > 0:
-            try:
-                msg = results.get(timeout=0.5)
-            except queue_mod.Empty:
-                msg = None
-            if msg is not None:
-                kind, wid, payload = msg
-                if kind == "start":
-                    inflight[wid] = payload
-                elif kind == "frames":
-                    progress.add_frames(payload)
-                elif kind == "result":
-                    inflight.pop(wid, None)
-                    summary.results.append(payload)
-                    progress.update(payload)
-                    remaining -= 1
-                elif kind == "fatal":
-                    fatal.append(payload)
-                    finished.add(wid)
-                    log.error("worker on %s could not start: %s", device_of[wid], payload)
-                elif kind == "exit":
-                    finished.add(wid)
-                continue
-            # nothing arrived: look for workers that died without saying so
-            for wid, p in list(procs.items()):
-                if wid in finished or p.is_alive():
-                    continue
-                finished.add(wid)
-                lost = inflight.pop(wid, None)
-                if lost is not None:
-                    res = Result(lost, "failed", reason=f"worker process died (exit code {p.exitcode}) "
-                                                        "while extracting this input")
-                    summary.results.append(res)
-                    progress.update(res)
-                    remaining -= 1
-                dev = device_of[wid]
-                respawns[dev] = respawns.get(dev, 0) + 1
-                if respawns[dev] <= MAX_RESPAWNS_PER_DEVICE and remaining > 0:
-                    log.warning("worker on %s died (exit code %s); starting a new one", dev, p.exitcode)
-                    start(dev)
-            alive = [w for w in procs if w not in finished]
-            if not alive and remaining > 0:
-                reason = fatal[0] if fatal else "no worker left (all died)"
-                for path in _drain(tasks):
-                    res = Result(path, "failed", reason=f"not processed: {reason}")
-                    summary.results.append(res)
-                    progress.update(res)
-                    remaining -= 1
+        while pending or any(w.task is not None for w in workers):
+            if not workers:
+                reason = fatal[0] if fatal else "no worker left (they kept dying)"
                 if fatal and summary.count("done") == 0:
                     raise FeatureError(reason)
+                while pending:
+                    res = Result(pending.popleft(), "failed", reason=f"not processed: {reason}")
+                    summary.results.append(res)
+                    progress.update(res)
                 break
+            wait([w.conn for w in workers] + [w.proc.sentinel for w in workers], timeout=1.0)
+            for w in list(workers):
+                # read what it said before judging whether it is alive: a result may precede death
+                try:
+                    while w.conn.poll():
+                        kind, payload = w.conn.recv()
+                        w.heard = time.monotonic()
+                        if kind == "ready":
+                            w.ready = True
+                        elif kind == "frames":
+                            progress.add_frames(payload)
+                        elif kind == "result":
+                            respawns[w.device] = 0
+                            finish(w, payload)
+                            if payload.device_broken:
+                                w.broken = True
+                                break
+                        elif kind == "fatal":
+                            w.start_failed = True
+                            fatal.append(payload)
+                            log.error("worker on %s could not start: %s", w.device, payload)
+                except (EOFError, OSError):
+                    pass
+                if w.broken or w.start_failed:
+                    w.proc.join(timeout=30)
+                if not w.proc.is_alive():
+                    if w.start_failed:
+                        retire(w, "could not start", replace=False)
+                    elif w.broken:
+                        retire(w, "device error", replace=True)
+                    else:
+                        retire(w, f"worker process died (exit code {w.proc.exitcode}) while "
+                                  "extracting this input", replace=True)
+                    continue
+                if w.task is not None and timeout and time.monotonic() - w.heard > timeout:
+                    retire(w, f"no progress for {timeout:g} s (worker_timeout): the worker was "
+                              "killed as hung", replace=True)
+                    continue
+                dispatch(w)
     finally:
-        for p in procs.values():
-            p.join(timeout=5)
-            if p.is_alive():
-                p.terminate()
-
-
-def _drain(q: Any) -> list[str]:
-    out = []
-    while True:
-        try:
-            item = q.get(timeout=0.2)
-        except (queue_mod.Empty, OSError, ValueError):
-            return out
-        if item is not None:
-            out.append(item)
-
+        for w in workers:
+            try:
+                w.conn.send(None)
+            except (BrokenPipeError, OSError):
+                pass
+        for w in workers:
+            w.proc.join(timeout=5)
+            if w.proc.is_alive():
+                w.proc.kill()

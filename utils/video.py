@@ -10,8 +10,19 @@ slot ``n`` (time ``n / fps``) shows the latest input frame whose timestamp, roun
 time base, is ``<= n``; frames are dropped or repeated accordingly and the output ends at the
 input's duration, rounded. Nothing is re-encoded, so pixels are those of a single decode.
 
-Timestamps: output frame ``n`` is at ``n / fps * 1000`` ms, where ``fps`` is the native rate (as
-the reference tool reports frame-wise timestamps) or ``extraction_fps``.
+Timestamps (``Chunk.timestamps_ms``, float64): at the native rate, a video frame's presentation
+time, ``(pts - first frame's pts) * time_base * 1000``, so variable-frame-rate videos get their
+true times (``timestamps="index"`` gives the reference tool's ``n / fps * 1000`` instead; a frame
+without a pts falls back to that). With ``extraction_fps`` the output is a regular grid and slot
+``n`` is at ``n / extraction_fps * 1000`` in both modes. Folders of frames have no pts: frame
+``n`` is at ``n / frames_fps * 1000``.
+
+Truncation is checked when a file is opened, before any frame is decoded: a file that ends before
+the packets its container's index declares (e.g. a cut download of a "faststart" mp4, whose index
+comes first) is rejected with the time it ends at. Frame counts are not compared, since edit lists
+and variable frame rates make them differ from what decodes in good files. Containers without such
+an index (MPEG-TS, Matroska with cues at the end, raw streams) are not checked up front; a decoder
+error mid-stream is still reported as corrupt or truncated.
 """
 from __future__ import annotations
 
@@ -32,6 +43,7 @@ from utils.errors import VideoError
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+TIMESTAMP_MODES = ("pts", "index")
 
 
 @dataclass
@@ -81,9 +93,14 @@ def _natural_key(name: str) -> list[Any]:
 class FrameSource:
     """Frames of one input. Use as ``with open_frames(...) as src: for chunk in src.chunks(n)``."""
 
-    def __init__(self, path: str, extraction_fps: float | None = None, frames_fps: float = 25.0):
+    def __init__(self, path: str, extraction_fps: float | None = None, frames_fps: float = 25.0,
+                 timestamps: str = "pts"):
+        if timestamps not in TIMESTAMP_MODES:
+            raise ValueError(f"timestamps must be one of {', '.join(TIMESTAMP_MODES)}, "
+                             f"not {timestamps!r}")
         self.path = str(path)
         self.extraction_fps = extraction_fps
+        self.timestamps = timestamps
         self._container = None
         p = Path(path)
         if not p.exists():
@@ -104,7 +121,7 @@ class FrameSource:
         self.fps = float(extraction_fps) if extraction_fps else self.native_fps
 
     # -- video container -------------------------------------------------------------------
-    def _open_container(self) -> None:
+    def _open_av(self) -> None:
         import av
 
         try:
@@ -112,19 +129,110 @@ class FrameSource:
         except Exception as exc:  # av.error.* and OSError
             raise VideoError(f"not a readable video ({_short(exc)})") from None
         if not self._container.streams.video:
-            self._container.close()
+            self.close()
             raise VideoError("no video stream in file")
-        vs = self._container.streams.video[0]
-        vs.thread_type = "AUTO"
+        self._stream = self._container.streams.video[0]
+        self._stream.thread_type = "AUTO"
+
+    def _open_container(self) -> None:
+        self._open_av()
+        vs = self._stream
         rate = vs.average_rate or vs.guessed_rate or vs.base_rate
         if not rate or float(rate) <= 0:
-            self._container.close()
+            self.close()
             raise VideoError("video stream has no frame rate")
-        self._stream = vs
         self.native_fps = float(rate)
         self.num_frames_hint = vs.frames or None
         if not self.num_frames_hint and vs.duration and vs.time_base:
             self.num_frames_hint = int(round(float(vs.duration * vs.time_base) * self.native_fps))
+        try:
+            self._check_complete()
+        except VideoError:
+            self.close()
+            raise
+
+    # -- truncation, checked before any frame is decoded -----------------------------------
+    def _check_complete(self) -> None:
+        entries = _index_entries(self._stream)
+        missing = self._index_shortfall(entries) if entries is not None else self._probe_shortfall()
+        if missing:
+            raise VideoError(f"truncated video: {missing}")
+
+    def _declared_s(self) -> float | None:
+        vs = self._stream
+        if vs.duration and vs.time_base:
+            return float(vs.duration * vs.time_base)
+        if self._container.duration:
+            return self._container.duration / 1e6
+        return None
+
+    def _ends_at(self, ends_s: float) -> str:
+        declared = self._declared_s()
+        text = f"the file ends at {max(0.0, ends_s):.1f} s"
+        return text + (f" of the declared {declared:.1f} s" if declared else "")
+
+    def _index_shortfall(self, entries: Any) -> str | None:
+        """The index lists each packet's byte range: is every byte of the video stream's there?
+
+        Only the video stream is checked: it is all this class decodes. Demuxers that build their
+        index while reading (MPEG-TS, Matroska with cues at the end) list only packets already
+        read, which are present, so they pass.
+        """
+        vs = self._stream
+        size = os.path.getsize(self.path)
+        # an unknown position (-1) never counts; Matroska cues have size 0: their cluster must at
+        # least start inside the file
+        missing = [e for e in entries if e.pos + (e.size or 1) > size]
+        if not missing:
+            return None
+        needed = max(e.pos + (e.size or 1) for e in missing)
+        ref = vs.start_time if vs.start_time is not None else entries[0].timestamp
+        ends_s = float((min(e.timestamp for e in missing) - ref) * vs.time_base)
+        return f"{self._ends_at(ends_s)} (it has {size} of the {needed} bytes its index declares)"
+
+    def _probe_shortfall(self) -> str | None:
+        """For PyAV without ``index_entries``: demux the last GOP of an mp4/mov video stream.
+
+        The seek uses the sample table read at open; packets whose bytes are missing end the
+        demux early (or come back cut short), so a complete file reaches the declared end and a
+        cut one does not. Only packets are read (at most about one GOP, nothing decoded), and the
+        container is reopened afterwards so that decoding starts exactly as without the probe.
+        Any other container, or a failing seek, is not checked.
+        """
+        import av
+
+        c, vs, tb = self._container, self._stream, self._stream.time_base
+        if "mov" not in c.format.name.split(",") or not vs.duration or not tb:
+            return None
+        start = vs.start_time or 0
+        end = start + vs.duration
+        frame = max(1, int(1 / (self.native_fps * tb)))  # one frame in time_base units
+        try:
+            c.seek(max(start, end - frame), stream=vs, backward=True)
+        except (av.error.FFmpegError, OSError, ValueError):
+            return None
+        reached: int | None = None
+        cut = False
+        try:
+            for pkt in c.demux(vs):
+                if pkt.size == 0 or pkt.pts is None:  # the flush packet
+                    continue
+                if pkt.is_corrupt:  # its bytes run past the end of the file
+                    cut = True
+                    break
+                pkt_end = pkt.pts + (pkt.duration or 0)
+                reached = pkt_end if reached is None else max(reached, pkt_end)
+        except av.error.FFmpegError:
+            cut = True  # a read error before the end
+        self.close()  # the streams' fields are gone with it: only tb, start, end are used below
+        self._open_av()
+        # two frames of slack: rounding of the declared duration and of the last frame's length
+        if not cut and reached is not None and reached >= end - 2 * frame:
+            return None
+        if reached is None:  # not even the last keyframe's packet is there
+            declared = self._declared_s()
+            return f"the file ends before its last keyframe (declared length {declared:.1f} s)"
+        return f"{self._ends_at(float((reached - start) * tb))} (its last packets are missing)"
 
     def _video_items(self) -> Iterator[tuple[float, Any]]:
         """(seconds since stream start, av.VideoFrame) in presentation order."""
@@ -135,6 +243,7 @@ class FrameSource:
         start = None
         n = 0
         self._last_time = None
+        self._last_duration: float | None = None
         try:
             for frame in self._container.decode(vs):
                 if frame.pts is None:
@@ -144,6 +253,9 @@ class FrameSource:
                         start = frame.pts
                     t = float((frame.pts - start) * tb)
                 self._last_time = t
+                # the last frame's own length ends the stream, as in FFmpeg's fps filter
+                dur = getattr(frame, "duration", None)
+                self._last_duration = float(dur * tb) if dur and tb else None
                 n += 1
                 yield t, frame
         except av.error.FFmpegError as exc:
@@ -153,10 +265,6 @@ class FrameSource:
                              f"({_short(exc)})") from None
         if n == 0:
             raise VideoError("no decodable video frames")
-        hint = self.num_frames_hint
-        if hint and n < 0.9 * hint - 1:
-            raise VideoError(f"truncated video: only {n} of the {hint} frames the container "
-                             "declares could be decoded")
 
     def _frame_items(self) -> Iterator[tuple[float, Any]]:
         for i, f in enumerate(self._files):
@@ -166,7 +274,7 @@ class FrameSource:
     def _end_time(self) -> float | None:
         if getattr(self, "_last_time", None) is None:
             return None
-        return self._last_time + 1.0 / self.native_fps
+        return self._last_time + (getattr(self, "_last_duration", None) or 1.0 / self.native_fps)
 
     @staticmethod
     def _to_rgb(payload: Any) -> np.ndarray:
@@ -180,24 +288,33 @@ class FrameSource:
                 raise VideoError(f"cannot read frame image {payload.name} ({_short(exc)})") from None
         return payload.to_ndarray(format="rgb24")
 
-    def frames(self) -> Iterator[tuple[int, np.ndarray]]:
-        """(output index, RGB frame) one by one; repeated frames share one array."""
+    def timed_frames(self) -> Iterator[tuple[int, float, np.ndarray]]:
+        """(output index, timestamp ms, RGB frame) one by one; repeated frames share one array."""
         items = self._video_items() if self.kind == "video" else self._frame_items()
         if self.extraction_fps:
             cache: tuple[Any, np.ndarray] | None = None
             for slot, payload in select_by_timestamp(items, self.fps, self._end_time):
                 if cache is None or cache[0] is not payload:
                     cache = (payload, self._to_rgb(payload))
-                yield slot, cache[1]
+                yield slot, slot / self.fps * 1000.0, cache[1]
         else:
-            for i, (_, payload) in enumerate(items):
-                yield i, self._to_rgb(payload)
+            # items' times are pts-based for videos (index / fps without a pts) and
+            # index / frames_fps for frame folders
+            by_pts = self.timestamps == "pts"
+            for i, (t, payload) in enumerate(items):
+                yield i, (t if by_pts else i / self.fps) * 1000.0, self._to_rgb(payload)
+
+    def frames(self) -> Iterator[tuple[int, np.ndarray]]:
+        """(output index, RGB frame) one by one; repeated frames share one array."""
+        for idx, _, img in self.timed_frames():
+            yield idx, img
 
     def _chunks_sync(self, chunk_size: int) -> Iterator[Chunk]:
         buf: list[np.ndarray] = []
+        stamps: list[float] = []
         first = 0
         shape = None
-        for idx, img in self.frames():
+        for idx, ts, img in self.timed_frames():
             if shape is None:
                 shape = img.shape
             elif img.shape != shape:
@@ -206,15 +323,12 @@ class FrameSource:
             if not buf:
                 first = idx
             buf.append(img)
+            stamps.append(ts)
             if len(buf) == chunk_size:
-                yield self._make_chunk(buf, first)
-                buf = []
+                yield Chunk(np.stack(buf), np.asarray(stamps, dtype=np.float64), first)
+                buf, stamps = [], []
         if buf:
-            yield self._make_chunk(buf, first)
-
-    def _make_chunk(self, buf: list[np.ndarray], first: int) -> Chunk:
-        ts = (np.arange(first, first + len(buf), dtype=np.float64) / self.fps) * 1000.0
-        return Chunk(np.stack(buf), ts, first)
+            yield Chunk(np.stack(buf), np.asarray(stamps, dtype=np.float64), first)
 
     def chunks(self, chunk_size: int, prefetch: bool = True) -> Iterator[Chunk]:
         """Chunks of up to ``chunk_size`` frames; decoding runs one chunk ahead in a thread."""
@@ -273,10 +387,19 @@ class FrameSource:
         self.close()
 
 
-def open_frames(path: str, extraction_fps: float | None = None,
-                frames_fps: float = 25.0) -> FrameSource:
-    """Open a video file or a folder of frames; raises VideoError with a one-line reason."""
-    return FrameSource(path, extraction_fps, frames_fps)
+def open_frames(path: str, extraction_fps: float | None = None, frames_fps: float = 25.0,
+                timestamps: str = "pts") -> FrameSource:
+    """Open a video file or a folder of frames; raises VideoError with a one-line reason.
+
+    ``timestamps``: "pts" (presentation times) or "index" (``n / fps``, the reference tool's).
+    """
+    return FrameSource(path, extraction_fps, frames_fps, timestamps)
+
+
+def _index_entries(stream: Any) -> Any:
+    """The stream's demuxer index (``Stream.index_entries``, in PyAV 18), or None where this
+    PyAV does not expose it (then the seek probe checks instead)."""
+    return getattr(stream, "index_entries", None)
 
 
 def _short(exc: BaseException) -> str:

@@ -2,8 +2,8 @@
 
 Every checkpoint the tool can load has a :class:`WeightCard`. Resolution never falls back to
 random weights; the only way to run without a real checkpoint is the explicit
-``allow_random_weights`` option, which extractors honour with a loud warning (see
-:func:`random_weights_requested`).
+``allow_random_weights`` option, which every loader honours through :func:`use_random_weights`
+(one rule: an explicit checkpoint path always wins) with a loud warning.
 """
 from __future__ import annotations
 
@@ -191,13 +191,19 @@ def load_checkpoint_into(model: torch.nn.Module, card: WeightCard,
     return path
 
 
-def random_weights_requested(cfg: Any, what: str) -> bool:
-    """True when the user explicitly asked for random weights; logs a loud warning then."""
-    if bool(getattr(cfg, "allow_random_weights", False)):
-        log.warning("*** %s: RANDOM WEIGHTS (allow_random_weights=true) - features are "
-                    "meaningless, use only for benchmarks and smoke tests ***", what)
-        return True
-    return False
+def use_random_weights(allow_random: Any, checkpoint_path: str | os.PathLike | None,
+                       what: str) -> bool:
+    """The one rule for every checkpoint: an explicit ``checkpoint_path`` always wins; random
+    weights only when ``allow_random_weights`` is set and no path is given (logged loudly)."""
+    if not allow_random:
+        return False
+    if checkpoint_path:
+        log.info("%s: checkpoint_path %s given, so allow_random_weights does not apply to it",
+                 what, checkpoint_path)
+        return False
+    log.warning("*** %s: RANDOM WEIGHTS (allow_random_weights=true) - features are "
+                "meaningless, use only for benchmarks and smoke tests ***", what)
+    return True
 
 
 def check_keys(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor],

@@ -16,14 +16,15 @@ after reading the stack).
 """
 from __future__ import annotations
 
-from typing import Iterator
+import dataclasses
+from typing import List, Optional, Iterator
 
 import numpy as np
 import torch
 
-from models.base import STACK_OPTIONS, Extractor, validate_stacks
+from models.base import Extractor, StackOptions
 from models.i3d.weights import get_card, load_i3d, load_labels
-from utils.config import Config
+from utils.config import Config, option
 from utils.errors import ConfigError, VideoError
 from utils.transforms import center_crop, resize_short_side, to_device
 from utils.video import open_frames
@@ -51,44 +52,49 @@ def flow_to_i3d(flow: torch.Tensor) -> torch.Tensor:
     return q * (2.0 / 255.0) - 1.0
 
 
+@dataclasses.dataclass
+class I3DOptions(StackOptions):
+    streams: List[str] = option("rgb, flow or both (space separated)", choices=STREAMS,
+                                changes_values=True)
+    flow_type: str = option("pwc (PWC-Net) or raft (RAFT)", choices=FLOW_TYPES, changes_values=True)
+    weights: str = option("I3D checkpoints: reference (the reference tool's i3d_rgb.pt/i3d_flow.pt), "
+                          "imagenet (pytorch-i3d rgb/flow_imagenet.pt) or charades "
+                          "(rgb/flow_charades.pt)", choices=tuple(WEIGHTS), changes_values=True)
+    spatial: bool = option("save the unpooled Mixed_5c feature maps (Tv x 1024 x t x 7 x 7) "
+                           "instead of vectors", changes_values=True)
+    checkpoint_path_rgb: Optional[str] = option("explicit I3D RGB checkpoint file")
+    checkpoint_path_flow: Optional[str] = option("explicit I3D flow checkpoint file")
+    flow_checkpoint_path: Optional[str] = option("explicit PWC-Net / RAFT checkpoint file")
+    flow_batch_size: int = option("frame pairs per optical-flow forward pass", at_least=1)
+    raft_iters: int = option("RAFT refinement iterations", at_least=1, changes_values=True)
+    raft_padding: str = option("unpad: crop RAFT's flow back to the frame (correct); reference: "
+                               "keep the padded field before the centre crop, as the reference "
+                               "tool does", choices=("unpad", "reference"), changes_values=True)
+
+
 class I3DExtractor(Extractor):
     auto_batch_size = {"cpu": 1, "cuda": 4}
-    options = {
-        "streams": "rgb, flow or both (space separated)",
-        "flow_type": "pwc (PWC-Net) or raft (RAFT, 20 iterations)",
-        "weights": "I3D checkpoints: reference (the reference tool's i3d_rgb.pt/i3d_flow.pt), "
-                   "imagenet (pytorch-i3d rgb/flow_imagenet.pt) or charades (rgb/flow_charades.pt)",
-        **STACK_OPTIONS,
-        "spatial": "save the unpooled Mixed_5c feature maps (Tv x 1024 x t x 7 x 7) instead of vectors",
-        "checkpoint_path_rgb": "explicit I3D RGB checkpoint file",
-        "checkpoint_path_flow": "explicit I3D flow checkpoint file",
-        "flow_checkpoint_path": "explicit PWC-Net / RAFT checkpoint file",
-        "raft_iters": "RAFT refinement iterations",
-        "flow_batch_size": "frame pairs per optical-flow forward pass",
-        "raft_padding": "unpad: crop RAFT's flow back to the frame (correct); reference: keep the "
-                        "padded field before the centre crop, as the reference tool does",
-    }
+    schema = I3DOptions
 
     @classmethod
     def output_keys_for(cls, cfg: Config) -> tuple[str, ...]:
         return (*cfg.streams, "fps", "timestamps_ms")
 
     @classmethod
+    def weights_for(cls, cfg: Config) -> dict:
+        out = {s: (get_card(WEIGHTS[cfg.weights][s]), cfg.get(f"checkpoint_path_{s}"))
+               for s in cfg.streams}
+        if "flow" in cfg.streams:
+            from models import flow_weights
+
+            card = flow_weights.PWC_CARD if cfg.flow_type == "pwc" else flow_weights.RAFT_CARD
+            out["flow_net"] = (card, cfg.flow_checkpoint_path)
+        return out
+
+    @classmethod
     def validate(cls, cfg: Config) -> None:
-        validate_stacks(cfg)
-        streams = cfg.streams
-        if not streams or any(s not in STREAMS for s in streams) or len(set(streams)) != len(streams):
-            raise ConfigError(f"streams {streams!r} must be rgb, flow or both")
-        if cfg.flow_type not in FLOW_TYPES:
-            raise ConfigError(f"flow_type {cfg.flow_type!r} must be pwc or raft")
-        if cfg.weights not in WEIGHTS:
-            raise ConfigError(f"weights {cfg.weights!r} must be one of {', '.join(WEIGHTS)}")
-        if cfg.raft_padding not in ("unpad", "reference"):
-            raise ConfigError(f"raft_padding {cfg.raft_padding!r} must be unpad or reference")
-        if cfg.flow_batch_size < 1:
-            raise ConfigError(f"flow_batch_size must be >= 1, got {cfg.flow_batch_size}")
-        if cfg.raft_iters < 1:
-            raise ConfigError(f"raft_iters must be >= 1, got {cfg.raft_iters}")
+        if not cfg.streams or len(set(cfg.streams)) != len(cfg.streams):
+            raise ConfigError(f"streams {cfg.streams!r} must be rgb, flow or both")
         if cfg.get("checkpoint_path"):
             raise ConfigError("checkpoint_path is ambiguous for i3d: use checkpoint_path_rgb, "
                               "checkpoint_path_flow or flow_checkpoint_path")
@@ -154,7 +160,7 @@ class I3DExtractor(Extractor):
         outs: dict[str, list[torch.Tensor]] = {s: [] for s in self.streams}
         stamps: list[np.ndarray] = []
         done = 0
-        with open_frames(path, cfg.extraction_fps, cfg.frames_fps) as src:
+        with open_frames(path, cfg.extraction_fps, cfg.frames_fps, timestamps=cfg.timestamps) as src:
             windows = windows_from(self._elements(src), cfg.stack_size, cfg.step_size, cfg.tail)
             for batch, ts in stack_batches(windows, cfg.batch_size):
                 x = batch.permute(0, 2, 1, 3, 4)  # (B, T, C, H, W) -> (B, C, T, H, W)

@@ -39,7 +39,7 @@ from models.i3d.net import MIXED_BLOCKS, FEATURE_DIM, I3D
 from utils.errors import WeightsError
 from utils.weights import git_blob_sha1  # noqa: F401  (re-exported for callers of this module)
 from utils.weights import (WeightCard, check_keys, get_card, load_state_dict,
-                           register_card, resolve_checkpoint)
+                           register_card, resolve_checkpoint, use_random_weights)
 
 log = logging.getLogger(__name__)
 
@@ -331,10 +331,7 @@ def load_i3d(stream: str, checkpoint: str | None = None, checkpoint_path: str | 
     in_channels = STREAM_CHANNELS[stream]
     num_classes = int(card.num_classes or 400)
 
-    if allow_random and not checkpoint_path:
-        log.warning("*** I3D %s: RANDOM WEIGHTS in the %s layout (allow_random_weights=true) - "
-                    "features are meaningless, use only for benchmarks and smoke tests ***",
-                    stream, card.layout)
+    if use_random_weights(allow_random, checkpoint_path, f"I3D {stream} ({card.layout} layout)"):
         state = random_official_state_dict(card.layout, stream, num_classes)
         weights = convert_state_dict(state, card.layout, in_channels, num_classes)
     else:

@@ -8,8 +8,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from models.base import STACK_OPTIONS, Extractor, validate_stacks
-from models.r21d.weights import labels, load_r21d
+from models.base import Extractor, StackOptions
+from models.r21d.weights import CARD, labels, load_r21d
 from utils.config import Config
 from utils.errors import VideoError
 from utils.transforms import center_crop, normalize, resize, to_device
@@ -32,11 +32,11 @@ def preprocess(frames_u8: torch.Tensor) -> torch.Tensor:
 class R21DExtractor(Extractor):
     output_keys = ("r21d", "fps", "timestamps_ms")
     auto_batch_size = {"cpu": 1, "cuda": 16}
-    options = STACK_OPTIONS
+    schema = StackOptions
 
     @classmethod
-    def validate(cls, cfg: Config) -> None:
-        validate_stacks(cfg)
+    def weights_for(cls, cfg: Config) -> dict:
+        return {"r21d": (CARD, cfg.checkpoint_path)}
 
     def __init__(self, cfg: Config, device: torch.device) -> None:
         super().__init__(cfg, device)
@@ -47,7 +47,7 @@ class R21DExtractor(Extractor):
     def extract(self, path: str) -> dict[str, np.ndarray]:
         cfg = self.cfg
         feats, stamps = [], []
-        with open_frames(path, cfg.extraction_fps, cfg.frames_fps) as src:
+        with open_frames(path, cfg.extraction_fps, cfg.frames_fps, timestamps=cfg.timestamps) as src:
             def prepped():
                 for chunk in src.chunks(max(cfg.step_size, 16)):
                     self.count_frames(len(chunk.timestamps_ms))

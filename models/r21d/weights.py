@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from models.r21d.net import R21DFeatures, build_r2plus1d_18
-from utils.weights import WeightCard, load_checkpoint_into, random_weights_requested, register_card
+from utils.weights import WeightCard, load_checkpoint_into, use_random_weights, register_card
 
 CARD = register_card(WeightCard(
     name="r2plus1d_18_kinetics400_v1",
@@ -24,8 +24,9 @@ LABELS_FILE = Path(__file__).resolve().parent.parent / "i3d" / "labels" / "kinet
 
 def load_r21d(cfg: object, device: torch.device) -> R21DFeatures:
     net = build_r2plus1d_18()
-    if not random_weights_requested(cfg, "r21d"):
-        load_checkpoint_into(net, CARD, getattr(cfg, "checkpoint_path", None))
+    path = getattr(cfg, "checkpoint_path", None)
+    if not use_random_weights(getattr(cfg, "allow_random_weights", False), path, "r21d"):
+        load_checkpoint_into(net, CARD, path)
     return R21DFeatures(net).to(device).eval()
 
 

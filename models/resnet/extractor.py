@@ -1,14 +1,16 @@
 """Frame-wise ResNet features: every frame (at the chosen fps) -> one pooled vector."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 
 from models.base import Extractor
 from models.resnet.net import NAMES, feature_dim
-from models.resnet.weights import labels, load_resnet
-from utils.config import Config
-from utils.errors import ConfigError, VideoError
+from models.resnet.weights import card_for, labels, load_resnet
+from utils.config import Config, SharedOptions, option
+from utils.errors import VideoError
 from utils.transforms import IMAGENET_MEAN, IMAGENET_STD, center_crop, normalize, resize_short_side, to_device
 from utils.video import open_frames
 
@@ -20,17 +22,21 @@ def preprocess(frames_u8: torch.Tensor) -> torch.Tensor:
     return normalize(x / 255.0, IMAGENET_MEAN, IMAGENET_STD)
 
 
+@dataclasses.dataclass
+class ResNetOptions(SharedOptions):
+    model_name: str = option("resnet18 | resnet34 | resnet50 | resnet101 | resnet152 "
+                             "(ImageNet-1k IMAGENET1K_V1 weights)", choices=NAMES,
+                             changes_values=True)
+
+
 class ResNetExtractor(Extractor):
     output_keys = ("resnet", "fps", "timestamps_ms")
     auto_batch_size = {"cpu": 8, "cuda": 64}
-    options = {
-        "model_name": "resnet18 | resnet34 | resnet50 | resnet101 | resnet152 (ImageNet-1k IMAGENET1K_V1 weights)",
-    }
+    schema = ResNetOptions
 
     @classmethod
-    def validate(cls, cfg: Config) -> None:
-        if cfg.model_name not in NAMES:
-            raise ConfigError(f"model_name {cfg.model_name!r} must be one of {', '.join(NAMES)}")
+    def weights_for(cls, cfg: Config) -> dict:
+        return {"resnet": (card_for(cfg.model_name), cfg.checkpoint_path)}
 
     def __init__(self, cfg: Config, device: torch.device) -> None:
         super().__init__(cfg, device)
@@ -40,7 +46,8 @@ class ResNetExtractor(Extractor):
     @torch.inference_mode()
     def extract(self, path: str) -> dict[str, np.ndarray]:
         feats, stamps = [], []
-        with open_frames(path, self.cfg.extraction_fps, self.cfg.frames_fps) as src:
+        with open_frames(path, self.cfg.extraction_fps, self.cfg.frames_fps,
+                         timestamps=self.cfg.timestamps) as src:
             for chunk in src.chunks(self.cfg.batch_size):
                 x = preprocess(to_device(chunk.frames, self.device)).contiguous(
                     memory_format=torch.channels_last)

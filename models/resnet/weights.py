@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from models.resnet.net import NAMES, ResNetFeatures, build_resnet
-from utils.weights import (WeightCard, get_card, load_checkpoint_into, random_weights_requested,
+from utils.weights import (WeightCard, get_card, load_checkpoint_into, use_random_weights,
                            register_card)
 
 _FILES = {
@@ -44,8 +44,9 @@ def card_for(model_name: str) -> WeightCard:
 def load_resnet(model_name: str, cfg: object, device: torch.device) -> ResNetFeatures:
     """The pretrained network on ``device`` in eval mode; random only on explicit request."""
     net = build_resnet(model_name)
-    if not random_weights_requested(cfg, model_name):
-        load_checkpoint_into(net, card_for(model_name), getattr(cfg, "checkpoint_path", None))
+    path = getattr(cfg, "checkpoint_path", None)
+    if not use_random_weights(getattr(cfg, "allow_random_weights", False), path, model_name):
+        load_checkpoint_into(net, card_for(model_name), path)
     # channels-last runs the convolutions 10-20% faster on CPUs (oneDNN) and on tensor-core GPUs
     return ResNetFeatures(net).to(device, memory_format=torch.channels_last).eval()
 

@@ -20,10 +20,10 @@ input, not an empty array.
 """
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import logging
 from pathlib import Path
-from typing import Any, ClassVar, Iterator
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -32,77 +32,42 @@ from models.base import Extractor
 from models.vggish.mel import (EXAMPLE_HOP, EXAMPLE_SPAN, SAMPLE_RATE, LogMelExamples,
                                num_examples, samples_for)
 from models.vggish.net import PCAQuantizer
-from models.vggish.weights import build_vggish, load_pca, tf_checkpoint_prefix
+from models.vggish.weights import PCA_CARD, VGGISH_CARD, build_vggish, load_pca, tf_checkpoint_prefix
 from utils.audio import AudioInfo, iter_audio, pcm_source_description
+from utils.config import SharedOptions, option
 from utils.errors import ConfigError, VideoError
 
 log = logging.getLogger(__name__)
 
 
-def _set_fp32_precision(conv: Any, matmul: Any) -> None:
-    torch.backends.cudnn.conv.fp32_precision = conv
-    torch.backends.cuda.matmul.fp32_precision = matmul
-
-
-@contextlib.contextmanager
-def full_fp32(device: torch.device) -> Iterator[None]:
-    """Keep convolutions and matmuls in IEEE fp32 on CUDA (no TF32) for reference parity.
-
-    VGGish costs ~1.7 GFLOP per 0.96 s of audio, so TF32's speed-up is irrelevant here while
-    its ~1e-3 relative error is not. Best effort: if this torch refuses to switch, the
-    process-wide setting stays as it is.
-    """
-    if device.type != "cuda":
-        yield
-        return
-    restore = None
-    try:
-        old = (torch.backends.cudnn.conv.fp32_precision,
-               torch.backends.cuda.matmul.fp32_precision)
-        _set_fp32_precision("ieee", "ieee")
-        restore = lambda: _set_fp32_precision(*old)  # noqa: E731
-    except (AttributeError, RuntimeError, ValueError):
-        try:  # torch without the fp32_precision API
-            old_flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-
-            def restore() -> None:
-                torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old_flags
-        except (AttributeError, RuntimeError):
-            log.debug("cannot disable TF32; vggish runs with the process-wide setting")
-    try:
-        yield
-    finally:
-        if restore is not None:
-            try:
-                restore()
-            except (AttributeError, RuntimeError, ValueError):
-                pass
+@dataclasses.dataclass
+class VGGishOptions(SharedOptions):
+    postprocess: bool = option(
+        "false: raw 128-d embedding after the final ReLU, float32 (as the reference tool); true: "
+        "AudioSet's released form, PCA + whitening + 8-bit quantisation of the pre-activation "
+        "embedding, uint8", changes_values=True)
+    pca_path: Optional[str] = option(
+        "PCA parameters for postprocess (.pth of the PyTorch port or Google's "
+        "vggish_pca_params.npz); default: torch hub cache, then a verified download")
+    keep_priming: bool = option(
+        "keep the audio encoder's priming samples at the start (the reference tool's behaviour: "
+        "its features are shifted by ~21-23 ms for AAC); default drops them like every player",
+        changes_values=True)
 
 
 class VGGishExtractor(Extractor):
     output_keys = ("vggish",)
-    options: ClassVar[dict[str, str]] = {
-        "batch_size": "0.96 s examples per forward pass",
-        "postprocess": "false: raw 128-d embedding after the final ReLU, float32 (as the reference "
-                       "tool); true: AudioSet's released form, PCA + whitening + 8-bit "
-                       "quantisation of the pre-activation embedding, uint8",
-        "pca_path": "PCA parameters for postprocess (.pth of the PyTorch port or Google's "
-                    "vggish_pca_params.npz); default: torch hub cache, then a verified download",
-        "keep_priming": "keep the audio encoder's priming samples at the start (the reference "
-                        "tool's behaviour: its features are shifted by ~21-23 ms for AAC); "
-                        "default drops them like every player",
-    }
+    schema = VGGishOptions
+
+    @classmethod
+    def weights_for(cls, cfg: Any) -> dict:
+        out = {"vggish": (VGGISH_CARD, cfg.checkpoint_path)}
+        if cfg.postprocess:
+            out["pca"] = (PCA_CARD, cfg.pca_path)
+        return out
 
     @classmethod
     def validate(cls, cfg: Any) -> None:
-        bs = getattr(cfg, "batch_size", 64)
-        if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
-            raise ConfigError(f"batch_size must be a positive integer, got {bs!r}")
-        for key in ("postprocess", "keep_priming"):
-            value = getattr(cfg, key, False)
-            if not isinstance(value, bool):
-                raise ConfigError(f"{key} must be true or false, got {value!r}")
         if getattr(cfg, "show_pred", False):
             raise ConfigError("show_pred is not available for vggish: the network has no "
                               "classifier head (set show_pred=false)")
@@ -137,15 +102,14 @@ class VGGishExtractor(Extractor):
     @torch.no_grad()
     def embed(self, waveform: torch.Tensor) -> torch.Tensor:
         """16 kHz mono waveform (any length) -> ``(E, 128)`` on the device, no host sync."""
-        with full_fp32(self.device):
-            examples = self.frontend(waveform.to(self.device))
-            if examples.shape[0] == 0:
-                dtype = torch.uint8 if self.postprocess else torch.float32
-                return torch.zeros((0, 128), dtype=dtype, device=self.device)
-            emb = self.model(examples, pre_activation=self.postprocess)
-            if self.pca is not None:
-                emb = self.pca(emb)
-            return emb
+        examples = self.frontend(waveform.to(self.device))
+        if examples.shape[0] == 0:
+            dtype = torch.uint8 if self.postprocess else torch.float32
+            return torch.zeros((0, 128), dtype=dtype, device=self.device)
+        emb = self.model(examples, pre_activation=self.postprocess)
+        if self.pca is not None:
+            emb = self.pca(emb)
+        return emb
 
     def _run(self, pending: np.ndarray, n: int, outs: list[torch.Tensor]) -> np.ndarray:
         wav = torch.from_numpy(pending[:samples_for(n)])

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from utils.errors import WeightsError
-from utils.weights import (WeightCard, check_keys, load_state_dict, random_weights_requested,
+from utils.weights import (WeightCard, check_keys, load_state_dict, use_random_weights,
                            register_card, resolve_checkpoint)
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,7 @@ def _read_state(cfg: Any) -> tuple[dict[str, torch.Tensor] | None, str]:
     path = getattr(cfg, "checkpoint_path", None)
     if path and tf_checkpoint_prefix(path) is not None and not str(path).endswith(".pth"):
         return convert_tf_checkpoint(path), f"TensorFlow checkpoint {path}"
-    if not path and random_weights_requested(cfg, "vggish"):
+    if use_random_weights(getattr(cfg, "allow_random_weights", False), path, "vggish"):
         return None, "random weights"
     file = resolve_checkpoint(VGGISH_CARD, path)
     return load_state_dict(file), str(file)
@@ -230,7 +230,8 @@ def load_pca(cfg: Any) -> tuple[torch.Tensor, torch.Tensor]:
     path = getattr(cfg, "pca_path", None)
     if path:
         return read_pca_file(path)
-    if not getattr(cfg, "checkpoint_path", None) and getattr(cfg, "allow_random_weights", False):
+    if use_random_weights(getattr(cfg, "allow_random_weights", False),
+                          getattr(cfg, "checkpoint_path", None), "vggish PCA"):
         log.warning("vggish: postprocess with random weights uses an identity PCA")
         return torch.eye(128, dtype=torch.float64), torch.zeros(128, dtype=torch.float64)
     return read_pca_file(resolve_checkpoint(PCA_CARD))

@@ -1,0 +1,105 @@
+"""How far TF32 moves each feature type's outputs, estimated on the CPU.
+
+TF32 tensor cores read fp32 operands with a 10-bit mantissa (round to nearest) and accumulate in
+fp32. This script emulates exactly that rounding on the CPU: every convolution and linear layer
+gets its input and weight rounded to TF32 before an fp32 computation. It prints, per feature
+type, max |tf32 - fp32| / max |fp32| over the output, the measure the README quotes. On a GPU,
+``--device cuda`` instead runs the real thing (``tf32=true`` vs ``tf32=false``).
+
+    python bench/tf32_deviation.py --video sample/A.mp4            # random weights, CPU emulation
+    python bench/tf32_deviation.py --video sample/A.mp4 --device cuda
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from pathlib import Path
+from typing import Iterator
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+FEATURES = {
+    "resnet": (dict(model_name="resnet50"), "resnet"),
+    "r21d": ({}, "r21d"),
+    "i3d": (dict(stack_size=16, step_size=16), "rgb", "flow"),
+    "vggish": ({}, "vggish"),
+}
+
+
+def round_to_tf32(x: torch.Tensor) -> torch.Tensor:
+    """fp32 -> the nearest value with a 10-bit mantissa (ties to even), kept as fp32."""
+    bits = x.contiguous().view(torch.int32)
+    lsb = (bits >> 13) & 1
+    rounded = (bits + 0xFFF + lsb) & ~0x1FFF
+    return rounded.view(torch.float32)
+
+
+@contextlib.contextmanager
+def emulated_tf32(model: torch.nn.Module) -> Iterator[None]:
+    """Round the operands of every conv / linear layer of ``model`` to TF32 while active."""
+    handles, saved = [], []
+    kinds = (torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.ConvTranspose2d, torch.nn.Linear)
+    for m in model.modules():
+        if isinstance(m, kinds):
+            saved.append((m, m.weight.data))
+            m.weight.data = round_to_tf32(m.weight.data)
+            handles.append(m.register_forward_pre_hook(
+                lambda _m, args: tuple(round_to_tf32(a) if torch.is_tensor(a) and a.dtype == torch.float32
+                                       else a for a in args)))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for m, w in saved:
+            m.weight.data = w
+
+
+def _models(ex) -> list[torch.nn.Module]:
+    out = [v for v in vars(ex).values() if isinstance(v, torch.nn.Module)]
+    out += [n for n in getattr(ex, "nets", {}).values()]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--video", default="sample/A.mp4")
+    ap.add_argument("--device", default="cpu", help="cpu (emulated TF32) or cuda (real TF32)")
+    ap.add_argument("--feature_types", nargs="+", default=list(FEATURES))
+    args = ap.parse_args()
+
+    from utils.config import make_config
+    from utils.device import apply_numerics
+    from utils.runner import build_extractor, configure_logging
+
+    configure_logging("error")
+    for ft in args.feature_types:
+        options, *keys = FEATURES[ft]
+        cfg = make_config(ft, video_paths=[args.video], allow_random_weights=True,
+                          device="cpu" if args.device == "cpu" else "cuda", **options)
+        ex = build_extractor(cfg, "cpu" if args.device == "cpu" else "cuda:0")
+        torch.manual_seed(0)
+        ref = ex.extract(args.video)
+        if args.device == "cpu":
+            with contextlib.ExitStack() as stack:
+                for m in _models(ex):
+                    stack.enter_context(emulated_tf32(m))
+                got = ex.extract(args.video)
+        else:
+            apply_numerics(True)
+            got = ex.extract(args.video)
+            apply_numerics(False)
+        for key in keys:
+            a, b = np.asarray(ref[key], np.float64), np.asarray(got[key], np.float64)
+            rel = np.abs(a - b).max() / max(np.abs(a).max(), 1e-30)
+            how = "emulated on CPU" if args.device == "cpu" else "measured on GPU"
+            print(f"{ft} {key}: max |tf32 - fp32| / max |fp32| = {rel:.2e} ({how}, shape {a.shape})",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()

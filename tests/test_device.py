@@ -1,0 +1,52 @@
+"""The per-process numerics policy and the classification of device errors."""
+from __future__ import annotations
+
+import torch
+
+from utils.device import apply_numerics, fp32_precision, is_sticky_device_error
+
+
+def test_numerics_policy_is_set_in_one_place_from_tf32():
+    torch.backends.cudnn.benchmark = True  # as the old code set it for GPU workers
+    apply_numerics(False)
+    assert fp32_precision() == {"conv": "ieee", "matmul": "ieee", "cudnn_benchmark": False}
+    apply_numerics(True)
+    assert fp32_precision() == {"conv": "tf32", "matmul": "tf32", "cudnn_benchmark": False}
+    apply_numerics(False)
+
+
+def test_building_a_worker_applies_the_configured_policy(resnet_weights, make_video):
+    from utils.config import make_config
+    from utils.runner import build_extractor
+
+    resnet_weights("resnet18")
+    video = make_video("dev.mp4", n_frames=2, fps=25.0, width=32, height=32)
+    torch.backends.cudnn.benchmark = True
+    for tf32 in (True, False):
+        cfg = make_config("resnet", video_paths=[str(video)], device="cpu", model_name="resnet18",
+                          tf32=tf32)
+        build_extractor(cfg, "cpu")
+        want = "tf32" if tf32 else "ieee"
+        assert fp32_precision() == {"conv": want, "matmul": want, "cudnn_benchmark": False}
+
+
+def test_vggish_no_longer_toggles_precision_itself():
+    import models.vggish.extractor as vx
+
+    assert not hasattr(vx, "full_fp32")
+
+
+def test_sticky_device_errors_are_told_apart():
+    sticky = [RuntimeError("CUDA error: an illegal memory access was encountered"),
+              RuntimeError("CUDA error: device-side assert triggered\nCompile with ..."),
+              RuntimeError("CUDA error: unspecified launch failure"),
+              RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED when calling cublasSgemm")]
+    benign = [RuntimeError("Given groups=1, weight of size [64, 3, 7, 7], expected input ..."),
+              ValueError("illegal value"), MemoryError()]
+
+    class OutOfMemoryError(RuntimeError):
+        pass
+
+    benign.append(OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert all(is_sticky_device_error(e) for e in sticky)
+    assert not any(is_sticky_device_error(e) for e in benign)
