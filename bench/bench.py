@@ -42,7 +42,8 @@ def main() -> None:
 
     import torch
 
-    from utils.config import _split_overrides, make_config
+    from utils.config import _split_words, canonical_feature_type, make_config, typed_words
+    from utils.device import fp32_precision
     from utils.runner import build_extractor, configure_logging
 
     configure_logging("warning")
@@ -68,7 +69,8 @@ def main() -> None:
               f"in {time.perf_counter() - t:.1f} s", flush=True)
     if not video:
         ap.error("give --video or --make_video")
-    _, overrides = _split_overrides(args.overrides)
+    _, words = _split_words(args.overrides)
+    overrides = typed_words(canonical_feature_type(args.feature_type), words)
     device = args.device
     cfg = make_config(args.feature_type, video_paths=[video],
                       device="cpu" if device == "cpu" else "cuda",
@@ -101,7 +103,9 @@ def main() -> None:
           f"{ex.frames_read / wall:.2f} frames/s; real-time factor {duration / wall:.3f}")
     print(f"peak RSS {peak_rss_gb():.2f} GB (after imports, before load: {rss_before:.2f} GB)")
     if device.startswith("cuda"):
-        print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 1024 ** 3:.2f} GB")
+        print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 1024 ** 3:.2f} GB allocated, "
+              f"{torch.cuda.max_memory_reserved() / 1024 ** 3:.2f} GB reserved "
+              f"(numerics: {fp32_precision()})")
 
 
 if __name__ == "__main__":
