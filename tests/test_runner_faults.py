@@ -92,3 +92,13 @@ def test_inline_sticky_error_stops_using_the_device_but_reports_everything(tmp_p
     failed = _failed(res.stderr)
     assert set(failed) == set(names), res.stderr
     assert all("rerun" in failed[n] for n in names[1:])
+
+
+def test_an_input_without_any_result_is_reported_as_lost():
+    from utils.runner import Result, Summary, _Progress, _reconcile
+
+    summary = Summary([Result("a.mp4", "done"), Result("c.mp4", "skipped")])
+    _reconcile(["a.mp4", "b.mp4", "c.mp4"], summary, _Progress(0, enabled=False))
+    assert [(r.path, r.status) for r in summary.results] == [
+        ("a.mp4", "done"), ("c.mp4", "skipped"), ("b.mp4", "failed")]
+    assert "lost" in summary.results[-1].reason and summary.exit_code == 1
