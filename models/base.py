@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Callable, ClassVar
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import torch
@@ -58,9 +58,81 @@ class Extractor(abc.ABC):
     def validate(cls, cfg: Config) -> None:
         """Raise :class:`utils.errors.ConfigError` naming the option when ``cfg`` is invalid."""
 
-    @abc.abstractmethod
     def extract(self, path: str) -> dict[str, np.ndarray]:
-        """Features of one video (or frame folder / audio file) as numpy arrays."""
+        """Features of one video (or frame folder / audio file) as numpy arrays.
+
+        Feature types on the frame seam get this for free: the same ``add_frames`` /
+        ``forward`` / ``finish`` as the pipeline, fed by an in-process decoder. Others override it.
+        """
+        if not self.frame_seam:
+            raise NotImplementedError(f"{type(self).__name__} implements neither extract nor "
+                                      "the frame seam")
+        from utils.pipeline import Batcher, VideoWork
+        from utils.video import open_frames
+
+        needs = self.frame_needs()
+        work = VideoWork(0, path)
+        batcher = Batcher(self.forward, self.cfg.batch_size)
+        with torch.inference_mode(), open_frames(path, needs["extraction_fps"], needs["frames_fps"],
+                                                 timestamps=needs["timestamps"]) as src:
+            work.fps = src.fps
+            self.begin(work)
+            for chunk in src.chunks(self.chunk_frames()):
+                n = len(chunk.timestamps_ms)
+                work.frames += n
+                self.count_frames(n)
+                frames = self.to_device_frames(chunk.frames)
+                for key, items, ts in self.add_frames(work, frames, chunk.timestamps_ms):
+                    batcher.add(work, key, items, ts)
+                batcher.run(full_only=True)
+            for key, items, ts in self.end_frames(work):
+                batcher.add(work, key, items, ts)
+            batcher.run(full_only=False)
+            return self.finish(work)
+
+    # -- the frame seam (utils/pipeline.py) ---------------------------------------------------
+    #: True when the feature type implements the methods below; it then runs in the pipeline:
+    #: decoding in other processes, its work items batched across videos
+    frame_seam: ClassVar[bool] = False
+
+    def frame_needs(self) -> dict:
+        """Which frames to decode: rate (extraction_fps), frame-folder rate, timestamp mode."""
+        return {"extraction_fps": self.cfg.extraction_fps, "frames_fps": self.cfg.frames_fps,
+                "timestamps": self.cfg.timestamps}
+
+    def chunk_frames(self) -> int:
+        """Frames per decoded chunk (the unit of transfer and of ``add_frames``)."""
+        return 32
+
+    def to_device_frames(self, frames: np.ndarray) -> torch.Tensor:
+        """(n, H, W, 3) uint8 host frames -> (n, 3, H, W) uint8 on the device, copied (the host
+        buffer is reused as soon as this returns)."""
+        t = torch.from_numpy(frames)
+        if self.device.type == "cuda":
+            t = t.pin_memory().to(self.device, non_blocking=True)
+        else:
+            t = t.clone()
+        return t.permute(0, 3, 1, 2)
+
+    def begin(self, work: Any) -> None:
+        """Set up ``work.state`` for a new video (``work.fps`` is known)."""
+
+    def add_frames(self, work: Any, frames: torch.Tensor, stamps: np.ndarray) -> list:
+        """Frames of ``work`` -> work items ``[(network key, items (k, ...), timestamps (k,))]``."""
+        raise NotImplementedError
+
+    def end_frames(self, work: Any) -> list:
+        """Work items left when the video's frames are over (e.g. a padded tail stack)."""
+        return []
+
+    def forward(self, key: str, batch: torch.Tensor) -> torch.Tensor:
+        """One batch of work items (possibly of several videos) -> one row per item."""
+        raise NotImplementedError
+
+    def finish(self, work: Any) -> dict[str, np.ndarray]:
+        """The rows of one video (``work.rows[key]``, ``work.stamps[key]``, in order) -> outputs;
+        raises VideoError when there are none (e.g. shorter than one stack)."""
+        raise NotImplementedError
 
     @classmethod
     def weights_for(cls, cfg: Config) -> dict[str, tuple[WeightCard, str | None]]:

@@ -68,6 +68,9 @@ class SharedOptions:
     batch_size: Union[int, str] = option(
         "frames (frame-wise models) or stacks (clip models) per forward pass; auto: the feature "
         "type's default for the device (small on CPU, where big batches run slower; large on GPU)")
+    decoders: Union[int, str] = option(
+        "decoding processes per device, each on a different video at a time (auto: the CPU "
+        "cores shared between the devices)")
     extraction_fps: Optional[float] = option(
         "resample the video to this frame rate by timestamp (no re-encoding); null keeps the "
         "native rate", above=0, changes_values=True)
@@ -434,6 +437,13 @@ def validate(cfg: Config) -> Config:
         bad = [i for i in ids if i >= n]
         if bad:
             raise ConfigError(f"device_ids {bad} do not exist: this machine has {n} GPU(s)")
+    if cfg.decoders == "auto":
+        from utils.pipeline import default_decoders
+
+        n_workers = cfg.cpu_workers if cfg.device == "cpu" else len(ids)
+        cfg = cfg.replace(decoders=default_decoders(n_workers))
+    if isinstance(cfg.decoders, bool) or not isinstance(cfg.decoders, int) or cfg.decoders < 1:
+        raise ConfigError(f"option decoders must be auto or an integer >= 1, got {cfg.decoders!r}")
     if cfg.batch_size == "auto":
         cfg = cfg.replace(batch_size=cls.auto_batch_size[cfg.device])
     if isinstance(cfg.batch_size, bool) or not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:

@@ -18,11 +18,12 @@ from typing import Any, Mapping
 
 from utils import __version__
 from utils.config import Config, value_options
-from utils.weights import resolve_checkpoint, sha256_of
 
 
 @functools.lru_cache(maxsize=64)
 def _digest(path: str, size: int, mtime_ns: int) -> str:
+    from utils.weights import sha256_of
+
     return sha256_of(path)
 
 
@@ -48,6 +49,7 @@ def checkpoint_identities(cfg: Config) -> dict[str, dict[str, Any]]:
     """role -> identity of every checkpoint ``cfg`` loads. Resolving may download (with a hash
     check) or raise WeightsError naming what is missing, so this runs once, before workers."""
     from models.registry import get_extractor_class
+    from utils.weights import resolve_checkpoint
 
     out: dict[str, dict[str, Any]] = {}
     for role, (card, explicit) in get_extractor_class(cfg.feature_type).weights_for(cfg).items():

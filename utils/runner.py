@@ -1,20 +1,22 @@
-"""Run an extraction over many inputs: worker processes on the devices, fed one input at a time.
+"""Run an extraction over many inputs: worker processes on the devices, fed over their own pipes.
 
 The parent validates, records what produces the outputs (utils/record.py: resolving, and if
 needed downloading, every checkpoint once), skips inputs whose outputs are already done under
-the same record, and hands the rest to workers. Each worker has its own pipe: the parent sends it
-the next input when it reports the previous one, so the parent always knows which input each
-worker holds. It waits on the pipes and on the processes' sentinels together, so a worker that
-dies (out of memory, segfault, killed) is noticed at once, however busy the others are: its input
-is recorded as failed with the reason and a replacement starts on the same device. A worker that
-reports no progress for ``worker_timeout`` seconds is killed and replaced the same way, and a
-worker whose CUDA context is broken by a sticky error (illegal address, device assert) is
-replaced instead of failing every later input. At the end every planned input has exactly one
-result; anything unaccounted for is reported as failed, never silently dropped.
+the same record, and hands the rest to workers: each worker holds at most as many inputs as it
+asked for (one; or, for feature types on the pipeline, one more than its decoder processes, so
+they all stay busy), and gets the next one when it reports a result, so the parent always knows
+which inputs each worker holds. It waits on the pipes and on the processes' sentinels together,
+so a worker that dies (out of memory, segfault, killed) is noticed at once, however busy the
+others are; a worker that reports no progress for ``worker_timeout`` seconds is killed as hung;
+a worker whose CUDA context is broken by a sticky error (illegal address, device assert) is
+replaced instead of failing every later input. The inputs a dead or hung worker held get one
+more try on a fresh worker, then fail with the reason. At the end every planned input has
+exactly one result; anything unaccounted for is reported as failed, never silently dropped.
 
 With one CPU worker (``device=cpu``, ``cpu_workers=1``) everything runs in the calling process
 instead, without that protection; every GPU run uses worker processes.
-:func:`process_one` is the per-input function; a cluster backend can call it as is.
+:func:`process_one` is the per-input function of feature types that are not on the pipeline; a
+cluster backend can call it as is.
 """
 from __future__ import annotations
 
@@ -29,7 +31,6 @@ from multiprocessing.connection import wait
 from typing import Any
 
 from utils.config import Config
-from utils.device import is_sticky_device_error, prepare_device
 from utils.errors import FeatureError
 from utils.output import OutputWriter
 
@@ -37,6 +38,8 @@ log = logging.getLogger(__name__)
 
 #: replacements of a device's worker in a row without any input finished in between
 MAX_RESPAWNS_PER_DEVICE = 3
+#: tries of an input whose worker died or hung while holding it
+MAX_ATTEMPTS = 2
 
 
 @dataclass
@@ -86,6 +89,7 @@ def configure_logging(level: str) -> None:
 
 def build_extractor(cfg: Config, device: str) -> Any:
     from models.registry import get_extractor_class
+    from utils.device import prepare_device
 
     return get_extractor_class(cfg.feature_type)(cfg, prepare_device(device, cfg.tf32))
 
@@ -94,30 +98,43 @@ def process_one(extractor: Any, writer: OutputWriter, path: str) -> Result:
     """Extract and write one input; every failure becomes a one-line reason."""
     t0 = time.perf_counter()
     extractor.frames_read = 0
-    broken = False
     try:
         feats = extractor.extract(path)
         seconds = time.perf_counter() - t0
         writer.write(path, feats, {"frames": extractor.frames_read, "seconds": round(seconds, 3),
                                    "device": str(extractor.device)})
         return Result(path, "done", frames=extractor.frames_read, seconds=seconds)
-    except FeatureError as exc:
+    except Exception as exc:
+        res = process_failure(exc, path)
+        res.frames, res.seconds = extractor.frames_read, time.perf_counter() - t0
+        return res
+
+
+def process_failure(exc: BaseException, path: str = "") -> Result:
+    """An exception met while extracting ``path`` -> a failed Result with a one-line reason."""
+    broken = False
+    if isinstance(exc, FeatureError):
         reason = str(exc)
-    except MemoryError:
+    elif isinstance(exc, MemoryError):
         reason = "out of memory"
-    except Exception as exc:  # a bug or a library error: keep the run going, keep the trace
+    else:  # a bug or a library error: keep the run going, keep the trace
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         if type(exc).__name__ == "OutOfMemoryError":
             reason = "out of GPU memory (lower batch_size)"
             _free_cuda()
-        elif is_sticky_device_error(exc):
+        elif _sticky(exc):
             broken = True
             reason = f"device error, the worker is replaced: {type(exc).__name__}: {first}"
         else:
             reason = f"{type(exc).__name__}: {first}"
             log.debug("traceback for %s:\n%s", path, traceback.format_exc())
-    return Result(path, "failed", reason=reason, frames=extractor.frames_read,
-                  seconds=time.perf_counter() - t0, device_broken=broken)
+    return Result(path, "failed", reason=reason, device_broken=broken)
+
+
+def _sticky(exc: BaseException) -> bool:
+    from utils.device import is_sticky_device_error
+
+    return is_sticky_device_error(exc)
 
 
 def _free_cuda() -> None:
@@ -133,8 +150,13 @@ def _threads_per_worker(n_cpu_workers: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, n_cpu_workers))
 
 
+def _decode_threads(cfg: Config) -> int:
+    """FFmpeg threads per decoder process, so that all decoders together fill the cores once."""
+    return max(1, (os.cpu_count() or 1) // max(1, cfg.decoders * len(devices_for(cfg))))
+
+
 def _worker_main(device: str, cfg: Config, record: dict, conn: Any) -> None:
-    """Entry point of a spawned worker: build once, then extract each path the parent sends."""
+    """Entry point of a spawned worker: build once, then extract what the parent sends."""
     configure_logging(cfg.log_level)
     import torch
 
@@ -146,7 +168,9 @@ def _worker_main(device: str, cfg: Config, record: dict, conn: Any) -> None:
     except Exception as exc:
         conn.send(("fatal", str(exc) if isinstance(exc, FeatureError) else f"{type(exc).__name__}: {exc}"))
         return
-    conn.send(("ready", device))
+    # how many inputs it wants at a time: enough to keep every decoder busy
+    capacity = cfg.decoders + 1 if extractor.frame_seam else 1
+    conn.send(("ready", capacity))
     last = [0, time.monotonic()]  # frames not yet reported, time of the last report
 
     def report(n: int) -> None:  # throttled live progress; also the watchdog's heartbeat
@@ -155,7 +179,15 @@ def _worker_main(device: str, cfg: Config, record: dict, conn: Any) -> None:
             conn.send(("frames", last[0]))
             last[:] = [0, time.monotonic()]
 
+    def flush() -> None:
+        if last[0]:
+            conn.send(("frames", last[0]))
+            last[:] = [0, time.monotonic()]
+
     extractor.progress_hook = report
+    if extractor.frame_seam:
+        _worker_pipeline(extractor, writer, cfg, conn, flush)
+        return
     while True:
         try:
             path = conn.recv()
@@ -164,13 +196,57 @@ def _worker_main(device: str, cfg: Config, record: dict, conn: Any) -> None:
         if path is None:
             return
         res = process_one(extractor, writer, path)
-        if last[0]:
-            conn.send(("frames", last[0]))
-            last[:] = [0, time.monotonic()]
+        flush()
         conn.send(("result", res))
         if res.device_broken:
             conn.close()
             os._exit(3)  # a broken CUDA context can hang an orderly exit
+
+
+def _worker_pipeline(extractor: Any, writer: OutputWriter, cfg: Config, conn: Any,
+                     flush: Any) -> None:
+    """Worker loop of a frame-seam feature type: inputs from the parent go into the device
+    pipeline as they arrive; results go back as each input finishes."""
+    import torch
+
+    from utils.pipeline import DevicePipeline
+
+    def send(res: Result) -> None:
+        flush()
+        conn.send(("result", res))
+
+    pipe = DevicePipeline(extractor, writer, cfg.decoders, send, _decode_threads(cfg))
+    stopping = False
+    try:
+        with torch.inference_mode():
+            while not (stopping and not pipe.busy):
+                while not stopping and conn.poll():
+                    try:
+                        path = conn.recv()
+                    except EOFError:
+                        return
+                    if path is None:
+                        stopping = True
+                    else:
+                        pipe.submit(path)
+                if pipe.busy:
+                    try:
+                        pipe.step()
+                    except Exception as exc:  # a batch failed: every input in it is lost
+                        res = process_failure(exc)
+                        for path in pipe.paths_in_flight():
+                            send(Result(path, "failed", reason=res.reason,
+                                        device_broken=res.device_broken))
+                        if res.device_broken:
+                            conn.close()
+                            os._exit(3)
+                        pipe.close()
+                        pipe = DevicePipeline(extractor, writer, cfg.decoders, send,
+                                              _decode_threads(cfg))
+                elif not stopping:
+                    conn.poll(0.1)
+    finally:
+        pipe.close()
 
 
 class _Progress:
@@ -296,6 +372,9 @@ def _run_inline(cfg: Config, record: dict, device: str, todo: list[str], summary
     extractor = build_extractor(cfg, device)  # errors here (weights, device) end the run
     extractor.progress_hook = progress.add_frames
     writer = OutputWriter.from_config(cfg, record)
+    if extractor.frame_seam:
+        _run_inline_pipeline(cfg, extractor, writer, todo, summary, progress)
+        return
     for i, path in enumerate(todo):
         res = process_one(extractor, writer, path)
         summary.results.append(res)
@@ -309,12 +388,43 @@ def _run_inline(cfg: Config, record: dict, device: str, todo: list[str], summary
             return
 
 
+def _run_inline_pipeline(cfg: Config, extractor: Any, writer: OutputWriter, todo: list[str],
+                         summary: Summary, progress: _Progress) -> None:
+    import torch
+
+    from utils.pipeline import DevicePipeline
+
+    def done(res: Result) -> None:
+        summary.results.append(res)
+        progress.update(res)
+
+    pending = collections.deque(todo)
+    pipe = DevicePipeline(extractor, writer, cfg.decoders, done, _decode_threads(cfg))
+    try:
+        with torch.inference_mode():
+            while pending or pipe.busy:
+                while pending and pipe.in_flight < cfg.decoders + 1:
+                    pipe.submit(pending.popleft())
+                try:
+                    pipe.step()
+                except Exception as exc:  # a failed batch: its inputs, and the rest, are reported
+                    reason = process_failure(exc).reason
+                    for path in pipe.paths_in_flight():
+                        done(Result(path, "failed", reason=reason))
+                    while pending:
+                        done(Result(pending.popleft(), "failed", reason=f"not processed: {reason}"))
+                    return
+    finally:
+        pipe.close()
+
+
 @dataclass
 class _Worker:
     proc: Any
     conn: Any
     device: str
-    task: str | None = None
+    tasks: list = field(default_factory=list)   # inputs sent to it, results not back yet
+    capacity: int = 1         # inputs it takes at a time (its decoders + 1 on the pipeline)
     heard: float = 0.0        # monotonic time of the last message
     ready: bool = False
     start_failed: bool = False
@@ -329,48 +439,60 @@ def _run_pool(cfg: Config, record: dict, devices: list[str], todo: list[str], su
     pending = collections.deque(todo)
     workers: list[_Worker] = []
     respawns: dict[str, int] = collections.Counter()
+    attempts: dict[str, int] = collections.Counter()
     fatal: list[str] = []
     timeout = float(cfg.worker_timeout or 0)
 
     def start(device: str) -> None:
         parent_end, child_end = ctx.Pipe()
         p = ctx.Process(target=_worker_main, args=(device, cfg, record, child_end),
-                        name=f"worker-{device}", daemon=True)
+                        name=f"worker-{device}")  # not daemonic: it starts decoders
         p.start()
         child_end.close()
         workers.append(_Worker(p, parent_end, device, heard=time.monotonic()))
 
     def finish(w: _Worker, res: Result) -> None:
-        w.task = None
+        if res.path in w.tasks:
+            w.tasks.remove(res.path)
         summary.results.append(res)
         progress.update(res)
 
     def dispatch(w: _Worker) -> None:
-        if pending and w.ready and w.task is None and w.proc.is_alive():
-            w.task = pending.popleft()
-            w.heard = time.monotonic()
+        while pending and w.ready and len(w.tasks) < w.capacity and w.proc.is_alive():
+            if not w.tasks:
+                w.heard = time.monotonic()
+            w.tasks.append(pending.popleft())
             try:
-                w.conn.send(w.task)
+                w.conn.send(w.tasks[-1])
             except (BrokenPipeError, OSError):
-                pass  # it died; its sentinel says so next round, with the task still held
+                return  # it died; its sentinel says so next round, with the tasks still held
 
     def retire(w: _Worker, why: str, replace: bool) -> None:
+        """Stop ``w``; its inputs get one more try on another worker (``replace``: it died or
+        hung, which may not be their fault), then fail with ``why``."""
         workers.remove(w)
         w.conn.close()
         if w.proc.is_alive():
             w.proc.kill()
         w.proc.join(timeout=10)
-        if w.task is not None:
-            finish(w, Result(w.task, "failed", reason=why))
+        for path in reversed(w.tasks):
+            attempts[path] += 1
+            if replace and attempts[path] < MAX_ATTEMPTS:
+                log.warning("retrying %s on a fresh worker: %s", path, why)
+                pending.appendleft(path)
+            else:
+                summary.results.append(res := Result(path, "failed", reason=why))
+                progress.update(res)
+        w.tasks.clear()
         respawns[w.device] += 1
-        if replace and pending and respawns[w.device] <= MAX_RESPAWNS_PER_DEVICE:
+        if replace and pending and respawns[w.device] <= MAX_RESPAWNS_PER_DEVICE * devices.count(w.device):
             log.warning("worker on %s: %s; starting a new one", w.device, why)
             start(w.device)
 
     for d in devices:
         start(d)
     try:
-        while pending or any(w.task is not None for w in workers):
+        while pending or any(w.tasks for w in workers):
             if not workers:
                 reason = fatal[0] if fatal else "no worker left (they kept dying)"
                 if fatal and summary.count("done") == 0:
@@ -388,15 +510,13 @@ def _run_pool(cfg: Config, record: dict, devices: list[str], todo: list[str], su
                         kind, payload = w.conn.recv()
                         w.heard = time.monotonic()
                         if kind == "ready":
-                            w.ready = True
+                            w.ready, w.capacity = True, int(payload)
                         elif kind == "frames":
                             progress.add_frames(payload)
                         elif kind == "result":
                             respawns[w.device] = 0
                             finish(w, payload)
-                            if payload.device_broken:
-                                w.broken = True
-                                break
+                            w.broken = w.broken or payload.device_broken
                         elif kind == "fatal":
                             w.start_failed = True
                             fatal.append(payload)
@@ -412,9 +532,9 @@ def _run_pool(cfg: Config, record: dict, devices: list[str], todo: list[str], su
                         retire(w, "device error", replace=True)
                     else:
                         retire(w, f"worker process died (exit code {w.proc.exitcode}) while "
-                                  "extracting this input", replace=True)
+                                  "this input was in it", replace=True)
                     continue
-                if w.task is not None and timeout and time.monotonic() - w.heard > timeout:
+                if w.tasks and timeout and time.monotonic() - w.heard > timeout:
                     retire(w, f"no progress for {timeout:g} s (worker_timeout): the worker was "
                               "killed as hung", replace=True)
                     continue

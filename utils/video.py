@@ -94,13 +94,14 @@ class FrameSource:
     """Frames of one input. Use as ``with open_frames(...) as src: for chunk in src.chunks(n)``."""
 
     def __init__(self, path: str, extraction_fps: float | None = None, frames_fps: float = 25.0,
-                 timestamps: str = "pts"):
+                 timestamps: str = "pts", threads: int = 0):
         if timestamps not in TIMESTAMP_MODES:
             raise ValueError(f"timestamps must be one of {', '.join(TIMESTAMP_MODES)}, "
                              f"not {timestamps!r}")
         self.path = str(path)
         self.extraction_fps = extraction_fps
         self.timestamps = timestamps
+        self.threads = int(threads)  # FFmpeg decoding threads; 0: FFmpeg's choice (all cores)
         self._container = None
         p = Path(path)
         if not p.exists():
@@ -133,6 +134,8 @@ class FrameSource:
             raise VideoError("no video stream in file")
         self._stream = self._container.streams.video[0]
         self._stream.thread_type = "AUTO"
+        if self.threads:
+            self._stream.codec_context.thread_count = self.threads
 
     def _open_container(self) -> None:
         self._open_av()
@@ -388,12 +391,12 @@ class FrameSource:
 
 
 def open_frames(path: str, extraction_fps: float | None = None, frames_fps: float = 25.0,
-                timestamps: str = "pts") -> FrameSource:
+                timestamps: str = "pts", threads: int = 0) -> FrameSource:
     """Open a video file or a folder of frames; raises VideoError with a one-line reason.
 
     ``timestamps``: "pts" (presentation times) or "index" (``n / fps``, the reference tool's).
     """
-    return FrameSource(path, extraction_fps, frames_fps, timestamps)
+    return FrameSource(path, extraction_fps, frames_fps, timestamps, threads)
 
 
 def _index_entries(stream: Any) -> Any:

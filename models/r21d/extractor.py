@@ -12,9 +12,8 @@ from models.base import Extractor, StackOptions
 from models.r21d.weights import CARD, labels, load_r21d
 from utils.config import Config
 from utils.errors import VideoError
-from utils.transforms import center_crop, normalize, resize, to_device
-from utils.video import open_frames
-from utils.windows import stack_batches, windows_from
+from utils.transforms import center_crop, normalize, resize
+from utils.windows import SlidingWindows
 
 KINETICS_MEAN = (0.43216, 0.394666, 0.37645)
 KINETICS_STD = (0.22803, 0.22145, 0.216989)
@@ -38,32 +37,46 @@ class R21DExtractor(Extractor):
     def weights_for(cls, cfg: Config) -> dict:
         return {"r21d": (CARD, cfg.checkpoint_path)}
 
+    frame_seam = True
+
     def __init__(self, cfg: Config, device: torch.device) -> None:
         super().__init__(cfg, device)
         self.net = load_r21d(cfg, self.device)
         self.labels = labels() if cfg.show_pred else []
 
-    @torch.inference_mode()
-    def extract(self, path: str) -> dict[str, np.ndarray]:
-        cfg = self.cfg
-        feats, stamps = [], []
-        with open_frames(path, cfg.extraction_fps, cfg.frames_fps, timestamps=cfg.timestamps) as src:
-            def prepped():
-                for chunk in src.chunks(max(cfg.step_size, 16)):
-                    self.count_frames(len(chunk.timestamps_ms))
-                    yield preprocess(to_device(chunk.frames, self.device)), chunk.timestamps_ms
+    def chunk_frames(self) -> int:
+        return max(self.cfg.step_size, 16)
 
-            windows = windows_from(prepped(), cfg.stack_size, cfg.step_size, cfg.tail)
-            for batch, ts in stack_batches(windows, cfg.batch_size):
-                f = self.net(batch.permute(0, 2, 1, 3, 4))  # (B, T, C, H, W) -> (B, C, T, H, W)
-                if cfg.show_pred:
-                    self.print_predictions(f"{path} stack", torch.softmax(self.net.head(f), -1),
-                                           self.labels, first=len(stamps) and sum(map(len, stamps)))
-                feats.append(f.float().cpu())
-                stamps.append(ts)
-            fps = src.fps
-        if not feats:
+    def begin(self, work) -> None:
+        work.state = SlidingWindows(self.cfg.stack_size, self.cfg.step_size, self.cfg.tail)
+
+    @staticmethod
+    def _stacks(windows: list) -> list:
+        if not windows:
+            return []
+        items = torch.stack([frames for frames, _, _ in windows])
+        stamps = np.array([ts[n_real - 1] for _, ts, n_real in windows], dtype=np.float64)
+        return [("r21d", items, stamps)]
+
+    def add_frames(self, work, frames: torch.Tensor, stamps: np.ndarray) -> list:
+        return self._stacks(work.state.push(preprocess(frames), stamps))
+
+    def end_frames(self, work) -> list:
+        return self._stacks(work.state.finish())
+
+    @torch.inference_mode()
+    def forward(self, key: str, batch: torch.Tensor) -> torch.Tensor:
+        return self.net(batch.permute(0, 2, 1, 3, 4))  # (B, T, C, H, W) -> (B, C, T, H, W)
+
+    @torch.inference_mode()
+    def finish(self, work) -> dict[str, np.ndarray]:
+        cfg = self.cfg
+        if not work.rows["r21d"]:
             raise VideoError(f"too short: fewer than stack_size={cfg.stack_size} frames "
-                             f"({self.frames_read} at {fps:g} fps)")
-        return {"r21d": torch.cat(feats).numpy(), "fps": np.array(fps, dtype=np.float64),
-                "timestamps_ms": np.concatenate(stamps)}
+                             f"({work.frames} at {work.fps:g} fps)")
+        feats = torch.stack(work.rows["r21d"])
+        if cfg.show_pred:
+            self.print_predictions(f"{work.path} stack", torch.softmax(self.net.head(feats), -1),
+                                   self.labels)
+        return {"r21d": feats.float().cpu().numpy(), "fps": np.array(work.fps, dtype=np.float64),
+                "timestamps_ms": np.asarray(work.stamps["r21d"], dtype=np.float64)}

@@ -11,8 +11,7 @@ from models.resnet.net import NAMES, feature_dim
 from models.resnet.weights import card_for, labels, load_resnet
 from utils.config import Config, SharedOptions, option
 from utils.errors import VideoError
-from utils.transforms import IMAGENET_MEAN, IMAGENET_STD, center_crop, normalize, resize_short_side, to_device
-from utils.video import open_frames
+from utils.transforms import IMAGENET_MEAN, IMAGENET_STD, center_crop, normalize, resize_short_side
 
 
 def preprocess(frames_u8: torch.Tensor) -> torch.Tensor:
@@ -38,31 +37,32 @@ class ResNetExtractor(Extractor):
     def weights_for(cls, cfg: Config) -> dict:
         return {"resnet": (card_for(cfg.model_name), cfg.checkpoint_path)}
 
+    frame_seam = True
+
     def __init__(self, cfg: Config, device: torch.device) -> None:
         super().__init__(cfg, device)
         self.net = load_resnet(cfg.model_name, cfg, self.device)
         self.labels = labels() if cfg.show_pred else []
 
+    def chunk_frames(self) -> int:
+        return self.cfg.batch_size
+
+    def add_frames(self, work, frames: torch.Tensor, stamps: np.ndarray) -> list:
+        return [("resnet", preprocess(frames), stamps)]
+
     @torch.inference_mode()
-    def extract(self, path: str) -> dict[str, np.ndarray]:
-        feats, stamps = [], []
-        with open_frames(path, self.cfg.extraction_fps, self.cfg.frames_fps,
-                         timestamps=self.cfg.timestamps) as src:
-            for chunk in src.chunks(self.cfg.batch_size):
-                x = preprocess(to_device(chunk.frames, self.device)).contiguous(
-                    memory_format=torch.channels_last)
-                f = self.net(x)
-                if self.cfg.show_pred:
-                    probs = torch.softmax(self.net.head(f), dim=-1)
-                    self.print_predictions(f"{path} frame", probs, self.labels,
-                                          first=chunk.first_index)
-                feats.append(f.float().cpu())
-                stamps.append(chunk.timestamps_ms)
-                self.count_frames(len(chunk.timestamps_ms))
-            fps = src.fps
-        if not feats:
+    def forward(self, key: str, batch: torch.Tensor) -> torch.Tensor:
+        return self.net(batch.contiguous(memory_format=torch.channels_last))
+
+    @torch.inference_mode()
+    def finish(self, work) -> dict[str, np.ndarray]:
+        if not work.rows["resnet"]:
             raise VideoError("no frames to extract features from")
-        out = torch.cat(feats).numpy()
+        feats = torch.stack(work.rows["resnet"])
+        if self.cfg.show_pred:
+            self.print_predictions(f"{work.path} frame", torch.softmax(self.net.head(feats), -1),
+                                   self.labels)
+        out = feats.float().cpu().numpy()
         assert out.shape[1] == feature_dim(self.cfg.model_name)
-        return {"resnet": out, "fps": np.array(fps, dtype=np.float64),
-                "timestamps_ms": np.concatenate(stamps)}
+        return {"resnet": out, "fps": np.array(work.fps, dtype=np.float64),
+                "timestamps_ms": np.asarray(work.stamps["resnet"], dtype=np.float64)}

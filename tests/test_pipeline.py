@@ -1,0 +1,153 @@
+"""The device pipeline: decoder processes, shared-memory slots, batches across videos.
+
+Its outputs must equal the one-video ``extract`` path (itself checked against independent
+computations in the per-model tests); failures stay with their video.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from utils.config import make_config
+from utils.pipeline import SLOTS_PER_DECODER, Batcher, DevicePipeline, VideoWork
+from utils.runner import build_extractor
+
+
+class Collect:
+    """A writer that keeps what it is given."""
+
+    def __init__(self):
+        self.outputs: dict[str, dict] = {}
+
+    def write(self, path, feats, info=None):
+        self.outputs[path] = dict(feats)
+        return []
+
+
+@pytest.fixture(scope="module")
+def videos(make_video):
+    return [make_video("p1.mp4", n_frames=23, fps=25.0, width=64, height=48),
+            make_video("p2.mp4", n_frames=9, fps=10.0, width=80, height=60),
+            make_video("p3.mp4", n_frames=40, fps=29.97, width=48, height=64)]
+
+
+def _run_pipeline(ex, paths, decoders=2):
+    results, writer = [], Collect()
+    pipe = DevicePipeline(ex, writer, decoders, results.append)
+    try:
+        with torch.inference_mode():
+            pipe.run([str(p) for p in paths])
+    finally:
+        pipe.close()
+    return {r.path: r for r in results}, writer.outputs
+
+
+@pytest.mark.parametrize("ft,options", [
+    ("resnet", dict(model_name="resnet18", batch_size=8)),
+    ("resnet", dict(model_name="resnet18", batch_size=5, extraction_fps=7.0)),
+    ("r21d", dict(stack_size=4, step_size=3, tail="pad", batch_size=3)),
+])
+def test_pipeline_equals_one_video_extraction(videos, resnet_weights, hub_checkpoints, ft, options):
+    if ft == "resnet":
+        resnet_weights("resnet18")
+    else:
+        from models.r21d.weights import CARD, write_random_checkpoint
+
+        write_random_checkpoint(hub_checkpoints / CARD.filename)
+    cfg = make_config(ft, video_paths=[str(v) for v in videos], device="cpu", **options)
+    ex = build_extractor(cfg, "cpu")
+    results, outputs = _run_pipeline(ex, videos)
+    assert {r.status for r in results.values()} == {"done"}
+    for v in videos:
+        ref = ex.extract(str(v))
+        got = outputs[str(v)]
+        assert set(got) == set(ref)
+        for key in ref:
+            assert got[key].shape == ref[key].shape, key
+            np.testing.assert_allclose(got[key], ref[key], rtol=1e-5, atol=1e-5 * np.abs(ref[key]).max())
+        if ft == "resnet":
+            assert results[str(v)].frames == len(ref["timestamps_ms"])
+
+
+def test_bad_videos_fail_alone(videos, resnet_weights, tmp_path):
+    resnet_weights("resnet18")
+    text = tmp_path / "text.mp4"
+    text.write_text("not a video\n" * 20)
+    cut = tmp_path / "cut.mp4"
+    data = videos[2].read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    paths = [videos[0], text, tmp_path / "missing.mp4", cut, videos[1]]
+    cfg = make_config("resnet", video_paths=[str(p) for p in paths], device="cpu",
+                      model_name="resnet18", batch_size=8)
+    results, outputs = _run_pipeline(build_extractor(cfg, "cpu"), paths)
+    status = {p: results[str(p)].status for p in paths}
+    assert status == {videos[0]: "done", text: "failed", tmp_path / "missing.mp4": "failed",
+                      cut: "failed", videos[1]: "done"}
+    assert "not a readable video" in results[str(text)].reason
+    assert "file not found" in results[str(tmp_path / "missing.mp4")].reason
+    assert set(outputs) == {str(videos[0]), str(videos[1])}
+
+
+def test_a_dead_decoder_costs_only_its_video(make_video, videos, resnet_weights):
+    resnet_weights("resnet18")
+    long = make_video("long_p.mp4", n_frames=400, fps=25.0, width=64, height=48)
+    cfg = make_config("resnet", video_paths=[str(long)], device="cpu", model_name="resnet18",
+                      batch_size=8)
+    results, writer = [], Collect()
+    pipe = DevicePipeline(build_extractor(cfg, "cpu"), writer, 2, results.append)
+    try:
+        with torch.inference_mode():
+            pipe.submit(str(long))
+            deadline = time.time() + 60
+            while time.time() < deadline and not any(w.frames for w in pipe.works.values()):
+                pipe.step()
+            victim = next(d for d in pipe.pool.decoders if d.vid is not None)
+            victim.proc.kill()
+            victim.proc.join()
+            for v in videos:
+                pipe.submit(str(v))
+            deadline = time.time() + 120
+            while pipe.busy and time.time() < deadline:
+                pipe.step()
+    finally:
+        pipe.close()
+    by_path = {r.path: r for r in results}
+    assert len(results) == 4
+    assert by_path[str(long)].status == "failed"
+    assert "decoder process died" in by_path[str(long)].reason
+    assert all(by_path[str(v)].status == "done" for v in videos)
+
+
+def test_batches_mix_videos_and_rows_go_back_in_order():
+    calls = []
+
+    def forward(key, batch):
+        calls.append(batch.shape[0])
+        return batch.sum(dim=1)  # one number per item: its own id
+
+    b = Batcher(forward, batch_size=4)
+    v1, v2 = VideoWork(1, "a"), VideoWork(2, "b")
+    b.add(v1, "k", torch.tensor([[10.0], [11.0], [12.0]]), np.array([0.0, 1.0, 2.0]))
+    b.add(v2, "k", torch.tensor([[20.0], [21.0]]), np.array([5.0, 6.0]))
+    assert b.run(full_only=True) == 1 and calls == [4]  # three of v1 and one of v2 together
+    assert v1.pending == 0 and v2.pending == 1
+    b.run(full_only=False)
+    assert calls == [4, 1]
+    assert [float(r) for r in v1.rows["k"]] == [10.0, 11.0, 12.0] and v1.stamps["k"] == [0.0, 1.0, 2.0]
+    assert [float(r) for r in v2.rows["k"]] == [20.0, 21.0] and v2.pending == 0
+
+
+def test_shared_memory_is_fixed_and_released(videos, resnet_weights):
+    import os
+
+    resnet_weights("resnet18")
+    cfg = make_config("resnet", video_paths=[str(videos[0])], device="cpu", model_name="resnet18")
+    pipe = DevicePipeline(build_extractor(cfg, "cpu"), Collect(), 3, lambda r: None)
+    names = [s.name for d in pipe.pool.decoders for s in d.shms]
+    assert len(names) == 3 * SLOTS_PER_DECODER
+    assert all(os.path.exists(f"/dev/shm/{n}") for n in names) or not os.path.isdir("/dev/shm")
+    pipe.close()
+    assert not any(os.path.exists(f"/dev/shm/{n}") for n in names)

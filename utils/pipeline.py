@@ -1,0 +1,432 @@
+"""The per-device pipeline: decoder processes feed one device loop that batches across videos.
+
+::
+
+    decoder processes (N)            device process
+    ---------------------            -------------------------------------------------------
+    open + decode + pick frames  ->  shared-memory slot -> one copy to the device -> slot freed
+    (different videos at once)       extractor.add_frames: preprocess, windows -> work items
+                                     items of all videos -> batches of batch_size -> forward
+                                     rows routed back to their video; a finished video's
+                                     outputs go to the writer thread
+
+Frames travel as uint8 in fixed shared-memory slots (never pickled); only small messages
+(slot index, frame count, timestamps) go through queues. Memory is bounded by the slots and one
+batch per network, never by a video's length. A decoding error fails its video only.
+
+Extractors that implement the frame seam of :class:`models.base.Extractor` (``add_frames``,
+``forward``, ``finish``) run here; the others run whole videos through ``extract`` as before.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import queue as queue_mod
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing import shared_memory
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from utils.errors import FeatureError, VideoError
+
+log = logging.getLogger(__name__)
+
+#: bytes of one shared-memory slot: ~23 frames of 640x360, 2 of 1920x1080
+SLOT_BYTES = 16 << 20
+SLOTS_PER_DECODER = 4
+
+
+def default_decoders(n_devices: int = 1) -> int:
+    """Decoder processes per device: the machine's cores shared between the devices."""
+    return max(1, (os.cpu_count() or 1) // max(1, n_devices))
+
+
+# -- decoder processes ---------------------------------------------------------------------------
+def _attach(name: str) -> shared_memory.SharedMemory:
+    """Attach to one of the device process's slots. Spawned decoders share its resource tracker,
+    so attaching adds nothing to clean up; the owner unlinks the segment (and unregisters it)."""
+    try:
+        return shared_memory.SharedMemory(name=name, track=False)  # Python 3.13+
+    except TypeError:
+        return shared_memory.SharedMemory(name=name)
+
+
+def _decoder_main(index: int, gen: int, slot_names: list[str], free: Any, tasks: Any, out: Any,
+                  needs: dict, chunk_frames: int, threads: int, parent: int) -> None:
+    """Decode each video sent on ``tasks`` into this decoder's free slots; report on ``out``.
+    Every message carries ``(kind, index, gen, vid, ...)`` so the device loop can tell a
+    replaced decoder's leftovers from its successor's."""
+    from utils.video import open_frames
+
+    slots = [_attach(n) for n in slot_names]
+    try:
+        while True:
+            try:
+                task = tasks.get(timeout=1.0)
+            except queue_mod.Empty:
+                if os.getppid() != parent:  # the device process is gone
+                    return
+                continue
+            if task is None:
+                return
+            vid, path = task
+            tag = (index, gen, vid)
+            try:
+                with open_frames(path, needs["extraction_fps"], needs["frames_fps"],
+                                 timestamps=needs["timestamps"], threads=threads) as src:
+                    out.put(("open", *tag, src.fps))
+                    _decode_into_slots(src, tag, slots, free, out, chunk_frames, parent)
+                    out.put(("end", *tag, src.fps))
+            except FeatureError as exc:
+                out.put(("error", *tag, str(exc)))
+            except _ParentGone:
+                return
+            except Exception as exc:  # a library error: this video fails, the decoder goes on
+                out.put(("error", *tag, f"{type(exc).__name__}: {str(exc).strip()[:200]}"))
+    finally:
+        for s in slots:
+            s.close()
+
+
+class _ParentGone(Exception):
+    pass
+
+
+def _take_slot(free: Any, parent: int) -> int:
+    while True:
+        try:
+            return free.get(timeout=1.0)
+        except queue_mod.Empty:
+            if os.getppid() != parent:
+                raise _ParentGone from None
+
+
+def _decode_into_slots(src: Any, tag: tuple, slots: list, free: Any, out: Any, chunk_frames: int,
+                       parent: int) -> None:
+    """Frames of ``src`` straight into shared-memory slots, a chunk per slot."""
+    slot = view = None
+    n = per_slot = 0
+    stamps: list[float] = []
+    first = 0
+    shape = None
+    for idx, ts, img in src.timed_frames():
+        if shape is None:
+            shape = img.shape
+            if img.nbytes > SLOT_BYTES:
+                raise VideoError(f"frames of {shape[1]}x{shape[0]} are larger than the "
+                                 f"{SLOT_BYTES >> 20} MB transfer slots")
+            per_slot = max(1, min(chunk_frames, SLOT_BYTES // img.nbytes))
+        elif img.shape != shape:
+            raise VideoError(f"frame {idx} has size {img.shape[1]}x{img.shape[0]}, "
+                             f"earlier frames {shape[1]}x{shape[0]}")
+        if slot is None:
+            slot = _take_slot(free, parent)
+            view = np.ndarray((per_slot, *shape), np.uint8, buffer=slots[slot].buf)
+            n, stamps, first = 0, [], idx
+        view[n] = img
+        stamps.append(ts)
+        n += 1
+        if n == per_slot:
+            out.put(("chunk", *tag, slot, n, shape, np.asarray(stamps, np.float64), first))
+            slot = view = None
+    if slot is not None:
+        out.put(("chunk", *tag, slot, n, shape, np.asarray(stamps, np.float64), first))
+
+
+@dataclass
+class _Decoder:
+    proc: Any
+    tasks: Any
+    free: Any
+    shms: list
+    gen: int = 0
+    vid: int | None = None      # the video it is decoding
+
+
+class DecoderPool:
+    """``n`` decoder processes, each with its own task queue and shared-memory slots (owned,
+    created and unlinked by this process), so the device loop always knows which video each
+    decoder holds and a decoder that dies takes only its video (and none of the slots) with it."""
+
+    def __init__(self, n: int, needs: dict, chunk_frames: int, threads: int = 1):
+        import multiprocessing as mp
+
+        self._ctx = mp.get_context("spawn")
+        self.n = n
+        self.out = self._ctx.Queue()
+        self._args = (needs, chunk_frames, threads)
+        self.decoders: list[_Decoder] = []
+        for i in range(n):
+            shms = [shared_memory.SharedMemory(create=True, size=SLOT_BYTES)
+                    for _ in range(SLOTS_PER_DECODER)]
+            self.decoders.append(self._start(i, _Decoder(None, None, None, shms)))
+
+    def _start(self, i: int, d: _Decoder) -> _Decoder:
+        d.tasks, d.free, d.vid = self._ctx.Queue(), self._ctx.Queue(), None
+        for k in range(len(d.shms)):
+            d.free.put(k)
+        d.proc = self._ctx.Process(
+            target=_decoder_main, name=f"decoder{i}", daemon=True,
+            args=(i, d.gen, [s.name for s in d.shms], d.free, d.tasks, self.out, *self._args,
+                  os.getpid()))
+        d.proc.start()
+        return d
+
+    def idle(self) -> list[int]:
+        return [i for i, d in enumerate(self.decoders) if d.vid is None]
+
+    def assign(self, i: int, vid: int, path: str) -> None:
+        self.decoders[i].vid = vid
+        self.decoders[i].tasks.put((vid, path))
+
+    def current(self, index: int, gen: int) -> _Decoder | None:
+        """The decoder a message came from, or None for a replaced decoder's leftovers."""
+        d = self.decoders[index]
+        return d if d.gen == gen else None
+
+    def slot(self, d: _Decoder, k: int, n: int, shape: tuple) -> np.ndarray:
+        return np.ndarray((n, *shape), np.uint8, buffer=d.shms[k].buf)
+
+    def replace_dead(self) -> list[tuple[int, int | None]]:
+        """Restart decoders that died; returns ``(exit code, video it held)`` for each."""
+        lost = []
+        for i, d in enumerate(self.decoders):
+            if d.proc.is_alive():
+                continue
+            lost.append((d.proc.exitcode, d.vid))
+            d.gen += 1
+            self._start(i, d)
+        return lost
+
+    def close(self) -> None:
+        for d in self.decoders:
+            d.tasks.put(None)
+        for d in self.decoders:
+            d.proc.join(timeout=5)
+            if d.proc.is_alive():
+                d.proc.kill()
+            for s in d.shms:
+                s.close()
+                try:
+                    s.unlink()
+                except FileNotFoundError:
+                    pass
+
+
+# -- the device loop -----------------------------------------------------------------------------
+@dataclass
+class VideoWork:
+    """One input in flight: the extractor's per-video state and the rows computed so far."""
+
+    vid: int
+    path: str
+    fps: float | None = None
+    frames: int = 0
+    t0: float = field(default_factory=time.perf_counter)
+    state: Any = None                      # the extractor's (windows, previous frame, ...)
+    rows: dict = field(default_factory=lambda: collections.defaultdict(list))
+    stamps: dict = field(default_factory=lambda: collections.defaultdict(list))
+    pending: int = 0                       # work items handed to the batcher, rows not back yet
+    decoded: bool = False                  # the decoder has sent every frame
+    error: str | None = None
+
+
+class Batcher:
+    """Work items of every video, per network, run ``batch_size`` at a time."""
+
+    def __init__(self, forward: Callable[[str, Any], Any], batch_size: int):
+        self.forward = forward
+        self.batch_size = batch_size
+        self.queues: dict[str, list] = collections.defaultdict(list)  # key -> [(work, tensor, ts)]
+
+    def add(self, work: VideoWork, key: str, items: Any, stamps: np.ndarray) -> None:
+        for i in range(len(stamps)):
+            self.queues[key].append((work, items[i], float(stamps[i])))
+        work.pending += len(stamps)
+
+    def run(self, full_only: bool) -> int:
+        """Run the batches that are full (or, with ``full_only=False``, everything queued)."""
+        import torch
+
+        ran = 0
+        for key, q in self.queues.items():
+            while len(q) >= self.batch_size or (q and not full_only):
+                take, self.queues[key] = q[: self.batch_size], q[self.batch_size:]
+                q = self.queues[key]
+                rows = self.forward(key, torch.stack([t for _, t, _ in take]))
+                for (work, _, ts), row in zip(take, rows):
+                    work.rows[key].append(row)
+                    work.stamps[key].append(ts)
+                    work.pending -= 1
+                ran += 1
+        return ran
+
+    def drop(self, work: VideoWork) -> None:
+        for key in self.queues:
+            self.queues[key] = [it for it in self.queues[key] if it[0] is not work]
+        work.pending = 0
+
+
+class DevicePipeline:
+    """Runs many videos through one extractor on its device, decoding in ``n_decoders``
+    processes. ``submit`` inputs, then call ``step`` until ``busy`` is false; each input comes
+    back exactly once as a :class:`utils.runner.Result` through ``on_result``. An exception out
+    of ``step`` (a device error in a batch) concerns every input in flight."""
+
+    def __init__(self, extractor: Any, writer: Any, n_decoders: int,
+                 on_result: Callable[[Any], None], decode_threads: int = 1):
+        self.ex = extractor
+        self.writer = writer
+        self.on_result = on_result
+        self.batcher = Batcher(extractor.forward, extractor.cfg.batch_size)
+        self.pool = DecoderPool(n_decoders, extractor.frame_needs(), extractor.chunk_frames(),
+                                decode_threads)
+        self.works: dict[int, VideoWork] = {}
+        self.waiting: collections.deque[int] = collections.deque()  # submitted, no decoder yet
+        self._next = 0
+        self._writes = ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer")
+        self._writing: list[tuple[VideoWork, Future]] = []
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.works or self._writing)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.works) + len(self._writing)
+
+    def paths_in_flight(self) -> list[str]:
+        return [w.path for w in self.works.values()] + [w.path for w, _ in self._writing]
+
+    def submit(self, path: str) -> None:
+        vid, self._next = self._next, self._next + 1
+        self.works[vid] = VideoWork(vid, path)
+        self.waiting.append(vid)
+        self._assign()
+
+    def _assign(self) -> None:
+        for i in self.pool.idle():
+            while self.waiting and self.waiting[0] not in self.works:
+                self.waiting.popleft()
+            if not self.waiting:
+                return
+            vid = self.waiting.popleft()
+            self.pool.assign(i, vid, self.works[vid].path)
+
+    def step(self, timeout: float = 0.05) -> None:
+        """Handle what the decoders sent (waiting up to ``timeout`` for the first message), run
+        full batches, and partial ones when no more frames are waiting; finish done videos."""
+        got = 0
+        deadline = time.monotonic() + timeout
+        while got < 64:
+            try:
+                msg = (self.pool.out.get(timeout=max(0.0, deadline - time.monotonic()))
+                       if got == 0 else self.pool.out.get_nowait())
+            except queue_mod.Empty:
+                break
+            got += 1
+            self._handle(msg)
+        self.batcher.run(full_only=True)
+        if got == 0 or self.pool.out.empty():
+            self.batcher.run(full_only=False)
+        for code, vid in self.pool.replace_dead():
+            if vid in self.works:
+                self._fail(self.works[vid], f"the decoder process died (exit code {code}) "
+                                            "while decoding this input")
+        self._finish_ready()
+        self._assign()
+
+    def _handle(self, msg: tuple) -> None:
+        kind, index, gen, vid = msg[:4]
+        decoder = self.pool.current(index, gen)
+        if decoder is None:
+            return  # from a decoder that has been replaced; its slots were reset
+        work = self.works.get(vid)
+        if kind == "chunk":
+            slot, n, shape, stamps, _first = msg[4:]
+            if work is not None and work.error is None:
+                frames = self.ex.to_device_frames(self.pool.slot(decoder, slot, n, shape))
+            decoder.free.put(slot)  # the frames were copied out of it
+            if work is None or work.error is not None:
+                return
+            work.frames += n
+            self.ex.count_frames(n)
+            try:
+                for key, items, ts in self.ex.add_frames(work, frames, stamps):
+                    self.batcher.add(work, key, items, ts)
+            except FeatureError as exc:
+                self._fail(work, str(exc))
+            return
+        if kind in ("end", "error"):
+            decoder.vid = None
+        if work is None:
+            return
+        if kind == "open":
+            work.fps = msg[4]
+            self.ex.begin(work)
+        elif kind == "end":
+            try:
+                for key, items, ts in self.ex.end_frames(work):
+                    self.batcher.add(work, key, items, ts)
+            except FeatureError as exc:
+                self._fail(work, str(exc))
+                return
+            work.decoded = True
+        elif kind == "error":
+            self._fail(work, msg[4])
+
+    def _fail(self, work: VideoWork, reason: str) -> None:
+        from utils.runner import Result
+
+        work.error = reason
+        self.batcher.drop(work)
+        self.works.pop(work.vid, None)
+        self.on_result(Result(work.path, "failed", reason=reason, frames=work.frames,
+                              seconds=time.perf_counter() - work.t0))
+
+    def _finish_ready(self) -> None:
+        from utils.runner import Result
+
+        for work in [w for w in self.works.values() if w.decoded and w.pending == 0]:
+            self.works.pop(work.vid)
+            try:
+                feats = self.ex.finish(work)
+            except FeatureError as exc:
+                self._fail(work, str(exc))
+                continue
+            seconds = time.perf_counter() - work.t0
+            info = {"frames": work.frames, "seconds": round(seconds, 3), "device": str(self.ex.device)}
+            self._writing.append((work, self._writes.submit(self.writer.write, work.path, feats, info)))
+        still = []
+        for work, fut in self._writing:
+            if not fut.done():
+                still.append((work, fut))
+                continue
+            exc = fut.exception()
+            if exc is None:
+                res = Result(work.path, "done", frames=work.frames,
+                             seconds=time.perf_counter() - work.t0)
+            else:
+                res = Result(work.path, "failed", reason=f"writing the outputs failed: {exc}",
+                             frames=work.frames)
+            self.on_result(res)
+        self._writing = still
+
+    def run(self, paths: Iterable[str], max_in_flight: int | None = None) -> None:
+        """Every path through the pipeline, keeping ``max_in_flight`` inputs open at a time."""
+        pending = collections.deque(paths)
+        limit = max_in_flight or self.pool.n + 1
+        while pending or self.busy:
+            while pending and self.in_flight < limit:
+                self.submit(pending.popleft())
+            self.step()
+
+    def close(self) -> None:
+        for _, fut in self._writing:
+            fut.exception()
+        self._writes.shutdown(wait=True)
+        self.pool.close()
