@@ -105,20 +105,21 @@ class Extractor(abc.ABC):
         return 32
 
     def to_device_frames(self, frames: np.ndarray) -> torch.Tensor:
-        """(n, H, W, 3) uint8 host frames -> (n, 3, H, W) uint8 on the device, copied (the host
-        buffer is reused as soon as this returns)."""
+        """(n, H, W, 3) uint8 host frames -> (n, 3, H, W) uint8 on the device. On the CPU this is
+        a view of the host buffer, which is reused once ``add_frames`` returns."""
         t = torch.from_numpy(frames)
         if self.device.type == "cuda":
             t = t.pin_memory().to(self.device, non_blocking=True)
-        else:
-            t = t.clone()
         return t.permute(0, 3, 1, 2)
 
     def begin(self, work: Any) -> None:
         """Set up ``work.state`` for a new video (``work.fps`` is known)."""
 
     def add_frames(self, work: Any, frames: torch.Tensor, stamps: np.ndarray) -> list:
-        """Frames of ``work`` -> work items ``[(network key, items (k, ...), timestamps (k,))]``."""
+        """Frames of ``work`` -> work items ``[(network key, items (k, ...), timestamps (k,))]``.
+
+        ``frames`` may be a view of a reused transfer buffer: keep nothing of it after returning
+        (items must be new tensors; state that needs a frame later stores a copy)."""
         raise NotImplementedError
 
     def end_frames(self, work: Any) -> list:
@@ -130,7 +131,7 @@ class Extractor(abc.ABC):
         raise NotImplementedError
 
     def finish(self, work: Any) -> dict[str, np.ndarray]:
-        """The rows of one video (``work.rows[key]``, ``work.stamps[key]``, in order) -> outputs;
+        """The rows of one video (``utils.pipeline.rows_of(work, key)``, in order) -> outputs;
         raises VideoError when there are none (e.g. shorter than one stack)."""
         raise NotImplementedError
 

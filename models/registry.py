@@ -18,6 +18,7 @@ _EXTRACTORS = {
     "i3d": "models.i3d.extractor:I3DExtractor",
     "r21d": "models.r21d.extractor:R21DExtractor",
     "vggish": "models.vggish.extractor:VGGishExtractor",
+    "null": "models.null.extractor:NullExtractor",
 }
 
 PLUGINS_ENV = "VIDEO_FEATURES_PLUGINS"

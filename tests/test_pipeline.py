@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from utils.config import make_config
-from utils.pipeline import SLOTS_PER_DECODER, Batcher, DevicePipeline, VideoWork
+from utils.pipeline import SLOTS_PER_DECODER, Batcher, DevicePipeline, VideoWork, rows_of
 from utils.runner import build_extractor
 
 
@@ -136,8 +136,10 @@ def test_batches_mix_videos_and_rows_go_back_in_order():
     assert v1.pending == 0 and v2.pending == 1
     b.run(full_only=False)
     assert calls == [4, 1]
-    assert [float(r) for r in v1.rows["k"]] == [10.0, 11.0, 12.0] and v1.stamps["k"] == [0.0, 1.0, 2.0]
-    assert [float(r) for r in v2.rows["k"]] == [20.0, 21.0] and v2.pending == 0
+    rows1, stamps1 = rows_of(v1, "k")
+    rows2, stamps2 = rows_of(v2, "k")
+    assert rows1.tolist() == [10.0, 11.0, 12.0] and stamps1.tolist() == [0.0, 1.0, 2.0]
+    assert rows2.tolist() == [20.0, 21.0] and stamps2.tolist() == [5.0, 6.0] and v2.pending == 0
 
 
 def test_shared_memory_is_fixed_and_released(videos, resnet_weights):

@@ -236,39 +236,77 @@ class VideoWork:
 
 
 class Batcher:
-    """Work items of every video, per network, run ``batch_size`` at a time."""
+    """Work items of every video, per network, run ``batch_size`` at a time.
+
+    Items arrive and leave in blocks (a chunk's items of one video), so the cost in Python is per
+    block, not per frame: a batch is the concatenation of whole or split blocks, and its rows go
+    back to each video as one block.
+    """
 
     def __init__(self, forward: Callable[[str, Any], Any], batch_size: int):
         self.forward = forward
         self.batch_size = batch_size
-        self.queues: dict[str, list] = collections.defaultdict(list)  # key -> [(work, tensor, ts)]
+        # key -> queued blocks [work, items (k, ...), stamps (k,)]
+        self.queues: dict[str, collections.deque] = collections.defaultdict(collections.deque)
+        self.counts: dict[str, int] = collections.Counter()
 
     def add(self, work: VideoWork, key: str, items: Any, stamps: np.ndarray) -> None:
-        for i in range(len(stamps)):
-            self.queues[key].append((work, items[i], float(stamps[i])))
+        if len(stamps) == 0:
+            return
+        self.queues[key].append([work, items, np.asarray(stamps, np.float64)])
+        self.counts[key] += len(stamps)
         work.pending += len(stamps)
+
+    def _take(self, key: str) -> list:
+        """Up to ``batch_size`` items from the front of ``key``'s queue, as blocks."""
+        q, taken, n = self.queues[key], [], 0
+        while q and n < self.batch_size:
+            work, items, stamps = q[0]
+            k = min(len(stamps), self.batch_size - n)
+            if k == len(stamps):
+                q.popleft()
+            else:  # split the block: its first k items go now
+                q[0] = [work, items[k:], stamps[k:]]
+                items, stamps = items[:k], stamps[:k]
+            taken.append((work, items, stamps))
+            n += k
+        self.counts[key] -= n
+        return taken
 
     def run(self, full_only: bool) -> int:
         """Run the batches that are full (or, with ``full_only=False``, everything queued)."""
         import torch
 
         ran = 0
-        for key, q in self.queues.items():
-            while len(q) >= self.batch_size or (q and not full_only):
-                take, self.queues[key] = q[: self.batch_size], q[self.batch_size:]
-                q = self.queues[key]
-                rows = self.forward(key, torch.stack([t for _, t, _ in take]))
-                for (work, _, ts), row in zip(take, rows):
-                    work.rows[key].append(row)
-                    work.stamps[key].append(ts)
-                    work.pending -= 1
+        for key in list(self.queues):
+            while self.counts[key] >= self.batch_size or (self.counts[key] and not full_only):
+                blocks = self._take(key)
+                batch = blocks[0][1] if len(blocks) == 1 else torch.cat([b[1] for b in blocks])
+                rows = self.forward(key, batch)
+                at = 0
+                for work, items, stamps in blocks:
+                    work.rows[key].append(rows[at:at + len(stamps)])
+                    work.stamps[key].append(stamps)
+                    work.pending -= len(stamps)
+                    at += len(stamps)
                 ran += 1
         return ran
 
     def drop(self, work: VideoWork) -> None:
-        for key in self.queues:
-            self.queues[key] = [it for it in self.queues[key] if it[0] is not work]
+        for key, q in self.queues.items():
+            kept = collections.deque(b for b in q if b[0] is not work)
+            self.counts[key] = sum(len(b[2]) for b in kept)
+            self.queues[key] = kept
         work.pending = 0
+
+
+def rows_of(work: VideoWork, key: str) -> tuple[Any, np.ndarray]:
+    """All rows of ``key`` for one video, in order, and their timestamps."""
+    import torch
+
+    if not work.rows[key]:
+        return None, np.zeros(0, np.float64)
+    return torch.cat(work.rows[key]), np.concatenate(work.stamps[key])
 
 
 class DevicePipeline:
@@ -348,18 +386,21 @@ class DevicePipeline:
         work = self.works.get(vid)
         if kind == "chunk":
             slot, n, shape, stamps, _first = msg[4:]
-            if work is not None and work.error is None:
-                frames = self.ex.to_device_frames(self.pool.slot(decoder, slot, n, shape))
-            decoder.free.put(slot)  # the frames were copied out of it
             if work is None or work.error is not None:
+                decoder.free.put(slot)
                 return
             work.frames += n
             self.ex.count_frames(n)
+            frames = None
             try:
+                frames = self.ex.to_device_frames(self.pool.slot(decoder, slot, n, shape))
                 for key, items, ts in self.ex.add_frames(work, frames, stamps):
                     self.batcher.add(work, key, items, ts)
             except FeatureError as exc:
                 self._fail(work, str(exc))
+            finally:
+                del frames
+                decoder.free.put(slot)  # add_frames keeps nothing of the slot (its contract)
             return
         if kind in ("end", "error"):
             decoder.vid = None

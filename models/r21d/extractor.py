@@ -12,6 +12,7 @@ from models.base import Extractor, StackOptions
 from models.r21d.weights import CARD, labels, load_r21d
 from utils.config import Config
 from utils.errors import VideoError
+from utils.pipeline import rows_of
 from utils.transforms import center_crop, normalize, resize
 from utils.windows import SlidingWindows
 
@@ -71,12 +72,12 @@ class R21DExtractor(Extractor):
     @torch.inference_mode()
     def finish(self, work) -> dict[str, np.ndarray]:
         cfg = self.cfg
-        if not work.rows["r21d"]:
+        feats, stamps = rows_of(work, "r21d")
+        if feats is None:
             raise VideoError(f"too short: fewer than stack_size={cfg.stack_size} frames "
                              f"({work.frames} at {work.fps:g} fps)")
-        feats = torch.stack(work.rows["r21d"])
         if cfg.show_pred:
             self.print_predictions(f"{work.path} stack", torch.softmax(self.net.head(feats), -1),
                                    self.labels)
         return {"r21d": feats.float().cpu().numpy(), "fps": np.array(work.fps, dtype=np.float64),
-                "timestamps_ms": np.asarray(work.stamps["r21d"], dtype=np.float64)}
+                "timestamps_ms": stamps}

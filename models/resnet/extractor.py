@@ -11,6 +11,7 @@ from models.resnet.net import NAMES, feature_dim
 from models.resnet.weights import card_for, labels, load_resnet
 from utils.config import Config, SharedOptions, option
 from utils.errors import VideoError
+from utils.pipeline import rows_of
 from utils.transforms import IMAGENET_MEAN, IMAGENET_STD, center_crop, normalize, resize_short_side
 
 
@@ -56,13 +57,13 @@ class ResNetExtractor(Extractor):
 
     @torch.inference_mode()
     def finish(self, work) -> dict[str, np.ndarray]:
-        if not work.rows["resnet"]:
+        feats, stamps = rows_of(work, "resnet")
+        if feats is None:
             raise VideoError("no frames to extract features from")
-        feats = torch.stack(work.rows["resnet"])
         if self.cfg.show_pred:
             self.print_predictions(f"{work.path} frame", torch.softmax(self.net.head(feats), -1),
                                    self.labels)
         out = feats.float().cpu().numpy()
         assert out.shape[1] == feature_dim(self.cfg.model_name)
         return {"resnet": out, "fps": np.array(work.fps, dtype=np.float64),
-                "timestamps_ms": np.asarray(work.stamps["resnet"], dtype=np.float64)}
+                "timestamps_ms": stamps}

@@ -1,0 +1,243 @@
+"""Throughput of the pipeline over a list of videos, against its own ceilings.
+
+Prints, for the same videos and the same number of decoding processes:
+
+* ``decode``   - raw parallel decoding: N processes each decoding whole videos to RGB arrays;
+* ``null``     - the full pipeline (decoders, shared memory, batching, routing) with no network;
+* ``network``  - the feature type's network alone on the same number of items, at its batch size;
+* ``full``     - the feature type end to end (outputs built, not saved);
+
+each as frames/s and real-time factor (video seconds per wall second), plus peak RSS and, on a
+GPU, peak GPU memory and the share of wall time the GPU was busy.
+
+    python bench/throughput.py --make 8 --seconds 10 --size 640x360 --feature_type resnet \\
+        --device cpu --random_weights
+    python bench/throughput.py --videos a.mp4 b.mp4 --feature_type r21d --device cuda:0
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import resource
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def _make_videos(n: int, seconds: float, size: str, fps: float) -> list[str]:
+
+    w, h = (int(v) for v in size.split("x"))
+    folder = Path(tempfile.mkdtemp(prefix="vf-throughput-"))
+    paths = [str(folder / f"v{i}.mp4") for i in range(n)]
+    with mp.get_context("spawn").Pool(os.cpu_count() or 1) as pool:
+        pool.starmap(_write, [(p, int(seconds * fps), fps, w, h, i) for i, p in enumerate(paths)])
+    return paths
+
+
+def _write(path: str, n: int, fps: float, w: int, h: int, seed: int) -> None:
+    from sample.make_samples import write_video
+
+    write_video(path, n_frames=n, fps=fps, width=w, height=h, audio=False, seed=seed)
+
+
+def _decode_all(paths: list[str], threads: int) -> int:
+    from utils.video import open_frames
+
+    n = 0
+    for p in paths:
+        with open_frames(p, threads=threads) as src:
+            for _ in src.timed_frames():
+                n += 1
+    return n
+
+
+def decode_rate(paths: list[str], processes: int, threads: int) -> tuple[int, float]:
+    """Frames decoded and wall seconds, ``processes`` processes sharing the videos."""
+    shares = [paths[i::processes] for i in range(processes)]
+    t0 = time.perf_counter()
+    with mp.get_context("spawn").Pool(processes) as pool:
+        frames = sum(pool.starmap(_decode_all, [(s, threads) for s in shares if s]))
+    return frames, time.perf_counter() - t0
+
+
+def _durations(paths: list[str]) -> float:
+    import av
+
+    total = 0.0
+    for p in paths:
+        with av.open(p) as c:
+            total += float(c.duration / 1e6) if c.duration else 0.0
+    return total
+
+
+class GpuBusy:
+    """Share of wall time the GPU was busy, sampled from NVML when it is installed."""
+
+    def __init__(self, index: int):
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._h = pynvml.nvmlDeviceGetHandleByIndex(index)
+            self._nvml = pynvml
+            self._t = threading.Thread(target=self._run, daemon=True)
+            self._t.start()
+        except Exception:
+            self._nvml = None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append(self._nvml.nvmlDeviceGetUtilizationRates(self._h).gpu)
+            time.sleep(0.1)
+
+    def stop(self) -> str:
+        self._stop.set()
+        if self._nvml is None or not self.samples:
+            return "n/a (pynvml not installed)"
+        return f"{sum(self.samples) / len(self.samples):.0f} %"
+
+
+def run_pipeline(cfg, device: str, paths: list[str]):
+    import torch
+
+    from utils.pipeline import DevicePipeline
+    from utils.runner import _decode_threads, build_extractor
+
+    class Keep:
+        def write(self, path, feats, info=None):
+            return []
+
+    ex = build_extractor(cfg, device)
+    results = []
+    t0 = time.perf_counter()
+    pipe = DevicePipeline(ex, Keep(), cfg.decoders, results.append, _decode_threads(cfg))
+    try:
+        with torch.inference_mode():
+            pipe.run(paths)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+    finally:
+        pipe.close()
+    wall = time.perf_counter() - t0
+    failed = [r for r in results if r.status != "done"]
+    if failed:
+        print(f"  {len(failed)} input(s) failed, e.g. {failed[0].path}: {failed[0].reason}")
+    return ex, sum(r.frames for r in results), wall
+
+
+def network_only(ex, sample_path: str, n_items: int) -> float:
+    """Seconds the network alone takes for ``n_items`` work items like the real ones."""
+    import torch
+
+    from utils.pipeline import VideoWork
+    from utils.video import open_frames
+
+    work = VideoWork(0, sample_path)
+    with torch.inference_mode(), open_frames(sample_path) as src:
+        work.fps = src.fps
+        ex.begin(work)
+        items = []
+        for chunk in src.chunks(ex.chunk_frames()):
+            for key, its, _ in ex.add_frames(work, ex.to_device_frames(chunk.frames), chunk.timestamps_ms):
+                items.append((key, its))
+            if sum(len(i) for _, i in items) >= ex.cfg.batch_size:
+                break
+        key = items[0][0]
+        batch = torch.cat([i for k, i in items if k == key])[: ex.cfg.batch_size]
+        ex.forward(key, batch)  # warm-up
+        if ex.device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        done = 0
+        while done < n_items:
+            ex.forward(key, batch[: min(len(batch), n_items - done)])
+            done += len(batch)
+        if ex.device.type == "cuda":
+            torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--videos", nargs="*", default=[])
+    ap.add_argument("--make", type=int, default=0, help="generate this many videos instead")
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--size", default="640x360")
+    ap.add_argument("--fps", type=float, default=25.0)
+    ap.add_argument("--feature_type", default="resnet")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda:N")
+    ap.add_argument("--decoders", type=int, default=0, help="decoding processes (0: auto)")
+    ap.add_argument("--random_weights", action="store_true")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["decode", "null", "network", "full"])
+    ap.add_argument("overrides", nargs="*", help="key=value options of the feature type")
+    args = ap.parse_args()
+
+    from utils.config import _split_words, canonical_feature_type, make_config, typed_words
+    from utils.runner import _decode_threads, configure_logging
+
+    configure_logging("warning")
+    paths = list(args.videos)
+    if args.make:
+        t = time.perf_counter()
+        paths += _make_videos(args.make, args.seconds, args.size, args.fps)
+        print(f"generated {args.make} videos of {args.seconds:g} s {args.size} in "
+              f"{time.perf_counter() - t:.0f} s", flush=True)
+    if not paths:
+        ap.error("give --videos or --make")
+    seconds = _durations(paths)
+    cuda = args.device.startswith("cuda")
+    common = dict(video_paths=paths, device="cuda" if cuda else "cpu",
+                  device_ids=[int(args.device.split(":")[1]) if ":" in args.device else 0])
+    if args.decoders:
+        common["decoders"] = args.decoders
+    ft = canonical_feature_type(args.feature_type)
+    _, words = _split_words(args.overrides)
+    cfg = make_config(ft, allow_random_weights=args.random_weights, **common,
+                      **typed_words(ft, words))
+    import torch
+
+    print(f"{len(paths)} videos, {seconds:.0f} s of video; device {args.device}, "
+          f"{os.cpu_count()} CPU cores, {cfg.decoders} decoders x {_decode_threads(cfg)} threads, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} torch threads", flush=True)
+    rows = []
+
+    def row(name: str, frames: int, wall: float, extra: str = "") -> None:
+        rows.append((name, frames, wall))
+        print(f"{name:8s} {frames:7d} frames {wall:8.2f} s {frames / wall:9.1f} frames/s "
+              f"RTF {seconds / wall if frames else 0:8.2f} {extra}", flush=True)
+
+    if "decode" not in args.skip:
+        row("decode", *decode_rate(paths, cfg.decoders, _decode_threads(cfg)))
+    if "null" not in args.skip:
+        null_cfg = make_config("null", **common)
+        _, frames, wall = run_pipeline(null_cfg, args.device, paths)
+        row("null", frames, wall)
+    if "full" not in args.skip or "network" not in args.skip:
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+            busy = GpuBusy(common["device_ids"][0])
+        ex, frames, wall = run_pipeline(cfg, args.device, paths)
+        extra = ""
+        if cuda:
+            extra = (f"GPU busy {busy.stop()}, peak GPU memory "
+                     f"{torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GB")
+        if "full" not in args.skip:
+            row(f"{ft}", frames, wall, extra)
+        if "network" not in args.skip and ex.frame_seam:
+            n_items = frames if ft in ("resnet", "null") else max(1, frames // cfg.step_size)
+            net_s = network_only(ex, paths[0], n_items)
+            print(f"network  {n_items:7d} items  {net_s:8.2f} s (the network alone; end to end "
+                  f"took {wall / net_s:.2f}x that)", flush=True)
+    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GB "
+          "(this process)")
+
+
+if __name__ == "__main__":
+    main()
