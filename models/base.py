@@ -72,7 +72,7 @@ class Extractor(abc.ABC):
 
         needs = self.frame_needs()
         work = VideoWork(0, path)
-        batcher = Batcher(self.forward, self.cfg.batch_size)
+        batcher = Batcher(self.run_batch, self.cfg.batch_size)
         with torch.inference_mode(), open_frames(path, needs["extraction_fps"], needs["frames_fps"],
                                                  timestamps=needs["timestamps"]) as src:
             work.fps = src.fps
@@ -129,6 +129,18 @@ class Extractor(abc.ABC):
     def forward(self, key: str, batch: torch.Tensor) -> torch.Tensor:
         """One batch of work items (possibly of several videos) -> one row per item."""
         raise NotImplementedError
+
+    def autocast(self) -> Any:
+        """The ``precision`` option as a context around the networks."""
+        from utils.device import precision_context
+
+        return precision_context(self.device, self.cfg.get("precision", "fp32"))
+
+    def run_batch(self, key: str, batch: torch.Tensor) -> torch.Tensor:
+        """``forward`` at the configured precision; rows come back as fp32."""
+        with self.autocast():
+            rows = self.forward(key, batch)
+        return rows.float() if rows.is_floating_point() else rows
 
     def finish(self, work: Any) -> dict[str, np.ndarray]:
         """The rows of one video (``utils.pipeline.rows_of(work, key)``, in order) -> outputs;

@@ -50,3 +50,22 @@ def test_sticky_device_errors_are_told_apart():
     benign.append(OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert all(is_sticky_device_error(e) for e in sticky)
     assert not any(is_sticky_device_error(e) for e in benign)
+
+
+def test_precision_bf16_runs_the_network_in_bf16_and_returns_fp32(resnet_weights, make_video):
+    import numpy as np
+
+    from utils.config import make_config
+    from utils.runner import build_extractor
+
+    resnet_weights("resnet18")
+    video = make_video("prec.mp4", n_frames=4, fps=25.0, width=64, height=48)
+    out = {}
+    for precision in ("fp32", "bf16"):
+        cfg = make_config("resnet", video_paths=[str(video)], device="cpu", model_name="resnet18",
+                          precision=precision)
+        out[precision] = build_extractor(cfg, "cpu").extract(str(video))["resnet"]
+    a, b = out["fp32"], out["bf16"]
+    assert b.dtype == np.float32 and b.shape == a.shape
+    rel = np.abs(a - b).max() / np.abs(a).max()
+    assert 1e-4 < rel < 5e-2  # bf16 (8-bit mantissa) really ran, and stayed close

@@ -89,6 +89,9 @@ class SharedOptions:
     tf32: bool = option(
         "TF32 tensor-core math for fp32 convolutions and matmuls on GPUs: faster, but features "
         "move by up to ~1e-3 relative (see README); false keeps IEEE fp32", changes_values=True)
+    precision: str = option(
+        "fp32, or bf16 / fp16 autocast for the networks (faster on GPUs; deviations in the README)",
+        choices=("fp32", "bf16", "fp16"), changes_values=True)
     show_pred: bool = option("print the top-5 classes of the pretrained classifier")
     overwrite: bool = option("recompute inputs whose outputs already exist (default: skip them)")
     on_mismatch: str = option(

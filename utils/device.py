@@ -13,6 +13,7 @@ configuration instead of extractors toggling them around their own calls.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -43,6 +44,15 @@ def fp32_precision() -> dict[str, Any]:
         return {"conv": "tf32" if torch.backends.cudnn.allow_tf32 else "ieee",
                 "matmul": "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee",
                 "cudnn_benchmark": torch.backends.cudnn.benchmark}
+
+
+def precision_context(device: torch.device, precision: str) -> Any:
+    """Autocast of the networks to ``precision`` ("fp32": none). Inputs stay fp32 (or fp64,
+    which autocast leaves alone, as VGGish's front end); outputs are made fp32 by the callers."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
 def prepare_device(device: str, tf32: bool) -> torch.device:

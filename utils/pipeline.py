@@ -320,7 +320,7 @@ class DevicePipeline:
         self.ex = extractor
         self.writer = writer
         self.on_result = on_result
-        self.batcher = Batcher(extractor.forward, extractor.cfg.batch_size)
+        self.batcher = Batcher(extractor.run_batch, extractor.cfg.batch_size)
         self.pool = DecoderPool(n_decoders, extractor.frame_needs(), extractor.chunk_frames(),
                                 decode_threads)
         self.works: dict[int, VideoWork] = {}

@@ -99,7 +99,8 @@ def process_one(extractor: Any, writer: OutputWriter, path: str) -> Result:
     t0 = time.perf_counter()
     extractor.frames_read = 0
     try:
-        feats = extractor.extract(path)
+        with extractor.autocast():
+            feats = extractor.extract(path)
         seconds = time.perf_counter() - t0
         writer.write(path, feats, {"frames": extractor.frames_read, "seconds": round(seconds, 3),
                                    "device": str(extractor.device)})

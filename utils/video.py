@@ -113,7 +113,6 @@ class FrameSource:
             if not self._files:
                 raise VideoError(f"folder {path} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
             self.native_fps = float(frames_fps)
-            self.num_frames_hint = len(self._files)
         else:
             self.kind = "video"
             if p.stat().st_size == 0:
@@ -145,9 +144,6 @@ class FrameSource:
             self.close()
             raise VideoError("video stream has no frame rate")
         self.native_fps = float(rate)
-        self.num_frames_hint = vs.frames or None
-        if not self.num_frames_hint and vs.duration and vs.time_base:
-            self.num_frames_hint = int(round(float(vs.duration * vs.time_base) * self.native_fps))
         try:
             self._check_complete()
         except VideoError:

@@ -138,5 +138,8 @@ class VGGishExtractor(Extractor):
                              f"decoded; VGGish needs at least {EXAMPLE_SPAN / SAMPLE_RATE:.3f} s)")
         log.debug("%s: %s -> %d examples", path, pcm_source_description(info),
                   sum(o.shape[0] for o in outs))
-        feats = torch.cat(outs).cpu().numpy()
+        feats = torch.cat(outs)
+        if feats.is_floating_point():  # bf16 / fp16 under precision autocast
+            feats = feats.float()
+        feats = feats.cpu().numpy()
         return {"vggish": feats}

@@ -1,13 +1,17 @@
-"""How far TF32 moves each feature type's outputs, estimated on the CPU.
+"""How far TF32, bf16 or fp16 move each feature type's outputs from IEEE fp32.
 
-TF32 tensor cores read fp32 operands with a 10-bit mantissa (round to nearest) and accumulate in
-fp32. This script emulates exactly that rounding on the CPU: every convolution and linear layer
-gets its input and weight rounded to TF32 before an fp32 computation. It prints, per feature
-type, max |tf32 - fp32| / max |fp32| over the output, the measure the README quotes. On a GPU,
-``--device cuda`` instead runs the real thing (``tf32=true`` vs ``tf32=false``).
+Prints, per feature type, max |x - fp32| / max |fp32| over the output (random weights), the
+measure the README quotes.
 
-    python bench/tf32_deviation.py --video sample/A.mp4            # random weights, CPU emulation
-    python bench/tf32_deviation.py --video sample/A.mp4 --device cuda
+``--compare tf32``: TF32 tensor cores read fp32 operands with a 10-bit mantissa (round to
+nearest) and accumulate in fp32. On the CPU this script emulates exactly that rounding (every
+convolution and linear layer gets its input and weight rounded before an fp32 computation); with
+``--device cuda`` it runs the real ``tf32=true`` against ``tf32=false``.
+``--compare bf16`` / ``fp16``: the ``precision`` option (autocast), for real on either device.
+
+    python bench/numerics.py --video sample/A.mp4                      # TF32, emulated on the CPU
+    python bench/numerics.py --video sample/A.mp4 --compare bf16
+    python bench/numerics.py --video sample/A.mp4 --device cuda --compare fp16
 """
 from __future__ import annotations
 
@@ -70,10 +74,11 @@ def main() -> None:
     ap.add_argument("--video", default="sample/A.mp4")
     ap.add_argument("--device", default="cpu", help="cpu (emulated TF32) or cuda (real TF32)")
     ap.add_argument("--feature_types", nargs="+", default=list(FEATURES))
+    ap.add_argument("--compare", default="tf32", choices=["tf32", "bf16", "fp16"])
     args = ap.parse_args()
 
     from utils.config import make_config
-    from utils.device import apply_numerics
+    from utils.device import apply_numerics, precision_context
     from utils.runner import build_extractor, configure_logging
 
     configure_logging("error")
@@ -84,7 +89,10 @@ def main() -> None:
         ex = build_extractor(cfg, "cpu" if args.device == "cpu" else "cuda:0")
         torch.manual_seed(0)
         ref = ex.extract(args.video)
-        if args.device == "cpu":
+        if args.compare != "tf32":
+            with precision_context(ex.device, args.compare):  # same weights, autocast on
+                got = ex.extract(args.video)
+        elif args.device == "cpu":
             with contextlib.ExitStack() as stack:
                 for m in _models(ex):
                     stack.enter_context(emulated_tf32(m))
@@ -96,9 +104,10 @@ def main() -> None:
         for key in keys:
             a, b = np.asarray(ref[key], np.float64), np.asarray(got[key], np.float64)
             rel = np.abs(a - b).max() / max(np.abs(a).max(), 1e-30)
-            how = "emulated on CPU" if args.device == "cpu" else "measured on GPU"
-            print(f"{ft} {key}: max |tf32 - fp32| / max |fp32| = {rel:.2e} ({how}, shape {a.shape})",
-                  flush=True)
+            how = ("emulated on CPU" if args.device == "cpu" and args.compare == "tf32"
+                   else f"on {args.device}")
+            print(f"{ft} {key}: max |{args.compare} - fp32| / max |fp32| = {rel:.2e} ({how}, "
+                  f"shape {a.shape})", flush=True)
 
 
 if __name__ == "__main__":
