@@ -362,8 +362,13 @@ def test_padded_stack_repeats_the_last_element(i3d_weights, video5):
     ex, out = _extract(video5, streams=["rgb"], stack_size=6, tail="pad")
     from utils.video import open_frames
 
+    from utils.pipeline import VideoWork
+
+    work = VideoWork(0, str(video5))
+    ex.begin(work)
     with open_frames(str(video5)) as src:                 # the 4 real elements
-        elems = torch.cat([e for e, _ in ex._elements(src)])
+        elems = torch.cat([ex.elements(work.state, ex.to_device_frames(c.frames), c.timestamps_ms)[0]["rgb"]
+                           for c in src.chunks(8)])
     assert elems.shape == (4, 3, 224, 224)
     clip = elems[[0, 1, 2, 3, 3, 3]].permute(1, 0, 2, 3)[None]
     with torch.no_grad():

@@ -49,11 +49,13 @@ def _run_pipeline(ex, paths, decoders=2):
     ("resnet", dict(model_name="resnet18", batch_size=8)),
     ("resnet", dict(model_name="resnet18", batch_size=5, extraction_fps=7.0)),
     ("r21d", dict(stack_size=4, step_size=3, tail="pad", batch_size=3)),
+    ("i3d", dict(stack_size=4, step_size=3, tail="pad", batch_size=2, flow_batch_size=3,
+                 allow_random_weights=True)),
 ])
 def test_pipeline_equals_one_video_extraction(videos, resnet_weights, hub_checkpoints, ft, options):
     if ft == "resnet":
         resnet_weights("resnet18")
-    else:
+    elif ft == "r21d":
         from models.r21d.weights import CARD, write_random_checkpoint
 
         write_random_checkpoint(hub_checkpoints / CARD.filename)

@@ -3,9 +3,9 @@
 Data flow for one video, all on the device after decoding:
 
     chunk of frames -> resize (short side 256, PIL-like) -> flow between consecutive frames
-    (PWC-Net or RAFT, every needed pair of the chunk in one batch) -> centre crop 224 ->
-    RGB to [-1, 1], flow clamped/quantised to [-1, 1] -> sliding windows -> batches of stacks
-    -> I3D per stream.
+    (PWC-Net or RAFT, ``flow_batch_size`` pairs at a time) -> centre crop 224 -> RGB to
+    [-1, 1], flow clamped/quantised to [-1, 1] -> sliding windows per stream -> stacks, batched
+    with those of other videos (utils/pipeline.py) -> I3D per stream.
 
 An element of the stream is frame ``i`` together with the flow from frame ``i`` to ``i + 1``,
 so a stack of ``stack_size`` elements covers ``stack_size + 1`` frames, as in the reference
@@ -17,7 +17,7 @@ after reading the stack).
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Optional, Iterator
+from typing import List, Optional
 
 import numpy as np
 import torch
@@ -26,9 +26,9 @@ from models.base import Extractor, StackOptions
 from models.i3d.weights import get_card, load_i3d, load_labels
 from utils.config import Config, option
 from utils.errors import ConfigError, VideoError
-from utils.transforms import center_crop, resize_short_side, to_device
-from utils.video import open_frames
-from utils.windows import stack_batches, windows_from
+from utils.pipeline import rows_of
+from utils.transforms import center_crop, resize_short_side
+from utils.windows import SlidingWindows
 
 STREAMS = ("rgb", "flow")
 FLOW_TYPES = ("pwc", "raft")
@@ -75,6 +75,7 @@ class I3DOptions(StackOptions):
 class I3DExtractor(Extractor):
     auto_batch_size = {"cpu": 1, "cuda": 4}
     schema = I3DOptions
+    frame_seam = True
 
     @classmethod
     def output_keys_for(cls, cfg: Config) -> tuple[str, ...]:
@@ -125,70 +126,90 @@ class I3DExtractor(Extractor):
         return self.flow_net.estimate(a, b, iters=self.cfg.raft_iters,
                                       unpad=self.cfg.raft_padding == "unpad")
 
-    def _elements(self, src) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
-        """Stream of (elements (n, C, 224, 224), timestamps of the frame after each element)."""
-        cfg = self.cfg
-        prev: torch.Tensor | None = None      # last resized frame of the previous chunk
-        index = 0                             # global index of the next element
-        for chunk in src.chunks(max(cfg.stack_size, 8)):
-            self.count_frames(len(chunk.timestamps_ms))
-            frames = resize_short_side(to_device(chunk.frames, self.device), 256)
-            seq = frames if prev is None else torch.cat([prev[None], frames])
-            n = len(seq) - 1                  # elements completed by this chunk
-            prev = seq[-1]
-            if n <= 0:
-                continue
-            parts = []
-            for stream in self.streams:  # channel blocks in cfg.streams order, as extract() reads them
-                if stream == "rgb":
-                    parts.append(rgb_to_i3d(center_crop(seq[:n], 224, offset="floor")))
-                    continue
-                flow = torch.zeros((n, 2, 224, 224), device=self.device)
-                idx = torch.arange(index, index + n)
-                need = ((idx % cfg.step_size) < cfg.stack_size).nonzero().flatten()
-                for group in need.to(self.device).split(cfg.flow_batch_size):
-                    f = self._flow(seq[group], seq[group + 1])
-                    flow[group] = flow_to_i3d(center_crop(f, 224, offset="floor"))
-                parts.append(flow)
-            element_ts = chunk.timestamps_ms[-n:]  # timestamp of frame i + 1 for element i
-            index += n
-            yield torch.cat(parts, dim=1) if len(parts) > 1 else parts[0], element_ts
+    def chunk_frames(self) -> int:
+        return max(self.cfg.stack_size, 8)
 
-    @torch.inference_mode()
-    def extract(self, path: str) -> dict[str, np.ndarray]:
+    def begin(self, work) -> None:
         cfg = self.cfg
-        outs: dict[str, list[torch.Tensor]] = {s: [] for s in self.streams}
-        stamps: list[np.ndarray] = []
-        done = 0
-        with open_frames(path, cfg.extraction_fps, cfg.frames_fps, timestamps=cfg.timestamps) as src:
-            windows = windows_from(self._elements(src), cfg.stack_size, cfg.step_size, cfg.tail)
-            for batch, ts in stack_batches(windows, cfg.batch_size):
-                x = batch.permute(0, 2, 1, 3, 4)  # (B, T, C, H, W) -> (B, C, T, H, W)
-                c0 = 0
-                for s in self.streams:
-                    c = 3 if s == "rgb" else 2
-                    xs = x[:, c0:c0 + c].contiguous()
-                    c0 += c
-                    net = self.nets[s]
-                    if cfg.spatial:
-                        maps = net.feature_maps(xs)
-                        feats = maps
-                        pooled = net._avg_pool(maps).mean(dim=(2, 3, 4)) if cfg.show_pred else None
-                    else:
-                        feats = pooled = net.features(xs)
-                    if cfg.show_pred:
-                        logits = net.classify(pooled)
-                        # Charades is multi-label (sigmoid); Kinetics single-label (softmax)
-                        probs = torch.sigmoid(logits) if net.num_classes == 157 else torch.softmax(logits, -1)
-                        self.print_predictions(f"{path} {s} stack", probs, self.labels[s], first=done)
-                    outs[s].append(feats.float().cpu())
-                stamps.append(ts)
-                done += len(ts)
-            fps = src.fps
-        if not stamps:
-            raise VideoError(f"too short: a stack needs stack_size + 1 = {cfg.stack_size + 1} frames, "
-                             f"the video has {self.frames_read} at {fps:g} fps")
-        result = {s: torch.cat(outs[s]).numpy() for s in self.streams}
-        result["fps"] = np.array(fps, dtype=np.float64)
-        result["timestamps_ms"] = np.concatenate(stamps)
+        work.state = _I3DVideo({s: SlidingWindows(cfg.stack_size, cfg.step_size, cfg.tail)
+                                for s in self.streams})
+
+    def elements(self, state: "_I3DVideo", frames: torch.Tensor,
+                 stamps: np.ndarray) -> tuple[dict[str, torch.Tensor], np.ndarray]:
+        """The elements a chunk of frames completes, per stream (rgb ``(n, 3, 224, 224)``, flow
+        ``(n, 2, 224, 224)``), and the timestamp of the frame after each element."""
+        cfg = self.cfg
+        resized = resize_short_side(frames, 256)
+        seq = resized if state.prev is None else torch.cat([state.prev[None], resized])
+        n = len(seq) - 1                      # elements completed by this chunk
+        state.prev = seq[-1].clone()
+        if n <= 0:
+            return {}, np.zeros(0, np.float64)
+        out = {}
+        for stream in self.streams:
+            if stream == "rgb":
+                out["rgb"] = rgb_to_i3d(center_crop(seq[:n], 224, offset="floor"))
+                continue
+            # flow only for elements some stack uses (step_size > stack_size skips some)
+            flow = torch.zeros((n, 2, 224, 224), device=self.device)
+            idx = torch.arange(state.index, state.index + n)
+            need = ((idx % cfg.step_size) < cfg.stack_size).nonzero().flatten()
+            for group in need.to(self.device).split(cfg.flow_batch_size):
+                f = self._flow(seq[group], seq[group + 1])
+                flow[group] = flow_to_i3d(center_crop(f, 224, offset="floor"))
+            out["flow"] = flow
+        state.index += n
+        return out, np.asarray(stamps[-n:], np.float64)  # element i ends at frame i + 1
+
+    @staticmethod
+    def _stacks(windows: dict[str, list]) -> list:
+        out = []
+        for stream, wins in windows.items():
+            if wins:
+                items = torch.stack([frames for frames, _, _ in wins])
+                stamps = np.array([ts[n_real - 1] for _, ts, n_real in wins], dtype=np.float64)
+                out.append((stream, items, stamps))
+        return out
+
+    def add_frames(self, work, frames: torch.Tensor, stamps: np.ndarray) -> list:
+        elements, ts = self.elements(work.state, frames, stamps)
+        return self._stacks({s: work.state.windows[s].push(e, ts) for s, e in elements.items()})
+
+    def end_frames(self, work) -> list:
+        return self._stacks({s: w.finish() for s, w in work.state.windows.items()})
+
+    def forward(self, key: str, batch: torch.Tensor) -> torch.Tensor:
+        x = batch.permute(0, 2, 1, 3, 4).contiguous()  # (B, T, C, H, W) -> (B, C, T, H, W)
+        net = self.nets[key]
+        return net.feature_maps(x) if self.cfg.spatial else net.features(x)
+
+    def finish(self, work) -> dict[str, np.ndarray]:
+        cfg = self.cfg
+        result: dict[str, np.ndarray] = {}
+        stamps = None
+        for s in self.streams:
+            feats, stamps = rows_of(work, s)
+            if feats is None:
+                raise VideoError(f"too short: a stack needs stack_size + 1 = {cfg.stack_size + 1} "
+                                 f"frames, the video has {work.frames} at {work.fps:g} fps")
+            if cfg.show_pred:
+                net = self.nets[s]
+                pooled = net._avg_pool(feats).mean(dim=(2, 3, 4)) if cfg.spatial else feats
+                logits = net.classify(pooled)
+                # Charades is multi-label (sigmoid); Kinetics single-label (softmax)
+                probs = torch.sigmoid(logits) if net.num_classes == 157 else torch.softmax(logits, -1)
+                self.print_predictions(f"{work.path} {s} stack", probs, self.labels[s])
+            result[s] = feats.float().cpu().numpy()
+        result["fps"] = np.array(work.fps, dtype=np.float64)
+        result["timestamps_ms"] = stamps
         return result
+
+
+@dataclasses.dataclass
+class _I3DVideo:
+    """Per-video state: stack windows per stream, the last resized frame (flow needs the pair
+    across chunks) and the index of the next element."""
+
+    windows: dict
+    prev: torch.Tensor | None = None
+    index: int = 0
