@@ -35,9 +35,9 @@ from utils.errors import FeatureError, VideoError
 
 log = logging.getLogger(__name__)
 
-#: bytes of one shared-memory slot: ~23 frames of 640x360, 2 of 1920x1080
-SLOT_BYTES = 16 << 20
-SLOTS_PER_DECODER = 4
+#: bytes of one shared-memory slot: 48 frames of 640x360, 5 of 1920x1080, 1 of 4096x2160
+SLOT_BYTES = 32 << 20
+SLOTS_PER_DECODER = 3
 
 
 def default_decoders(n_devices: int = 1) -> int:
@@ -108,6 +108,8 @@ def _take_slot(free: Any, parent: int) -> int:
 def _decode_into_slots(src: Any, tag: tuple, slots: list, free: Any, out: Any, chunk_frames: int,
                        parent: int) -> None:
     """Frames of ``src`` straight into shared-memory slots, a chunk per slot."""
+    from utils.video import check_same_size
+
     slot = view = None
     n = per_slot = 0
     stamps: list[float] = []
@@ -120,9 +122,7 @@ def _decode_into_slots(src: Any, tag: tuple, slots: list, free: Any, out: Any, c
                 raise VideoError(f"frames of {shape[1]}x{shape[0]} are larger than the "
                                  f"{SLOT_BYTES >> 20} MB transfer slots")
             per_slot = max(1, min(chunk_frames, SLOT_BYTES // img.nbytes))
-        elif img.shape != shape:
-            raise VideoError(f"frame {idx} has size {img.shape[1]}x{img.shape[0]}, "
-                             f"earlier frames {shape[1]}x{shape[0]}")
+        check_same_size(img, shape, idx)
         if slot is None:
             slot = _take_slot(free, parent)
             view = np.ndarray((per_slot, *shape), np.uint8, buffer=slots[slot].buf)

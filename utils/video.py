@@ -316,9 +316,7 @@ class FrameSource:
         for idx, ts, img in self.timed_frames():
             if shape is None:
                 shape = img.shape
-            elif img.shape != shape:
-                raise VideoError(f"frame {idx} has size {img.shape[1]}x{img.shape[0]}, "
-                                 f"earlier frames {shape[1]}x{shape[0]}")
+            check_same_size(img, shape, idx)
             if not buf:
                 first = idx
             buf.append(img)
@@ -399,6 +397,13 @@ def _index_entries(stream: Any) -> Any:
     """The stream's demuxer index (``Stream.index_entries``, in PyAV 18), or None where this
     PyAV does not expose it (then the seek probe checks instead)."""
     return getattr(stream, "index_entries", None)
+
+
+def check_same_size(img: np.ndarray, shape: tuple, idx: int) -> None:
+    """Every frame of an input must have the first frame's size (a frame folder may not)."""
+    if img.shape != shape:
+        raise VideoError(f"frame {idx} has size {img.shape[1]}x{img.shape[0]}, "
+                         f"earlier frames {shape[1]}x{shape[0]}")
 
 
 def _short(exc: BaseException) -> str:
