@@ -155,3 +155,19 @@ def test_shared_memory_is_fixed_and_released(videos, resnet_weights):
     assert all(os.path.exists(f"/dev/shm/{n}") for n in names) or not os.path.isdir("/dev/shm")
     pipe.close()
     assert not any(os.path.exists(f"/dev/shm/{n}") for n in names)
+
+
+def test_too_little_shared_memory_is_a_clear_error_before_anything_starts(monkeypatch, tmp_path):
+    import shutil
+    from collections import namedtuple
+
+    from utils.errors import FeatureError
+    from utils.pipeline import SLOT_BYTES, DecoderPool
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(64 << 20, 0, 64 << 20))
+    monkeypatch.setattr("os.path.isdir", lambda p: True)
+    needs = {"extraction_fps": None, "frames_fps": 25.0, "timestamps": "pts"}
+    with pytest.raises(FeatureError, match=r"has 64 MB free.*decoders=N.*--shm-size"):
+        DecoderPool(4, needs, 8)
+    assert 4 * SLOTS_PER_DECODER * SLOT_BYTES > 64 << 20

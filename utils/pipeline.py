@@ -137,6 +137,20 @@ def _decode_into_slots(src: Any, tag: tuple, slots: list, free: Any, out: Any, c
         out.put(("chunk", *tag, slot, n, shape, np.asarray(stamps, np.float64), first))
 
 
+def check_shared_memory(needed: int, folder: str = "/dev/shm") -> None:
+    """Fail up front, with advice, where the shared-memory file system cannot hold the slots:
+    creating them would succeed and writing into them would then kill the process (SIGBUS)."""
+    import shutil
+
+    if not os.path.isdir(folder):
+        return
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise FeatureError(
+            f"{folder} has {free >> 20} MB free, the decoders' transfer slots need {needed >> 20} MB: "
+            "lower decoders=N, or give the container more shared memory (docker run --shm-size=2g)")
+
+
 @dataclass
 class _Decoder:
     proc: Any
@@ -157,6 +171,7 @@ class DecoderPool:
 
         self._ctx = mp.get_context("spawn")
         self.n = n
+        check_shared_memory(n * SLOTS_PER_DECODER * SLOT_BYTES)
         self.out = self._ctx.Queue()
         self._args = (needs, chunk_frames, threads)
         self.decoders: list[_Decoder] = []

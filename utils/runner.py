@@ -216,7 +216,11 @@ def _worker_pipeline(extractor: Any, writer: OutputWriter, cfg: Config, conn: An
         flush()
         conn.send(("result", res))
 
-    pipe = DevicePipeline(extractor, writer, cfg.decoders, send, _decode_threads(cfg))
+    try:
+        pipe = DevicePipeline(extractor, writer, cfg.decoders, send, _decode_threads(cfg))
+    except FeatureError as exc:  # e.g. too little shared memory: nothing can run here
+        conn.send(("fatal", str(exc)))
+        return
     stopping = False
     try:
         with torch.inference_mode():
@@ -528,7 +532,7 @@ def _run_pool(cfg: Config, record: dict, devices: list[str], todo: list[str], su
                     w.proc.join(timeout=30)
                 if not w.proc.is_alive():
                     if w.start_failed:
-                        retire(w, "could not start", replace=False)
+                        retire(w, f"could not start: {fatal[-1]}", replace=False)
                     elif w.broken:
                         retire(w, "device error", replace=True)
                     else:
