@@ -107,10 +107,9 @@ class Extractor(abc.ABC):
     def to_device_frames(self, frames: np.ndarray) -> torch.Tensor:
         """(n, H, W, 3) uint8 host frames -> (n, 3, H, W) uint8 on the device. On the CPU this is
         a view of the host buffer, which is reused once ``add_frames`` returns."""
-        t = torch.from_numpy(frames)
-        if self.device.type == "cuda":
-            t = t.pin_memory().to(self.device, non_blocking=True)
-        return t.permute(0, 3, 1, 2)
+        from utils.transforms import to_device
+
+        return to_device(frames, self.device)
 
     def begin(self, work: Any) -> None:
         """Set up ``work.state`` for a new video (``work.fps`` is known)."""

@@ -303,11 +303,6 @@ class FrameSource:
             for i, (t, payload) in enumerate(items):
                 yield i, (t if by_pts else i / self.fps) * 1000.0, self._to_rgb(payload)
 
-    def frames(self) -> Iterator[tuple[int, np.ndarray]]:
-        """(output index, RGB frame) one by one; repeated frames share one array."""
-        for idx, _, img in self.timed_frames():
-            yield idx, img
-
     def _chunks_sync(self, chunk_size: int) -> Iterator[Chunk]:
         buf: list[np.ndarray] = []
         stamps: list[float] = []

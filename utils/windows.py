@@ -6,7 +6,7 @@ share the decoded and preprocessed frames instead of recomputing them.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -82,36 +82,17 @@ class SlidingWindows:
         return [(frames[idx] if isinstance(frames, np.ndarray) else frames[list(idx)], ts[idx], n)]
 
 
-def windows_from(chunks: Iterable[tuple[Any, np.ndarray]], size: int, step: int,
-                 tail: str = "drop") -> Iterator[tuple[Any, np.ndarray, int]]:
-    """All windows of a stream of ``(frames, timestamps)`` chunks (see :class:`SlidingWindows`)."""
-    sw = SlidingWindows(size, step, tail)
-    for frames, ts in chunks:
-        yield from sw.push(frames, ts)
-    yield from sw.finish()
-
-
-def stack_batches(windows: Any, batch_size: int) -> Any:
-    """Group ``(frames, timestamps, n_real)`` windows into batches.
-
-    Yields ``(frames, stack_timestamps_ms)``: ``frames`` stacks the windows on a new first axis
-    (torch or numpy, like its inputs); a stack's timestamp is that of its last real frame.
-    """
-    batch: list[Any] = []
-    stamps: list[float] = []
-    for frames, ts, n_real in windows:
-        batch.append(frames)
-        stamps.append(float(ts[n_real - 1]))
-        if len(batch) == batch_size:
-            yield _stack(batch), np.asarray(stamps)
-            batch, stamps = [], []
-    if batch:
-        yield _stack(batch), np.asarray(stamps)
-
-
-def _stack(parts: list[Any]) -> Any:
+def stack_windows(windows: list[tuple[Any, np.ndarray, int]]) -> tuple[Any, np.ndarray] | None:
+    """Windows ``(frames, timestamps, n_real)`` -> ``(stacks, stamps)``: the windows stacked on a
+    new first axis (torch or numpy, like its inputs) and each stack's timestamp, that of its last
+    real frame. None when there are no windows."""
+    if not windows:
+        return None
+    parts = [frames for frames, _, _ in windows]
     if isinstance(parts[0], np.ndarray):
-        return np.stack(parts)
-    import torch
+        stacks = np.stack(parts)
+    else:
+        import torch
 
-    return torch.stack(parts)
+        stacks = torch.stack(parts)
+    return stacks, np.array([ts[n_real - 1] for _, ts, n_real in windows], dtype=np.float64)

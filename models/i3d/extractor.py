@@ -28,7 +28,7 @@ from utils.config import Config, option
 from utils.errors import ConfigError, VideoError
 from utils.pipeline import rows_of
 from utils.transforms import center_crop, resize_short_side
-from utils.windows import SlidingWindows
+from utils.windows import SlidingWindows, stack_windows
 
 STREAMS = ("rgb", "flow")
 FLOW_TYPES = ("pwc", "raft")
@@ -163,13 +163,8 @@ class I3DExtractor(Extractor):
 
     @staticmethod
     def _stacks(windows: dict[str, list]) -> list:
-        out = []
-        for stream, wins in windows.items():
-            if wins:
-                items = torch.stack([frames for frames, _, _ in wins])
-                stamps = np.array([ts[n_real - 1] for _, ts, n_real in wins], dtype=np.float64)
-                out.append((stream, items, stamps))
-        return out
+        stacked = {stream: stack_windows(wins) for stream, wins in windows.items()}
+        return [(stream, *st) for stream, st in stacked.items() if st]
 
     def add_frames(self, work, frames: torch.Tensor, stamps: np.ndarray) -> list:
         elements, ts = self.elements(work.state, frames, stamps)

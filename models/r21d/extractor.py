@@ -14,7 +14,7 @@ from utils.config import Config
 from utils.errors import VideoError
 from utils.pipeline import rows_of
 from utils.transforms import center_crop, normalize, resize
-from utils.windows import SlidingWindows
+from utils.windows import SlidingWindows, stack_windows
 
 KINETICS_MEAN = (0.43216, 0.394666, 0.37645)
 KINETICS_STD = (0.22803, 0.22145, 0.216989)
@@ -53,11 +53,8 @@ class R21DExtractor(Extractor):
 
     @staticmethod
     def _stacks(windows: list) -> list:
-        if not windows:
-            return []
-        items = torch.stack([frames for frames, _, _ in windows])
-        stamps = np.array([ts[n_real - 1] for _, ts, n_real in windows], dtype=np.float64)
-        return [("r21d", items, stamps)]
+        stacked = stack_windows(windows)
+        return [("r21d", *stacked)] if stacked else []
 
     def add_frames(self, work, frames: torch.Tensor, stamps: np.ndarray) -> list:
         return self._stacks(work.state.push(preprocess(frames), stamps))
