@@ -473,13 +473,25 @@ class DevicePipeline:
         self._writing = still
 
     def run(self, paths: Iterable[str], max_in_flight: int | None = None) -> None:
-        """Every path through the pipeline, keeping ``max_in_flight`` inputs open at a time."""
+        """Every path through the pipeline, keeping ``max_in_flight`` inputs open at a time. A
+        failing batch (a device error) fails the inputs in flight with its reason, and the ones
+        not yet submitted as not processed."""
+        from utils.runner import Result, process_failure
+
         pending = collections.deque(paths)
         limit = max_in_flight or self.pool.n + 1
         while pending or self.busy:
             while pending and self.in_flight < limit:
                 self.submit(pending.popleft())
-            self.step()
+            try:
+                self.step()
+            except Exception as exc:
+                reason = process_failure(exc).reason
+                for path in self.paths_in_flight():
+                    self.on_result(Result(path, "failed", reason=reason))
+                for path in pending:
+                    self.on_result(Result(path, "failed", reason=f"not processed: {reason}"))
+                return
 
     def close(self) -> None:
         for _, fut in self._writing:

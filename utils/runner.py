@@ -177,8 +177,7 @@ def _worker_main(device: str, cfg: Config, record: dict, conn: Any) -> None:
     def report(n: int) -> None:  # throttled live progress; also the watchdog's heartbeat
         last[0] += n
         if time.monotonic() - last[1] >= 0.5:
-            conn.send(("frames", last[0]))
-            last[:] = [0, time.monotonic()]
+            flush()
 
     def flush() -> None:
         if last[0]:
@@ -403,22 +402,10 @@ def _run_inline_pipeline(cfg: Config, extractor: Any, writer: OutputWriter, todo
         summary.results.append(res)
         progress.update(res)
 
-    pending = collections.deque(todo)
     pipe = DevicePipeline(extractor, writer, cfg.decoders, done, _decode_threads(cfg))
     try:
         with torch.inference_mode():
-            while pending or pipe.busy:
-                while pending and pipe.in_flight < cfg.decoders + 1:
-                    pipe.submit(pending.popleft())
-                try:
-                    pipe.step()
-                except Exception as exc:  # a failed batch: its inputs, and the rest, are reported
-                    reason = process_failure(exc).reason
-                    for path in pipe.paths_in_flight():
-                        done(Result(path, "failed", reason=reason))
-                    while pending:
-                        done(Result(pending.popleft(), "failed", reason=f"not processed: {reason}"))
-                    return
+            pipe.run(todo, max_in_flight=cfg.decoders + 1)
     finally:
         pipe.close()
 
