@@ -295,3 +295,32 @@ def test_frames_and_timestamps_equal_opencv_decoding(make_video):
     assert fps == pytest.approx(cap.get(cv2.CAP_PROP_FPS))
     np.testing.assert_array_equal(ours, np.stack(frames))
     np.testing.assert_allclose(ts, stamps, atol=1e-6)
+
+
+@pytest.mark.parametrize("out_fps", [10.0, 7.5, 60.0, 1.0])
+def test_slot_selection_in_chunks_equals_frame_by_frame(out_fps):
+    """Chunked SlotSelector pushes give the same (frame, slot) sequence as pushing frame by
+    frame (which test_extraction_fps_matches_ffmpeg_fps_filter holds against FFmpeg), including
+    jittered and duplicated times."""
+    rng = np.random.default_rng(int(out_fps * 10))
+    times = np.cumsum(rng.choice([0.0, 1 / 50, 1 / 25, 1 / 12], size=200, p=[0.05, 0.3, 0.5, 0.15]))
+    times -= times[0]  # relative to the first frame, as FrameSource gives them
+    end = times[-1] + 1 / 25
+
+    def run(sizes):
+        sel, got, at = utils.video.SlotSelector(out_fps), [], 0
+        for n in sizes:
+            picks, slots = sel.push(times[at:at + n])
+            got += [(at + p, s) for p, s in zip(picks, slots)]  # -1 -> the frame before ``at``
+            at += n
+        picks, slots = sel.finish(end)
+        return got + [(at - 1, s) for s in slots]
+
+    one_by_one = run([1] * len(times))
+    # independent expectation: slot n shows the last frame with round(t * fps) <= n
+    rounded = np.floor(times * out_fps + 0.5)
+    expect = [(int(np.nonzero(rounded <= n)[0][-1]), n)
+              for n in range(int(np.floor(end * out_fps + 0.5)))]
+    assert one_by_one == expect
+    for sizes in ([7] * 28 + [4], [1, 50, 3, 146], [200]):
+        assert run(sizes) == one_by_one

@@ -27,7 +27,6 @@ error mid-stream is still reported as corrupt or truncated.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import queue
 import re
@@ -53,37 +52,80 @@ class Chunk:
     first_index: int            # index of frames[0] in the output frame sequence
 
 
-def _round_near(x: float) -> int:
-    """Round half away from zero, as FFmpeg's AV_ROUND_NEAR_INF."""
-    return int(math.floor(x + 0.5)) if x >= 0 else -int(math.floor(-x + 0.5))
+def round_near(x: np.ndarray) -> np.ndarray:
+    """Round half away from zero, elementwise (int64)."""
+    x = np.asarray(x, dtype=np.float64)
+    return (np.sign(x) * np.floor(np.abs(x) + 0.5)).astype(np.int64)
+
+
+class SlotSelector:
+    """FFmpeg's ``fps`` filter as a stream: push the times of consecutive input frames, get back
+    which input frame each completed output slot shows.
+
+    Output slot ``n`` (time ``n / out_fps``) shows the latest input frame whose time, rounded to
+    the output time base, is ``<= n``. A frame's slots are only known once the next frame (or
+    the end of the input) arrives, so the last frame pushed is *held*: in a later ``push`` (or
+    in ``finish``) it is referred to as input ``-1``. Vectorised: one call per chunk of frames.
+    """
+
+    def __init__(self, out_fps: float):
+        self.fps = float(out_fps)
+        self.next_slot = 0
+        self.holding = False
+
+    def push(self, times_s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Times (seconds from the stream start) of the next input frames -> ``(picks, slots)``:
+        for each output slot completed by them, the input it shows (an index into this push's
+        frames, or -1 for the frame held from before) and the slot number."""
+        times_s = np.asarray(times_s, dtype=np.float64)
+        if len(times_s) == 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        s = round_near(times_s * self.fps)
+        base = self.next_slot
+        if not self.holding:
+            s[0] = base  # nothing is held yet: the first frame's arrival shows nothing
+        # arrival k shows the frame before it (k - 1; -1 = the held one) up to its own slot
+        ends = np.maximum.accumulate(np.maximum(s, base))
+        starts = np.concatenate([[base], ends[:-1]])
+        picks = np.repeat(np.arange(len(s)) - 1, ends - starts)
+        self.next_slot = int(ends[-1])
+        self.holding = True
+        return picks, base + np.arange(len(picks), dtype=np.int64)
+
+    def finish(self, end_s: float | None) -> tuple[np.ndarray, np.ndarray]:
+        """The held frame's slots up to the input's end (last time + one frame duration; None:
+        unknown, one slot) as ``(picks, slots)``; every pick is -1."""
+        if not self.holding:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        last = int(round_near(end_s * self.fps)) if end_s is not None else self.next_slot + 1
+        n = max(0, last - self.next_slot)
+        slots = self.next_slot + np.arange(n, dtype=np.int64)
+        self.next_slot += n
+        self.holding = False
+        return np.full(n, -1, np.int64), slots
 
 
 def select_by_timestamp(items: Iterator[tuple[float, Any]], out_fps: float,
                         end_time: Callable[[], float | None]) -> Iterator[tuple[int, Any]]:
-    """Yield ``(slot, payload)`` for a stream of ``(time_s, payload)`` resampled to ``out_fps``.
+    """Yield ``(slot, payload)`` for a stream of ``(time_s, payload)`` resampled to ``out_fps``
+    (:class:`SlotSelector`, one frame at a time).
 
     ``time_s`` is relative to the stream start. ``end_time()`` (called once the input is
     exhausted) gives the input's end (last timestamp + one frame duration) or None.
     A payload repeated for several slots is yielded once per slot (same object).
     """
-    next_slot = 0
+    selector = SlotSelector(out_fps)
     held: Any = None
+    one = np.zeros(1, np.float64)
     for t, payload in items:
-        slot = _round_near(t * out_fps)
-        if held is not None:
-            # slots before this frame's show the held frame; a held frame whose slot is taken
-            # by this one is dropped
-            while next_slot < slot:
-                yield next_slot, held
-                next_slot += 1
+        one[0] = t
+        for slot in selector.push(one)[1]:  # every pick is the held frame
+            yield int(slot), held
         held = payload
     if held is None:
         return
-    end = end_time()
-    last_slot = _round_near(end * out_fps) if end is not None else next_slot + 1
-    while next_slot < last_slot:
-        yield next_slot, held
-        next_slot += 1
+    for slot in selector.finish(end_time())[1]:
+        yield int(slot), held
 
 
 def _natural_key(name: str) -> list[Any]:
