@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from utils.config import Config, SharedOptions, option
+from utils.errors import FeatureError, VideoError
 from utils.windows import TAILS
 from utils.weights import WeightCard
 
@@ -61,34 +62,61 @@ class Extractor(abc.ABC):
     def extract(self, path: str) -> dict[str, np.ndarray]:
         """Features of one video (or frame folder / audio file) as numpy arrays.
 
-        Feature types on the frame seam get this for free: the same ``add_frames`` /
-        ``forward`` / ``finish`` as the pipeline, fed by an in-process decoder. Others override it.
+        Feature types on the frame seam get this for free: the same seam methods as the
+        pipeline (``begin``, ``add_frames`` / ``add_audio``, ``forward``, ``finish``), fed by an
+        in-process decoder. Others override it.
         """
         if not self.frame_seam:
             raise NotImplementedError(f"{type(self).__name__} implements neither extract nor "
                                       "the frame seam")
         from utils.pipeline import Batcher, VideoWork
-        from utils.video import open_frames
 
         needs = self.frame_needs()
         work = VideoWork(0, path)
         batcher = Batcher(self.run_batch, self.cfg.batch_size)
-        with torch.inference_mode(), open_frames(path, needs["extraction_fps"], needs["frames_fps"],
-                                                 timestamps=needs["timestamps"]) as src:
-            work.fps = src.fps
+
+        def add(items: list) -> None:
+            for key, rows_in, ts in items:
+                batcher.add(work, key, rows_in, ts)
+            batcher.run(full_only=True)
+
+        with torch.inference_mode():
             self.begin(work)
-            for chunk in src.chunks(self.chunk_frames()):
-                n = len(chunk.timestamps_ms)
-                work.frames += n
-                self.count_frames(n)
-                frames = self.to_device_frames(chunk.frames)
-                for key, items, ts in self.add_frames(work, frames, chunk.timestamps_ms):
-                    batcher.add(work, key, items, ts)
-                batcher.run(full_only=True)
-            for key, items, ts in self.end_frames(work):
-                batcher.add(work, key, items, ts)
+            if needs.get("video", True):
+                self._extract_video(work, needs, add)
+            if needs.get("audio"):
+                self._extract_audio(work, needs["audio"], add)
             batcher.run(full_only=False)
             return self.finish(work)
+
+    def _extract_video(self, work: Any, needs: dict, add: Callable[[list], None]) -> None:
+        from utils.video import open_frames
+
+        try:
+            with open_frames(work.path, needs["extraction_fps"], needs["frames_fps"],
+                             timestamps=needs["timestamps"]) as src:
+                work.fps = src.fps
+                self.video_opened(work)
+                for chunk in src.chunks(self.chunk_frames()):
+                    n = len(chunk.timestamps_ms)
+                    work.frames += n
+                    self.count_frames(n)
+                    add(self.add_frames(work, self.to_device_frames(chunk.frames),
+                                        chunk.timestamps_ms))
+                add(self.end_frames(work, src.end_time()))
+        except FeatureError as exc:
+            self.stream_failed(work, "video", str(exc))
+
+    def _extract_audio(self, work: Any, audio: dict, add: Callable[[list], None]) -> None:
+        from utils.audio import iter_audio
+
+        try:
+            for block in iter_audio(work.path, audio["sample_rate"],
+                                    keep_priming=audio.get("keep_priming", False), dtype=np.float32):
+                add(self.add_audio(work, block))
+            add(self.end_audio(work))
+        except FeatureError as exc:
+            self.stream_failed(work, "audio", str(exc))
 
     # -- the frame seam (utils/pipeline.py) ---------------------------------------------------
     #: True when the feature type implements the methods below; it then runs in the pipeline:
@@ -96,9 +124,12 @@ class Extractor(abc.ABC):
     frame_seam: ClassVar[bool] = False
 
     def frame_needs(self) -> dict:
-        """Which frames to decode: rate (extraction_fps), frame-folder rate, timestamp mode."""
-        return {"extraction_fps": self.cfg.extraction_fps, "frames_fps": self.cfg.frames_fps,
-                "timestamps": self.cfg.timestamps}
+        """What to decode: ``video`` (bool) with its rate (extraction_fps), frame-folder rate
+        and timestamp mode; ``audio``: None, or ``{"sample_rate", "keep_priming"}`` for mono
+        float32 samples."""
+        return {"video": True, "extraction_fps": self.cfg.extraction_fps,
+                "frames_fps": self.cfg.frames_fps, "timestamps": self.cfg.timestamps,
+                "audio": None}
 
     def chunk_frames(self) -> int:
         """Frames per decoded chunk (the unit of transfer and of ``add_frames``)."""
@@ -112,7 +143,10 @@ class Extractor(abc.ABC):
         return to_device(frames, self.device)
 
     def begin(self, work: Any) -> None:
-        """Set up ``work.state`` for a new video (``work.fps`` is known)."""
+        """Set up ``work.state`` for a new input, before anything of it is decoded."""
+
+    def video_opened(self, work: Any) -> None:
+        """The video stream is open: ``work.fps`` (of the frames to come) is known."""
 
     def add_frames(self, work: Any, frames: torch.Tensor, stamps: np.ndarray) -> list:
         """Frames of ``work`` -> work items ``[(network key, items (k, ...), timestamps (k,))]``.
@@ -121,9 +155,24 @@ class Extractor(abc.ABC):
         (items must be new tensors; state that needs a frame later stores a copy)."""
         raise NotImplementedError
 
-    def end_frames(self, work: Any) -> list:
-        """Work items left when the video's frames are over (e.g. a padded tail stack)."""
+    def end_frames(self, work: Any, end_s: float | None = None) -> list:
+        """Work items left when the video's frames are over (e.g. a padded tail stack);
+        ``end_s``: where the input ends, seconds from its first frame (None: unknown)."""
         return []
+
+    def add_audio(self, work: Any, samples: np.ndarray) -> list:
+        """Mono float32 samples (the next part of the track) -> work items, as ``add_frames``
+        (``samples`` may be a view of a reused buffer: copy what is kept)."""
+        raise NotImplementedError
+
+    def end_audio(self, work: Any) -> list:
+        """Work items left when the audio track is over."""
+        return []
+
+    def stream_failed(self, work: Any, stream: str, reason: str) -> None:
+        """The ``video`` or ``audio`` stream of ``work`` could not be decoded. By default the
+        input fails with the reason; a feature type that can do without it returns."""
+        raise VideoError(reason)
 
     def forward(self, key: str, batch: torch.Tensor) -> torch.Tensor:
         """One batch of work items (possibly of several videos) -> one row per item."""

@@ -171,3 +171,30 @@ def test_too_little_shared_memory_is_a_clear_error_before_anything_starts(monkey
     with pytest.raises(FeatureError, match=r"has 64 MB free.*decoders=N.*--shm-size"):
         DecoderPool(4, needs, 8)
     assert 4 * SLOTS_PER_DECODER * SLOT_BYTES > 64 << 20
+
+
+def test_vggish_on_the_pipeline_equals_one_input_extraction(tmp_path):
+    """Audio decoded in the decoder processes and batched across inputs gives the one-input
+    result; an input without audio fails alone, with its reason."""
+    from models.vggish.weights import write_random_checkpoint
+    from tests.test_audio import tone, write_media, write_wav
+
+    t = np.arange(int(44100 * 4.1)) / 44100
+    stereo = np.stack([0.5 * np.sin(2 * np.pi * (200 * t + 700 * t ** 2)),
+                       0.3 * np.sin(2 * np.pi * 440 * t)]).astype(np.float32)
+    inputs = [write_media(tmp_path / "a.mp4", stereo, 44100, "aac", video_frames=20),
+              write_wav(tmp_path / "b.wav", tone(16000, 2.5, 700.0), 16000),
+              write_media(tmp_path / "mute.mp4", None, 0, video_frames=10)]
+    ckpt = write_random_checkpoint(tmp_path / "vggish.pth", seed=3)
+    cfg = make_config("vggish", video_paths=[str(p) for p in inputs], device="cpu",
+                      checkpoint_path=str(ckpt), batch_size=3)
+    ex = build_extractor(cfg, "cpu")
+    results, outputs = _run_pipeline(ex, inputs)
+    assert results[str(inputs[2])].status == "failed"
+    assert "no audio track" in results[str(inputs[2])].reason
+    for p in inputs[:2]:
+        assert results[str(p)].status == "done"
+        ref = ex.extract(str(p))["vggish"]
+        assert outputs[str(p)]["vggish"].shape == ref.shape == (ref.shape[0], 128)
+        np.testing.assert_allclose(outputs[str(p)]["vggish"], ref, rtol=1e-5, atol=1e-6)
+    assert outputs[str(inputs[0])]["vggish"].shape[0] == 4

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,7 @@ from models.vggish.weights import (PCA_CARD, TF_SCOPES, VGGISH_CARD, read_pca_fi
                                    write_random_checkpoint, write_random_pca)
 from tests.test_audio import tone, write_media, write_wav
 from utils.audio import load_audio
+from utils.config import Config
 from utils.errors import ConfigError, VideoError, WeightsError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,11 +83,11 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
-def make_cfg(**kw) -> types.SimpleNamespace:
+def make_cfg(**kw) -> Config:
     base = dict(checkpoint_path=None, allow_random_weights=False, postprocess=False,
                 batch_size=64, show_pred=False, pca_path=None, keep_priming=False)
     base.update(kw)
-    return types.SimpleNamespace(**base)
+    return Config(base)
 
 
 # -- front end ------------------------------------------------------------------------------------
@@ -310,11 +310,12 @@ def test_config_defaults_and_make_config(files: dict[str, Path]) -> None:
 
 def test_tensorflow_is_never_imported(files: dict[str, Path]) -> None:
     code = (
-        "import sys, types\n"
+        "import sys\n"
+        "from utils.config import Config\n"
         "import models.registry as r\n"
         "cls = r.get_extractor_class('vggish')\n"
         "import models.vggish.convert_tf\n"
-        f"cfg = types.SimpleNamespace(checkpoint_path={str(files['ckpt'])!r}, batch_size=4)\n"
+        f"cfg = Config(dict(checkpoint_path={str(files['ckpt'])!r}, batch_size=4))\n"
         f"out = cls(cfg, 'cpu').extract({str(files['wav'])!r})\n"
         "assert out['vggish'].shape == (1, 128)\n"
         "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'\n"

@@ -59,9 +59,9 @@ def _decoder_main(index: int, gen: int, slot_names: list[str], free: Any, tasks:
                   needs: dict, chunk_frames: int, threads: int, parent: int) -> None:
     """Decode each video sent on ``tasks`` into this decoder's free slots; report on ``out``.
     Every message carries ``(kind, index, gen, vid, ...)`` so the device loop can tell a
-    replaced decoder's leftovers from its successor's."""
-    from utils.video import open_frames
-
+    replaced decoder's leftovers from its successor's. Per input: the video stream's messages
+    (``open``, ``chunk``..., ``end``) where frames are needed, then the audio's (``audio``...,
+    ``audio_end``) where audio is, ``error`` for a stream that fails, and ``done`` last."""
     slots = [_attach(n) for n in slot_names]
     try:
         while True:
@@ -76,20 +76,71 @@ def _decoder_main(index: int, gen: int, slot_names: list[str], free: Any, tasks:
             vid, path = task
             tag = (index, gen, vid)
             try:
-                with open_frames(path, needs["extraction_fps"], needs["frames_fps"],
-                                 timestamps=needs["timestamps"], threads=threads) as src:
-                    out.put(("open", *tag, src.fps))
-                    _decode_into_slots(src, tag, slots, free, out, chunk_frames, parent)
-                    out.put(("end", *tag, src.fps))
-            except FeatureError as exc:
-                out.put(("error", *tag, str(exc)))
+                if needs.get("video", True):
+                    _stream_guarded(out, tag, "video", _decode_video, path, tag, slots, free, out,
+                                    needs, chunk_frames, threads, parent)
+                if needs.get("audio"):
+                    _stream_guarded(out, tag, "audio", _decode_audio, path, tag, slots, free, out,
+                                    needs["audio"], parent)
             except _ParentGone:
                 return
-            except Exception as exc:  # a library error: this video fails, the decoder goes on
-                out.put(("error", *tag, f"{type(exc).__name__}: {str(exc).strip()[:200]}"))
+            out.put(("done", *tag))
     finally:
         for s in slots:
             s.close()
+
+
+def _stream_guarded(out: Any, tag: tuple, stream: str, fn: Callable, *args: Any) -> None:
+    """Run one stream's decoding; its failure is reported for that stream only."""
+    try:
+        fn(*args)
+    except FeatureError as exc:
+        out.put(("error", *tag, stream, str(exc)))
+    except _ParentGone:
+        raise
+    except Exception as exc:  # a library error: this stream fails, the decoder goes on
+        out.put(("error", *tag, stream, f"{type(exc).__name__}: {str(exc).strip()[:200]}"))
+
+
+def _decode_video(path: str, tag: tuple, slots: list, free: Any, out: Any, needs: dict,
+                  chunk_frames: int, threads: int, parent: int) -> None:
+    from utils.video import open_frames
+
+    with open_frames(path, needs["extraction_fps"], needs["frames_fps"],
+                     timestamps=needs["timestamps"], threads=threads) as src:
+        out.put(("open", *tag, src.fps))
+        _decode_into_slots(src, tag, slots, free, out, chunk_frames, parent)
+        out.put(("end", *tag, src.end_time()))
+
+
+#: audio samples per transfer (10 s at 16 kHz): few messages, little latency
+AUDIO_BLOCK = 160_000
+
+
+def _decode_audio(path: str, tag: tuple, slots: list, free: Any, out: Any, audio: dict,
+                  parent: int) -> None:
+    """The audio track as float32 mono samples at ``audio['sample_rate']``, in slot-sized parts."""
+    from utils.audio import iter_audio
+
+    per = min(AUDIO_BLOCK, SLOT_BYTES // 4)
+    slot = view = None
+    n = 0
+    for block in iter_audio(path, audio["sample_rate"], keep_priming=audio.get("keep_priming", False),
+                            dtype=np.float32):
+        at = 0
+        while at < len(block):
+            if slot is None:
+                slot = _take_slot(free, parent)
+                view, n = np.ndarray((per,), np.float32, buffer=slots[slot].buf), 0
+            k = min(len(block) - at, per - n)
+            view[n:n + k] = block[at:at + k]
+            n, at = n + k, at + k
+            if n == per:
+                out.put(("audio", *tag, slot, n))
+                slot = view = None
+    if slot is not None:
+        out.put(("audio", *tag, slot, n))
+    out.put(("audio_end", *tag))
 
 
 class _ParentGone(Exception):
@@ -206,6 +257,9 @@ class DecoderPool:
     def slot(self, d: _Decoder, k: int, n: int, shape: tuple) -> np.ndarray:
         return np.ndarray((n, *shape), np.uint8, buffer=d.shms[k].buf)
 
+    def samples(self, d: _Decoder, k: int, n: int) -> np.ndarray:
+        return np.ndarray((n,), np.float32, buffer=d.shms[k].buf)
+
     def replace_dead(self) -> list[tuple[int, int | None]]:
         """Restart decoders that died; returns ``(exit code, video it held)`` for each."""
         lost = []
@@ -246,7 +300,7 @@ class VideoWork:
     rows: dict = field(default_factory=lambda: collections.defaultdict(list))
     stamps: dict = field(default_factory=lambda: collections.defaultdict(list))
     pending: int = 0                       # work items handed to the batcher, rows not back yet
-    decoded: bool = False                  # the decoder has sent every frame
+    decoded: bool = False                  # the decoder has sent everything of this input
     error: str | None = None
 
 
@@ -368,6 +422,11 @@ class DevicePipeline:
             if not self.waiting:
                 return
             vid = self.waiting.popleft()
+            try:
+                self.ex.begin(self.works[vid])
+            except FeatureError as exc:
+                self._fail(self.works[vid], str(exc))
+                continue
             self.pool.assign(i, vid, self.works[vid].path)
 
     def step(self, timeout: float = 0.05) -> None:
@@ -399,41 +458,50 @@ class DevicePipeline:
         if decoder is None:
             return  # from a decoder that has been replaced; its slots were reset
         work = self.works.get(vid)
-        if kind == "chunk":
-            slot, n, shape, stamps, _first = msg[4:]
-            if work is None or work.error is not None:
-                decoder.free.put(slot)
-                return
-            work.frames += n
-            self.ex.count_frames(n)
-            frames = None
+        if kind in ("chunk", "audio"):
+            slot = msg[4]
             try:
-                frames = self.ex.to_device_frames(self.pool.slot(decoder, slot, n, shape))
-                for key, items, ts in self.ex.add_frames(work, frames, stamps):
-                    self.batcher.add(work, key, items, ts)
+                if work is not None and work.error is None:
+                    self._data(work, decoder, kind, msg)
             except FeatureError as exc:
                 self._fail(work, str(exc))
             finally:
-                del frames
-                decoder.free.put(slot)  # add_frames keeps nothing of the slot (its contract)
+                decoder.free.put(slot)  # the extractor keeps nothing of the slot (its contract)
             return
-        if kind in ("end", "error"):
+        if kind == "done":
             decoder.vid = None
         if work is None:
             return
-        if kind == "open":
-            work.fps = msg[4]
-            self.ex.begin(work)
-        elif kind == "end":
-            try:
-                for key, items, ts in self.ex.end_frames(work):
-                    self.batcher.add(work, key, items, ts)
-            except FeatureError as exc:
-                self._fail(work, str(exc))
-                return
-            work.decoded = True
-        elif kind == "error":
-            self._fail(work, msg[4])
+        try:
+            if kind == "open":
+                work.fps = msg[4]
+                self.ex.video_opened(work)
+            elif kind == "end":
+                self._add(work, self.ex.end_frames(work, msg[4]))
+            elif kind == "audio_end":
+                self._add(work, self.ex.end_audio(work))
+            elif kind == "error":
+                self.ex.stream_failed(work, msg[4], msg[5])
+            elif kind == "done":
+                work.decoded = True
+        except FeatureError as exc:
+            self._fail(work, str(exc))
+
+    def _data(self, work: VideoWork, decoder: _Decoder, kind: str, msg: tuple) -> None:
+        if kind == "audio":
+            n = msg[5]
+            self._add(work, self.ex.add_audio(work, self.pool.samples(decoder, msg[4], n)))
+            return
+        slot, n, shape, stamps, _first = msg[4:]
+        work.frames += n
+        self.ex.count_frames(n)
+        frames = self.ex.to_device_frames(self.pool.slot(decoder, slot, n, shape))
+        self._add(work, self.ex.add_frames(work, frames, stamps))
+        del frames
+
+    def _add(self, work: VideoWork, items: list) -> None:
+        for key, rows_in, ts in items:
+            self.batcher.add(work, key, rows_in, ts)
 
     def _fail(self, work: VideoWork, reason: str) -> None:
         from utils.runner import Result

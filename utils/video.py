@@ -312,7 +312,8 @@ class FrameSource:
             self._last_time = i / self.native_fps
             yield i / self.native_fps, f
 
-    def _end_time(self) -> float | None:
+    def end_time(self) -> float | None:
+        """Seconds from the first frame to the end of the last one read (None before any)."""
         if getattr(self, "_last_time", None) is None:
             return None
         return self._last_time + (getattr(self, "_last_duration", None) or 1.0 / self.native_fps)
@@ -334,7 +335,7 @@ class FrameSource:
         items = self._video_items() if self.kind == "video" else self._frame_items()
         if self.extraction_fps:
             cache: tuple[Any, np.ndarray] | None = None
-            for slot, payload in select_by_timestamp(items, self.fps, self._end_time):
+            for slot, payload in select_by_timestamp(items, self.fps, self.end_time):
                 if cache is None or cache[0] is not payload:
                     cache = (payload, self._to_rgb(payload))
                 yield slot, slot / self.fps * 1000.0, cache[1]

@@ -170,7 +170,7 @@ class I3DExtractor(Extractor):
         elements, ts = self.elements(work.state, frames, stamps)
         return self._stacks({s: work.state.windows[s].push(e, ts) for s, e in elements.items()})
 
-    def end_frames(self, work) -> list:
+    def end_frames(self, work, end_s: float | None = None) -> list:
         return self._stacks({s: w.finish() for s, w in work.state.windows.items()})
 
     def forward(self, key: str, batch: torch.Tensor) -> torch.Tensor:

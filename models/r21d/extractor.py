@@ -59,7 +59,7 @@ class R21DExtractor(Extractor):
     def add_frames(self, work, frames: torch.Tensor, stamps: np.ndarray) -> list:
         return self._stacks(work.state.push(preprocess(frames), stamps))
 
-    def end_frames(self, work) -> list:
+    def end_frames(self, work, end_s: float | None = None) -> list:
         return self._stacks(work.state.finish())
 
     @torch.inference_mode()

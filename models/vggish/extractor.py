@@ -1,10 +1,10 @@
 """``feature_type=vggish``: the audio track -> ``Ta x 128`` VGGish embeddings, one row per 0.96 s.
 
-Per input: :func:`utils.audio.iter_audio` decodes and resamples to 16 kHz mono on the CPU, block
-by block; complete 0.96 s examples go to the device a batch at a time, where the log-mel front
-end (:mod:`models.vggish.mel`) and the network run. Kernel launches are asynchronous, so the
-device works on one batch while the CPU decodes the next; only the finished ``Ta x 128`` array
-comes back. Memory holds the embeddings and less than one batch of audio.
+On the pipeline (utils/pipeline.py): decoder processes decode and resample the audio to 16 kHz
+mono (:func:`utils.audio.iter_audio`) and hand it over in shared memory; on the device the
+log-mel front end (:mod:`models.vggish.mel`) turns each part into the 0.96 s examples it
+completes, and examples of several inputs go through the network ``batch_size`` at a time.
+Memory holds the embeddings and less than one example of pending audio per input.
 
 Output ``vggish``:
 
@@ -33,9 +33,9 @@ from models.vggish.mel import (EXAMPLE_HOP, EXAMPLE_SPAN, SAMPLE_RATE, LogMelExa
                                num_examples, samples_for)
 from models.vggish.net import PCAQuantizer
 from models.vggish.weights import PCA_CARD, VGGISH_CARD, build_vggish, load_pca, tf_checkpoint_prefix
-from utils.audio import AudioInfo, iter_audio, pcm_source_description
 from utils.config import SharedOptions, option
 from utils.errors import ConfigError, VideoError
+from utils.pipeline import rows_of
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,8 @@ class VGGishOptions(SharedOptions):
 class VGGishExtractor(Extractor):
     output_keys = ("vggish",)
     schema = VGGishOptions
+    auto_batch_size = {"cpu": 64, "cuda": 256}
+    frame_seam = True
 
     @classmethod
     def weights_for(cls, cfg: Any) -> dict:
@@ -87,7 +89,6 @@ class VGGishExtractor(Extractor):
 
     def __init__(self, cfg: Any, device: torch.device | str) -> None:
         super().__init__(cfg, device)
-        self.batch_size = int(getattr(cfg, "batch_size", 64) or 64)
         self.postprocess = bool(getattr(cfg, "postprocess", False))
         self.keep_priming = bool(getattr(cfg, "keep_priming", False))
         model, self.weights_source = build_vggish(cfg)
@@ -99,47 +100,47 @@ class VGGishExtractor(Extractor):
         if self.postprocess:
             self.pca = PCAQuantizer(*load_pca(cfg)).to(self.device).eval()
 
-    @torch.no_grad()
-    def embed(self, waveform: torch.Tensor) -> torch.Tensor:
-        """16 kHz mono waveform (any length) -> ``(E, 128)`` on the device, no host sync."""
-        examples = self.frontend(waveform.to(self.device))
-        if examples.shape[0] == 0:
-            dtype = torch.uint8 if self.postprocess else torch.float32
-            return torch.zeros((0, 128), dtype=dtype, device=self.device)
-        emb = self.model(examples, pre_activation=self.postprocess)
-        if self.pca is not None:
-            emb = self.pca(emb)
-        return emb
+    def frame_needs(self) -> dict:
+        return {"video": False, "audio": {"sample_rate": SAMPLE_RATE, "keep_priming": self.keep_priming}}
 
-    def _run(self, pending: np.ndarray, n: int, outs: list[torch.Tensor]) -> np.ndarray:
-        wav = torch.from_numpy(pending[:samples_for(n)])
-        if self.device.type == "cuda":
-            wav = wav.pin_memory().to(self.device, non_blocking=True)
-        outs.append(self.embed(wav))
-        self.count_frames(n)
-        return pending[n * EXAMPLE_HOP:]
+    def begin(self, work) -> None:
+        work.state = _Audio(torch.zeros(0, dtype=torch.float32, device=self.device))
 
-    def extract(self, path: str) -> dict[str, np.ndarray]:
-        info = AudioInfo()
-        outs: list[torch.Tensor] = []
-        pending = np.zeros(0, np.float32)
-        total = 0
-        for block in iter_audio(path, SAMPLE_RATE, keep_priming=self.keep_priming,
-                                dtype=np.float32, info=info):
-            total += len(block)
-            pending = np.concatenate([pending, block]) if len(pending) else block
-            while num_examples(len(pending)) >= self.batch_size:
-                pending = self._run(pending, self.batch_size, outs)
+    def add_audio(self, work, samples: np.ndarray) -> list:
+        """Samples -> the log-mel examples they complete (on the device); the samples an
+        unfinished example still needs stay in ``work.state``."""
+        st = work.state
+        x = torch.from_numpy(samples)
+        x = x.to(self.device) if self.device.type != "cpu" else x.clone()  # the buffer is reused
+        st.samples += len(samples)
+        pending = torch.cat([st.pending, x]) if len(st.pending) else x
         n = num_examples(len(pending))
-        if n:
-            pending = self._run(pending, n, outs)
-        if not outs:
-            raise VideoError(f"audio shorter than one 0.96 s example ({total / SAMPLE_RATE:.3f} s "
+        if n == 0:
+            st.pending = pending
+            return []
+        examples = self.frontend(pending[:samples_for(n)])
+        st.pending = pending[n * EXAMPLE_HOP:].clone()
+        stamps = (st.examples + np.arange(n)) * (EXAMPLE_HOP / SAMPLE_RATE * 1000.0)
+        st.examples += n
+        self.count_frames(n)
+        return [("vggish", examples, stamps)]
+
+    def forward(self, key: str, batch: torch.Tensor) -> torch.Tensor:
+        emb = self.model(batch, pre_activation=self.postprocess)
+        return self.pca(emb) if self.pca is not None else emb
+
+    def finish(self, work) -> dict[str, np.ndarray]:
+        feats, _ = rows_of(work, "vggish")
+        if feats is None:
+            raise VideoError(f"audio shorter than one 0.96 s example ({work.state.samples / SAMPLE_RATE:.3f} s "
                              f"decoded; VGGish needs at least {EXAMPLE_SPAN / SAMPLE_RATE:.3f} s)")
-        log.debug("%s: %s -> %d examples", path, pcm_source_description(info),
-                  sum(o.shape[0] for o in outs))
-        feats = torch.cat(outs)
-        if feats.is_floating_point():  # bf16 / fp16 under precision autocast
-            feats = feats.float()
-        feats = feats.cpu().numpy()
-        return {"vggish": feats}
+        return {"vggish": feats.cpu().numpy()}
+
+
+@dataclasses.dataclass
+class _Audio:
+    """Per-input state: samples not yet in a complete example, and counts so far."""
+
+    pending: torch.Tensor
+    samples: int = 0
+    examples: int = 0
