@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from utils.config import parse_args
+from utils.config import parse_configs
 from utils.errors import FeatureError
 from utils.runner import configure_logging, run
 
@@ -16,9 +16,9 @@ from utils.runner import configure_logging, run
 def main(argv: list[str] | None = None) -> int:
     configure_logging("info")
     try:
-        cfg = parse_args(sys.argv[1:] if argv is None else argv)
-        configure_logging(cfg.log_level)
-        summary = run(cfg)
+        cfgs = parse_configs(sys.argv[1:] if argv is None else argv)
+        configure_logging(cfgs[0].log_level)
+        summary = run(cfgs)
     except FeatureError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -100,6 +100,7 @@ class Extractor(abc.ABC):
                 for chunk in src.chunks(self.chunk_frames()):
                     n = len(chunk.timestamps_ms)
                     work.frames += n
+                    work.times_s = chunk.times_s
                     self.count_frames(n)
                     add(self.add_frames(work, self.to_device_frames(chunk.frames),
                                         chunk.timestamps_ms))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 
@@ -90,9 +90,15 @@ def convert_raft_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torc
     return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
 
 
-def _load(model: torch.nn.Module, card: WeightCard, convert, checkpoint_path: str | None,
+def _load(make: Any, card: WeightCard, convert, checkpoint_path: str | None,
           allow_random: bool, device: torch.device | str) -> torch.nn.Module:
-    if not use_random_weights(allow_random, checkpoint_path, card.name):
+    if use_random_weights(allow_random, checkpoint_path, card.name):
+        # seeded, so that every run and every worker has the same random network
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = make()
+    else:
+        model = make()
         load_checkpoint_into(model, card, checkpoint_path, convert, fill_bn_counters=True)
     return model.to(device).eval()
 
@@ -104,7 +110,7 @@ def load_pwc(checkpoint_path: str | None = None, allow_random: bool = False,
     ``checkpoint_path`` wins when given; otherwise the cache / download of :data:`PWC_CARD`.
     ``allow_random=True`` without a path skips the weights (random init, loud warning).
     """
-    return _load(PWCNet(), PWC_CARD, convert_pwc_state_dict, checkpoint_path, allow_random,
+    return _load(PWCNet, PWC_CARD, convert_pwc_state_dict, checkpoint_path, allow_random,
                  device)
 
 
@@ -112,7 +118,7 @@ def load_raft(checkpoint_path: str | None = None, allow_random: bool = False,
               device: torch.device | str = "cpu") -> RAFT:
     """RAFT with the raft-sintel weights, in eval mode on ``device`` (same rules as
     :func:`load_pwc`)."""
-    return _load(RAFT(), RAFT_CARD, convert_raft_state_dict, checkpoint_path, allow_random,
+    return _load(RAFT, RAFT_CARD, convert_raft_state_dict, checkpoint_path, allow_random,
                  device)
 
 

@@ -247,7 +247,7 @@ def _split_words(argv: list[str]) -> tuple[list[str], dict[str, str]]:
     for word in argv:
         if not word.startswith("-") and "=" in word:
             key, _, value = word.partition("=")
-            if not key.isidentifier():
+            if not all(part.isidentifier() for part in key.split(".", 1)):
                 raise ConfigError(f"cannot read override {word!r}: expected key=value")
             words[key] = value
         else:
@@ -302,31 +302,116 @@ def _add_option(group: Any, key: str, tp: Any, default: Any, text: str) -> None:
     group.add_argument(f"--{key}", dest=key, metavar=key.upper(), **kwargs)
 
 
+#: options of the run as a whole: one value for every feature type of a run
+RUN_OPTIONS = ("video_paths", "file_with_video_paths", "device", "device_ids", "cpu_workers",
+               "on_extraction", "output_path", "input_root", "decoders", "overwrite",
+               "on_mismatch", "worker_timeout", "log_level", "progress", "frames_fps", "timestamps")
+
+
+def feature_types_of(raw: Any) -> list[str]:
+    """``resnet``, ``resnet,i3d``, ``[resnet, i3d]`` or ``resnet i3d`` -> canonical names, in
+    order, each once."""
+    words = raw if isinstance(raw, (list, tuple)) else [raw] if raw else []
+    names = [w for word in words for w in str(word).replace(",", " ").split()]
+    out: list[str] = []
+    for name in names or [None]:
+        ft = canonical_feature_type(name)
+        if ft not in out:
+            out.append(ft)
+    return out
+
+
 def parse_args(argv: Iterable[str]) -> Config:
-    """Command line -> validated :class:`Config`. Raises ConfigError; ``--help`` exits."""
+    """Command line of one feature type -> validated :class:`Config` (see :func:`parse_configs`)."""
+    cfgs = parse_configs(argv)
+    if len(cfgs) > 1:
+        raise ConfigError("several feature types given where one is expected")
+    return cfgs[0]
+
+
+def parse_configs(argv: Iterable[str]) -> list[Config]:
+    """Command line -> one validated :class:`Config` per feature type. Raises ConfigError;
+    ``--help`` exits.
+
+    With several feature types (``--feature_type resnet i3d`` or ``feature_type=resnet,i3d``)
+    an option applies to every type that has it (one no type has is an error), ``TYPE.option=
+    value`` (or a ``TYPE:`` section of the ``--config`` file) to that type only; the options of
+    the run as a whole (:data:`RUN_OPTIONS`) take one value for all."""
     flags, words = _split_words(list(argv))
-    # first pass: only what decides which schema and defaults apply
+    # first pass: only what decides which schemas and defaults apply
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
-    pre.add_argument("--feature_type", default=None)
-    known, _ = pre.parse_known_args(flags)
+    pre.add_argument("--feature_type", default=None, nargs="+")
+    known, rest = pre.parse_known_args(flags)
     file_values = read_yaml(known.config) if known.config else {}
-    ft_raw = words.get("feature_type") or known.feature_type or file_values.get("feature_type")
+    ft_raw = words.pop("feature_type", None) or known.feature_type or file_values.get("feature_type")
     if any(w in ("-h", "--help") for w in flags):
-        build_parser(canonical_feature_type(ft_raw) if ft_raw else None).parse_args(flags)  # exits
-    ft = canonical_feature_type(ft_raw)
-    parser = build_parser(ft)
+        types = feature_types_of(ft_raw) if ft_raw else []
+        build_parser(types[0] if len(types) == 1 else None).parse_args(flags)  # exits
+    types = feature_types_of(ft_raw)
+    parser = build_parser(types[0] if len(types) == 1 else None)
     parser.exit_on_error = False
     try:
-        ns, unknown = parser.parse_known_args(flags)
+        ns, unknown = parser.parse_known_args(rest)
     except argparse.ArgumentError as exc:
         raise ConfigError(str(exc)) from None
     if unknown:
         raise ConfigError(f"unknown option(s): {' '.join(unknown)} (see --help)")
-    flag_words = {k: v for k, v in vars(ns).items() if k != "config"}
-    fields = schema_fields(schema_for(ft))
-    flag_values = {k: _from_text(fields[k][0], v) for k, v in flag_words.items()}
-    return _merge(ft, (file_values, flag_values, typed_words(ft, words)))
+    flag_words = {k: v for k, v in vars(ns).items() if k not in ("config", "feature_type")}
+    plain = {k: v for k, v in words.items() if "." not in k}
+    sections: dict[str, dict[str, Any]] = {t: {} for t in types}
+    for key, value in words.items():
+        if "." in key:
+            t, _, opt = key.partition(".")
+            t = ALIASES.get(t, t)
+            if t not in sections:
+                raise ConfigError(f"{key}: {t!r} is not a feature type of this run "
+                                  f"({', '.join(types)})")
+            sections[t][opt] = value
+    file_plain = {k: v for k, v in file_values.items()
+                  if k != "feature_type" and not (ALIASES.get(k, k) in sections and isinstance(v, dict))}
+    fields = {t: schema_fields(schema_for(t)) for t in types}
+    if len(types) > 1:
+        _check_multi(types, fields, {**file_plain, **flag_words, **plain}, sections, file_values)
+    cfgs = []
+    for t in types:
+        f = fields[t]
+        file_layer = {k: v for k, v in file_plain.items() if k in f or len(types) == 1}
+        section = file_values.get(t) or next((v for k, v in file_values.items()
+                                              if ALIASES.get(k) == t and isinstance(v, dict)), {})
+        file_layer.update(section if isinstance(section, dict) else {})
+        flag_layer = {k: _from_text(f[k][0], v) for k, v in flag_words.items() if k in f}
+        word_layer = typed_words(t, {k: v for k, v in plain.items()
+                                     if k in f or len(types) == 1})
+        cfgs.append(_merge(t, (file_layer, flag_layer, word_layer, typed_words(t, sections[t]))))
+    if len(cfgs) > 1:
+        for key in RUN_OPTIONS:
+            values = {repr(c.get(key)) for c in cfgs}
+            if len(values) > 1:
+                raise ConfigError(f"option {key} differs between the feature types of this run "
+                                  f"({', '.join(f'{c.feature_type}: {c.get(key)!r}' for c in cfgs)})")
+    return cfgs
+
+
+def _check_multi(types: list[str], fields: dict, unprefixed: Mapping[str, Any],
+                 sections: Mapping[str, Mapping[str, Any]], file_values: Mapping[str, Any]) -> None:
+    """Options of a run of several feature types: each known to some type; per-type values
+    only for per-type options."""
+    for key in unprefixed:
+        if not any(key in fields[t] for t in types):
+            raise ConfigError(f"unknown option {key!r} for feature types {', '.join(types)} "
+                              "(see --help)")
+    if "checkpoint_path" in unprefixed and unprefixed["checkpoint_path"] is not None:
+        raise ConfigError("checkpoint_path is ambiguous with several feature types: give it per "
+                          "type, e.g. resnet.checkpoint_path=FILE")
+    for t in types:
+        own = {**(file_values.get(t) if isinstance(file_values.get(t), dict) else {}), **sections[t]}
+        for key in own:
+            if key in RUN_OPTIONS:
+                raise ConfigError(f"{t}.{key}: {key} is an option of the whole run; set it once "
+                                  "for every feature type")
+            if key not in fields[t]:
+                raise ConfigError(f"unknown option {key!r} for feature_type={t} (see --help)")
 
 
 def make_config(feature_type: str, **values: Any) -> Config:

@@ -164,8 +164,15 @@ def _decode_into_slots(src: Any, tag: tuple, slots: list, free: Any, out: Any, c
     slot = view = None
     n = per_slot = 0
     stamps: list[float] = []
+    times: list[float] = []
+    native = not src.extraction_fps
     first = 0
     shape = None
+
+    def message() -> tuple:
+        return ("chunk", *tag, slot, n, shape, np.asarray(stamps, np.float64), first,
+                np.asarray(times, np.float64) if native else None)
+
     for idx, ts, img in src.timed_frames():
         if shape is None:
             shape = img.shape
@@ -177,15 +184,17 @@ def _decode_into_slots(src: Any, tag: tuple, slots: list, free: Any, out: Any, c
         if slot is None:
             slot = _take_slot(free, parent)
             view = np.ndarray((per_slot, *shape), np.uint8, buffer=slots[slot].buf)
-            n, stamps, first = 0, [], idx
+            n, stamps, times, first = 0, [], [], idx
         view[n] = img
         stamps.append(ts)
+        if native:
+            times.append(src.time_s)
         n += 1
         if n == per_slot:
-            out.put(("chunk", *tag, slot, n, shape, np.asarray(stamps, np.float64), first))
+            out.put(message())
             slot = view = None
     if slot is not None:
-        out.put(("chunk", *tag, slot, n, shape, np.asarray(stamps, np.float64), first))
+        out.put(message())
 
 
 def check_shared_memory(needed: int, folder: str = "/dev/shm") -> None:
@@ -301,6 +310,10 @@ class VideoWork:
     stamps: dict = field(default_factory=lambda: collections.defaultdict(list))
     pending: int = 0                       # work items handed to the batcher, rows not back yet
     decoded: bool = False                  # the decoder has sent everything of this input
+    #: native-rate times (s) of the chunk being added (see utils.video.Chunk.times_s)
+    times_s: Any = None
+    #: "type: reason" of the feature types that failed while others succeeded (utils/multi.py)
+    partial_errors: list = field(default_factory=list)
     error: str | None = None
 
 
@@ -492,7 +505,7 @@ class DevicePipeline:
             n = msg[5]
             self._add(work, self.ex.add_audio(work, self.pool.samples(decoder, msg[4], n)))
             return
-        slot, n, shape, stamps, _first = msg[4:]
+        slot, n, shape, stamps, _first, work.times_s = msg[4:]
         work.frames += n
         self.ex.count_frames(n)
         frames = self.ex.to_device_frames(self.pool.slot(decoder, slot, n, shape))
@@ -531,7 +544,10 @@ class DevicePipeline:
                 still.append((work, fut))
                 continue
             exc = fut.exception()
-            if exc is None:
+            if exc is None and work.partial_errors:  # others of its feature types were written
+                res = Result(work.path, "failed", reason="; ".join(work.partial_errors),
+                             frames=work.frames, seconds=time.perf_counter() - work.t0)
+            elif exc is None:
                 res = Result(work.path, "done", frames=work.frames,
                              seconds=time.perf_counter() - work.t0)
             else:

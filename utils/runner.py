@@ -94,6 +94,21 @@ def build_extractor(cfg: Config, device: str) -> Any:
     return get_extractor_class(cfg.feature_type)(cfg, prepare_device(device, cfg.tf32))
 
 
+def build_worker(cfgs: list[Config], records: list[dict], device: str) -> tuple[Any, Any]:
+    """The extractor and output writer of one worker: of the one feature type, or the
+    one-decode combination of several (utils/multi.py)."""
+    if len(cfgs) == 1:
+        return build_extractor(cfgs[0], device), OutputWriter.from_config(cfgs[0], records[0])
+    from utils.multi import MultiExtractor, MultiWriter
+
+    writers = {c.feature_type: OutputWriter.from_config(c, r) for c, r in zip(cfgs, records)}
+    return MultiExtractor(cfgs, device, writers), MultiWriter(writers)
+
+
+def as_configs(cfg: Config | list[Config]) -> list[Config]:
+    return [cfg] if isinstance(cfg, Config) else list(cfg)
+
+
 def process_one(extractor: Any, writer: OutputWriter, path: str) -> Result:
     """Extract and write one input; every failure becomes a one-line reason."""
     t0 = time.perf_counter()
@@ -156,16 +171,16 @@ def _decode_threads(cfg: Config) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, cfg.decoders * len(devices_for(cfg))))
 
 
-def _worker_main(device: str, cfg: Config, record: dict, conn: Any) -> None:
+def _worker_main(device: str, cfgs: list[Config], records: list[dict], conn: Any) -> None:
     """Entry point of a spawned worker: build once, then extract what the parent sends."""
+    cfg = cfgs[0]  # the run's options (RUN_OPTIONS) are the same in every one
     configure_logging(cfg.log_level)
     import torch
 
     if device == "cpu":
         torch.set_num_threads(_threads_per_worker(len(devices_for(cfg))))
     try:
-        extractor = build_extractor(cfg, device)
-        writer = OutputWriter.from_config(cfg, record)
+        extractor, writer = build_worker(cfgs, records, device)
     except Exception as exc:
         conn.send(("fatal", str(exc) if isinstance(exc, FeatureError) else f"{type(exc).__name__}: {exc}"))
         return
@@ -299,30 +314,37 @@ def _progress_enabled(cfg: Config) -> bool:
     return bool(cfg.progress)
 
 
-def plan(cfg: Config, record: dict) -> tuple[list[str], list[Result]]:
-    """Split inputs into (to do, already settled). Settled: skipped (done under the same record),
-    refused (``on_mismatch=refuse`` and made differently) or colliding with another input."""
+def plan(cfgs: Config | list[Config], records: dict | list[dict]) -> tuple[list[str], list[Result]]:
+    """Split inputs into (to do, already settled). Settled: skipped (done under the same record,
+    for every feature type), refused (``on_mismatch=refuse`` and made differently) or colliding
+    with another input."""
     from models.registry import get_extractor_class
 
-    writer = OutputWriter.from_config(cfg, record)
-    keys = get_extractor_class(cfg.feature_type).output_keys_for(cfg)
+    cfgs = as_configs(cfgs)
+    records = [records] if isinstance(records, dict) else list(records)
+    cfg = cfgs[0]
+    writers = [OutputWriter.from_config(c, r) for c, r in zip(cfgs, records)]
+    keys = [get_extractor_class(c.feature_type).output_keys_for(c) for c in cfgs]
+    named = len(cfgs) > 1  # reasons name their feature type
     todo: list[str] = []
     settled: list[Result] = []
     owners: dict[Any, str] = {}
     for path in cfg.video_paths:
-        if writer.saves:
-            first = next(iter(writer.paths_for(path, keys).values()))
+        if writers[0].saves:
+            first = next(iter(writers[0].paths_for(path, keys[0]).values()))
             other = owners.setdefault(first, path)
             if other != path:
                 settled.append(Result(path, "failed", reason=f"its output files would overwrite those of {other}"))
                 continue
             if not cfg.overwrite:
-                state = writer.state(path, keys)
-                if state.status == "done":
+                states = [(c.feature_type, w.state(path, k)) for c, w, k in zip(cfgs, writers, keys)]
+                if all(st.status == "done" for _, st in states):
                     settled.append(Result(path, "skipped"))
                     continue
-                if state.status == "mismatch":
-                    why = "; ".join(state.reasons)
+                reasons = [(f"{t}: " if named else "") + "; ".join(st.reasons)
+                           for t, st in states if st.status == "mismatch"]
+                if reasons:
+                    why = "; ".join(reasons)
                     if cfg.on_mismatch == "refuse":
                         settled.append(Result(path, "failed", reason=(
                             f"existing outputs were made differently ({why}); on_mismatch=recompute "
@@ -333,12 +355,16 @@ def plan(cfg: Config, record: dict) -> tuple[list[str], list[Result]]:
     return todo, settled
 
 
-def run(cfg: Config) -> Summary:
-    """Extract features for every input of ``cfg``; never raises for a bad input."""
+def run(cfg: Config | list[Config]) -> Summary:
+    """Extract features for every input of ``cfg`` (or of several feature types' configs, one
+    decode for all); never raises for a bad input."""
     from utils.record import run_record
 
-    record = run_record(cfg)  # WeightsError here (missing weights) ends the run before any work
-    todo, settled = plan(cfg, record)
+    cfgs = as_configs(cfg)
+    cfg = cfgs[0]
+    # WeightsError here (missing weights) ends the run before any work
+    records = [run_record(c) for c in cfgs]
+    todo, settled = plan(cfgs, records)
     summary = Summary(list(settled))
     for r in summary.results:
         if r.status == "failed":
@@ -352,9 +378,9 @@ def run(cfg: Config) -> Summary:
     progress = _Progress(len(todo), _progress_enabled(cfg))
     try:
         if devices == ["cpu"]:  # one CPU worker: no process to spawn
-            _run_inline(cfg, record, devices[0], todo, summary, progress)
+            _run_inline(cfgs, records, devices[0], todo, summary, progress)
         else:
-            _run_pool(cfg, record, devices[: len(todo)], todo, summary, progress)
+            _run_pool(cfgs, records, devices[: len(todo)], todo, summary, progress)
     finally:
         progress.close()
     _reconcile(cfg.video_paths, summary, progress)
@@ -371,11 +397,11 @@ def _reconcile(planned: list[str], summary: Summary, progress: _Progress) -> Non
             progress.update(res)
 
 
-def _run_inline(cfg: Config, record: dict, device: str, todo: list[str], summary: Summary,
-                progress: _Progress) -> None:
-    extractor = build_extractor(cfg, device)  # errors here (weights, device) end the run
+def _run_inline(cfgs: list[Config], records: list[dict], device: str, todo: list[str],
+                summary: Summary, progress: _Progress) -> None:
+    cfg = cfgs[0]
+    extractor, writer = build_worker(cfgs, records, device)  # errors here (weights, device) end the run
     extractor.progress_hook = progress.add_frames
-    writer = OutputWriter.from_config(cfg, record)
     if extractor.frame_seam:
         _run_inline_pipeline(cfg, extractor, writer, todo, summary, progress)
         return
@@ -423,10 +449,11 @@ class _Worker:
     broken: bool = False      # reported a sticky device error and exits
 
 
-def _run_pool(cfg: Config, record: dict, devices: list[str], todo: list[str], summary: Summary,
-              progress: _Progress) -> None:
+def _run_pool(cfgs: list[Config], records: list[dict], devices: list[str], todo: list[str],
+              summary: Summary, progress: _Progress) -> None:
     import torch.multiprocessing as mp
 
+    cfg = cfgs[0]
     ctx = mp.get_context("spawn")
     pending = collections.deque(todo)
     workers: list[_Worker] = []
@@ -437,7 +464,7 @@ def _run_pool(cfg: Config, record: dict, devices: list[str], todo: list[str], su
 
     def start(device: str) -> None:
         parent_end, child_end = ctx.Pipe()
-        p = ctx.Process(target=_worker_main, args=(device, cfg, record, child_end),
+        p = ctx.Process(target=_worker_main, args=(device, cfgs, records, child_end),
                         name=f"worker-{device}")  # not daemonic: it starts decoders
         p.start()
         child_end.close()

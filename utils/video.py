@@ -50,6 +50,9 @@ class Chunk:
     frames: np.ndarray          # (n, H, W, 3) uint8 RGB
     timestamps_ms: np.ndarray   # (n,) float64
     first_index: int            # index of frames[0] in the output frame sequence
+    #: at the native rate: each frame's time in seconds from the first frame (presentation time
+    #: in either timestamp mode; what extraction_fps selects by); None with extraction_fps
+    times_s: np.ndarray | None = None
 
 
 def round_near(x: np.ndarray) -> np.ndarray:
@@ -344,13 +347,21 @@ class FrameSource:
             # index / frames_fps for frame folders
             by_pts = self.timestamps == "pts"
             for i, (t, payload) in enumerate(items):
+                self.time_s = t  # read by consumers that select frames themselves
                 yield i, (t if by_pts else i / self.fps) * 1000.0, self._to_rgb(payload)
 
     def _chunks_sync(self, chunk_size: int) -> Iterator[Chunk]:
         buf: list[np.ndarray] = []
         stamps: list[float] = []
+        times: list[float] = []
+        native = not self.extraction_fps
         first = 0
         shape = None
+
+        def chunk() -> Chunk:
+            return Chunk(np.stack(buf), np.asarray(stamps, dtype=np.float64), first,
+                         np.asarray(times, dtype=np.float64) if native else None)
+
         for idx, ts, img in self.timed_frames():
             if shape is None:
                 shape = img.shape
@@ -359,11 +370,13 @@ class FrameSource:
                 first = idx
             buf.append(img)
             stamps.append(ts)
+            if native:
+                times.append(self.time_s)
             if len(buf) == chunk_size:
-                yield Chunk(np.stack(buf), np.asarray(stamps, dtype=np.float64), first)
-                buf, stamps = [], []
+                yield chunk()
+                buf, stamps, times = [], [], []
         if buf:
-            yield Chunk(np.stack(buf), np.asarray(stamps, dtype=np.float64), first)
+            yield chunk()
 
     def chunks(self, chunk_size: int, prefetch: bool = True) -> Iterator[Chunk]:
         """Chunks of up to ``chunk_size`` frames; decoding runs one chunk ahead in a thread."""
