@@ -421,6 +421,28 @@ def test_flow_batch_size_does_not_change_features(base_run, video9):
     features_close(out["rgb"], both["rgb"], 1e-6)
 
 
+def test_flow_batches_that_run_out_of_memory_are_halved(base_run, video9, monkeypatch, caplog):
+    """A flow batch that runs out of GPU memory is retried at half the size, for the rest of the
+    run, with one warning; the features do not change. ``auto`` is 16 pairs on the CPU."""
+    _, both = base_run
+    ex = I3DExtractor(_cfg(flow_batch_size="auto"), CPU)
+    assert ex.flow_pairs is None and ex.auto_flow_pairs(256, 341) == 16
+    real, sizes = ex._flow, []
+
+    def limited(a, b):
+        sizes.append(len(a))
+        if len(a) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(a, b)
+
+    monkeypatch.setattr(ex, "_flow", limited)
+    with caplog.at_level("WARNING"):
+        out = ex.extract(str(video9))
+    assert ex.flow_pairs == 2 and sizes[:4] == [7, 7, 4, 2]  # 7 pairs in a chunk: 16, 8, 4 fail
+    assert sum("ran out of GPU memory" in r.message for r in caplog.records) == 3
+    features_close(out["flow"], both["flow"], 1e-4)
+
+
 def test_spatial_maps_still_show_predictions(i3d_weights, video5, capsys):
     _, plain = _extract(video5, streams=["rgb"], show_pred=True, stack_size=2, step_size=2)
     vec_lines = [ln for ln in capsys.readouterr().out.splitlines() if " stack #" in ln]

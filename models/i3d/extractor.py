@@ -17,7 +17,8 @@ after reading the stack).
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Optional
+import logging
+from typing import List, Optional, Union
 
 import numpy as np
 import torch
@@ -30,7 +31,15 @@ from utils.pipeline import rows_of
 from utils.transforms import center_crop, resize_short_side
 from utils.windows import SlidingWindows, stack_windows
 
+log = logging.getLogger(__name__)
+
 STREAMS = ("rgb", "flow")
+#: GPU memory one frame pair takes in PWC-Net at 256x512 (a 256-short-side frame padded to
+#: multiples of 64), fp32, cuDNN benchmark off: from measured peaks (64 pairs in bf16 ~2 GB);
+#: bf16/fp16 halve it, RAFT's all-pairs volume doubles it
+PAIR_BYTES = 64 << 20
+#: the most memory flow batches are sized to (the peak target at defaults is 8 GB in all)
+FLOW_MEMORY_CAP = 6 << 30
 FLOW_TYPES = ("pwc", "raft")
 WEIGHTS = {
     "reference": {"rgb": "i3d_rgb", "flow": "i3d_flow"},
@@ -65,7 +74,9 @@ class I3DOptions(StackOptions):
     checkpoint_path_rgb: Optional[str] = option("explicit I3D RGB checkpoint file")
     checkpoint_path_flow: Optional[str] = option("explicit I3D flow checkpoint file")
     flow_checkpoint_path: Optional[str] = option("explicit PWC-Net / RAFT checkpoint file")
-    flow_batch_size: int = option("frame pairs per optical-flow forward pass", at_least=1)
+    flow_batch_size: Union[int, str] = option(
+        "frame pairs per optical-flow forward pass; auto: 16 on CPU, on a GPU what its free "
+        "memory holds (at most 64 pairs, within FLOW_MEMORY_CAP); halved on running out of memory")
     raft_iters: int = option("RAFT refinement iterations", at_least=1, changes_values=True)
     raft_padding: str = option("unpad: crop RAFT's flow back to the frame (correct); reference: "
                                "keep the padded field before the centre crop, as the reference "
@@ -99,6 +110,9 @@ class I3DExtractor(Extractor):
         if cfg.get("checkpoint_path"):
             raise ConfigError("checkpoint_path is ambiguous for i3d: use checkpoint_path_rgb, "
                               "checkpoint_path_flow or flow_checkpoint_path")
+        fb = cfg.flow_batch_size
+        if fb != "auto" and (isinstance(fb, bool) or not isinstance(fb, int) or fb < 1):
+            raise ConfigError(f"option flow_batch_size must be auto or an integer >= 1, got {fb!r}")
 
     def __init__(self, cfg: Config, device: torch.device) -> None:
         super().__init__(cfg, device)
@@ -113,6 +127,8 @@ class I3DExtractor(Extractor):
             if cfg.show_pred:
                 self.labels[s] = load_labels(card.extra.get("labels", "kinetics400"))
         self.flow_net = None
+        #: frame pairs per flow forward pass; None: sized on the first frames (auto)
+        self.flow_pairs = None if cfg.flow_batch_size == "auto" else int(cfg.flow_batch_size)
         if "flow" in self.streams:
             from models import flow_weights
 
@@ -125,6 +141,41 @@ class I3DExtractor(Extractor):
             return self.flow_net.estimate(a, b)
         return self.flow_net.estimate(a, b, iters=self.cfg.raft_iters,
                                       unpad=self.cfg.raft_padding == "unpad")
+
+    def _flow_into(self, flow: torch.Tensor, seq: torch.Tensor, need: torch.Tensor) -> None:
+        """Flow of the pairs ``(seq[i], seq[i + 1])`` for ``i`` in ``need``, in batches of
+        ``flow_pairs``; a batch that runs out of GPU memory is retried at half the size."""
+        if self.flow_pairs is None:
+            self.flow_pairs = self.auto_flow_pairs(*seq.shape[-2:])
+        at = 0
+        while at < len(need):
+            group = need[at:at + self.flow_pairs]
+            try:
+                f = self._flow(seq[group], seq[group + 1])
+            except torch.cuda.OutOfMemoryError:
+                if self.flow_pairs == 1:
+                    raise
+                torch.cuda.empty_cache()
+                self.flow_pairs = max(1, self.flow_pairs // 2)
+                log.warning("optical flow ran out of GPU memory: %d frame pairs per batch from now on",
+                            self.flow_pairs)
+                continue
+            flow[group] = flow_to_i3d(center_crop(f, 224, offset="floor"))
+            at += len(group)
+
+    def auto_flow_pairs(self, h: int, w: int) -> int:
+        """``flow_batch_size: auto`` for frames of ``h x w``: 16 on the CPU; on a GPU as many
+        pairs as half its free memory (at most FLOW_MEMORY_CAP) holds, between 1 and 64."""
+        if self.device.type != "cuda":
+            return 16
+        free, _ = torch.cuda.mem_get_info(self.device)
+        per = PAIR_BYTES * (-(-h // 64) * 64) * (-(-w // 64) * 64) / (256 * 512)
+        per *= 0.5 if self.cfg.get("precision", "fp32") != "fp32" else 1.0
+        per *= 2.0 if self.cfg.flow_type == "raft" else 1.0
+        pairs = int(min(free // 2, FLOW_MEMORY_CAP) // per)
+        log.info("flow_batch_size auto: %d frame pairs of %dx%d (%.0f MB free on %s)",
+                 max(1, min(64, pairs)), w, h, free / 2**20, self.device)
+        return max(1, min(64, pairs))
 
     def chunk_frames(self) -> int:
         return max(self.cfg.stack_size, 8)
@@ -154,9 +205,7 @@ class I3DExtractor(Extractor):
             flow = torch.zeros((n, 2, 224, 224), device=self.device)
             idx = torch.arange(state.index, state.index + n)
             need = ((idx % cfg.step_size) < cfg.stack_size).nonzero().flatten()
-            for group in need.to(self.device).split(cfg.flow_batch_size):
-                f = self._flow(seq[group], seq[group + 1])
-                flow[group] = flow_to_i3d(center_crop(f, 224, offset="floor"))
+            self._flow_into(flow, seq, need.to(self.device))
             out["flow"] = flow
         state.index += n
         return out, np.asarray(stamps[-n:], np.float64)  # element i ends at frame i + 1

@@ -8,8 +8,9 @@ v-iashin/video_features shipped as ``pwc_net_sintel.pt``) spells every ``net`` a
 (``moduleExtractor.moduleOne.0.weight``); :func:`models.flow_weights.convert_pwc_state_dict`
 renames those keys.
 
-The cost volume is the one of the original CUDA kernel, written with tensor ops so the network
-runs on CPU and GPU alike (see :func:`correlation`).
+The cost volume is the one of the original CUDA kernel: on a GPU one fused Triton kernel
+(:mod:`models.pwc.correlation_triton`), elsewhere (and as the reference the kernel is tested
+against) tensor ops (:func:`correlation_torch`).
 
 Pre- and post-processing (:meth:`PWCNet.estimate`) follow what the reference tool did before
 2024 (its ``models/pwc/pwc_src/pwc_net.py``, a wrapper of sniklaus/pytorch-pwc@f6138900):
@@ -26,11 +27,15 @@ Warping uses ``grid_sample(..., align_corners=True)``: the reference ran PyTorch
 """
 from __future__ import annotations
 
+import logging
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 #: maximum displacement of the cost volume (in feature pixels); 81 = (2 * 4 + 1) ** 2 channels
 MAX_DISPLACEMENT = 4
@@ -40,6 +45,34 @@ FLOW_SCALE = 20.0
 
 def correlation(one: torch.Tensor, two: torch.Tensor,
                 max_displacement: int = MAX_DISPLACEMENT) -> torch.Tensor:
+    """The cost volume (:func:`correlation_torch`): the fused Triton kernel where it can run (CUDA
+    tensors, Triton importable; ``VIDEO_FEATURES_CORRELATION=torch`` turns it off), tensor ops
+    elsewhere."""
+    kernel = _fused_kernel()
+    if kernel is not None and kernel.available(one) and one.shape == two.shape and one.dim() == 4:
+        return kernel.correlation(one, two, max_displacement)
+    return correlation_torch(one, two, max_displacement)
+
+
+_KERNEL: list = []
+
+
+def _fused_kernel():
+    """models.pwc.correlation_triton, or None without Triton (or when turned off); one log line."""
+    if not _KERNEL:
+        module = None
+        if os.environ.get("VIDEO_FEATURES_CORRELATION", "auto") != "torch":
+            try:
+                from models.pwc import correlation_triton as module
+            except Exception as exc:  # no Triton (or no GPU toolchain): tensor ops
+                log.info("PWC-Net cost volume: tensor ops (fused kernel unavailable: %s)",
+                         str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        _KERNEL.append(module)
+    return _KERNEL[0]
+
+
+def correlation_torch(one: torch.Tensor, two: torch.Tensor,
+                      max_displacement: int = MAX_DISPLACEMENT) -> torch.Tensor:
     """Cost volume of the PWC-Net CUDA kernel: ``(B, C, H, W) x 2 -> (B, (2d+1)^2, H, W)``.
 
     ``out[b, k, y, x] = sum_c one[b, c, y, x] * two[b, c, y + dy, x + dx] / C`` with
