@@ -198,3 +198,16 @@ def test_vggish_on_the_pipeline_equals_one_input_extraction(tmp_path):
         assert outputs[str(p)]["vggish"].shape == ref.shape == (ref.shape[0], 128)
         np.testing.assert_allclose(outputs[str(p)]["vggish"], ref, rtol=1e-5, atol=1e-6)
     assert outputs[str(inputs[0])]["vggish"].shape[0] == 4
+
+
+def test_null_rows_are_sampled_channel_means(videos):
+    """The null feature type: one row per frame, the mean R, G, B of every 8th pixel of every
+    8th row, computed here from a plain decode."""
+    from utils.video import open_frames
+
+    cfg = make_config("null", video_paths=[str(videos[2])], device="cpu", batch_size=7)
+    results, outputs = _run_pipeline(build_extractor(cfg, "cpu"), videos[2:])
+    with open_frames(str(videos[2])) as src:
+        frames = np.concatenate([c.frames for c in src.chunks(16)])
+    want = frames[:, ::8, ::8].reshape(len(frames), -1, 3).mean(axis=1)
+    np.testing.assert_allclose(outputs[str(videos[2])]["null"], want, rtol=1e-5)
