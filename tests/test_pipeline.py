@@ -6,6 +6,7 @@ computations in the per-model tests); failures stay with their video.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -211,3 +212,52 @@ def test_null_rows_are_sampled_channel_means(videos):
         frames = np.concatenate([c.frames for c in src.chunks(16)])
     want = frames[:, ::8, ::8].reshape(len(frames), -1, 3).mean(axis=1)
     np.testing.assert_allclose(outputs[str(videos[2])]["null"], want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(extraction_fps=7.0)])
+def test_nvdec_path_and_its_fallback_to_the_cpu(videos, resnet_weights, tmp_path, monkeypatch,
+                                                caplog, options):
+    """decoder=nvdec through a stand-in decoder with PyNvVideoCodec's interface (PyAV pixels,
+    tests/fake_nvdec): the same outputs as the CPU path, frames picked by the same rule; a
+    video it cannot open is decoded by the CPU decoders, with one log line."""
+    import shutil
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent / "fake_nvdec"))
+    from utils.nvdec import unavailable
+
+    assert unavailable() is None
+    resnet_weights("resnet18")
+    odd = tmp_path / "unsupported.mp4"
+    shutil.copy(videos[1], odd)
+    paths = [*videos, odd]
+    cfg = make_config("resnet", video_paths=[str(p) for p in paths], device="cpu",
+                      model_name="resnet18", batch_size=4, **options)
+    ex = build_extractor(cfg.replace(decoder="nvdec"), "cpu")
+    with caplog.at_level("INFO"):
+        results, outputs = _run_pipeline(ex, paths)
+    assert {r.status for r in results.values()} == {"done"}
+    fallbacks = [r.message for r in caplog.records if "cannot decode" in r.message]
+    assert len(fallbacks) == 1 and "unsupported.mp4" in fallbacks[0]
+    for p in paths:
+        ref = ex.extract(str(p))
+        for key in ref:
+            np.testing.assert_allclose(outputs[str(p)][key], ref[key], rtol=1e-5, atol=1e-5)
+
+
+def test_nvdec_needs_a_gpu_and_the_library(videos, monkeypatch):
+    import builtins
+
+    from utils.errors import ConfigError
+    from utils.nvdec import unavailable
+
+    with pytest.raises(ConfigError, match="decoder=nvdec decodes on a GPU"):
+        make_config("resnet", video_paths=[str(videos[0])], device="cpu", decoder="nvdec")
+    real = builtins.__import__
+
+    def no_library(name, *a, **k):
+        if name == "PyNvVideoCodec":
+            raise ImportError("No module named 'PyNvVideoCodec'")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_library)
+    assert "pip install pynvvideocodec" in unavailable()

@@ -68,6 +68,10 @@ class SharedOptions:
     batch_size: Union[int, str] = option(
         "frames (frame-wise models) or stacks (clip models) per forward pass; auto: the feature "
         "type's default for the device (small on CPU, where big batches run slower; large on GPU)")
+    decoder: str = option(
+        "cpu: PyAV in decoder processes; nvdec: the GPU's video decoder (PyNvVideoCodec, "
+        "device=cuda), frames stay on the GPU; a video NVDEC cannot decode falls back to the CPU",
+        choices=("cpu", "nvdec"), changes_values=True)
     decoders: Union[int, str] = option(
         "decoding processes per device, each on a different video at a time (auto: the CPU "
         "cores shared between the devices)")
@@ -305,7 +309,8 @@ def _add_option(group: Any, key: str, tp: Any, default: Any, text: str) -> None:
 #: options of the run as a whole: one value for every feature type of a run
 RUN_OPTIONS = ("video_paths", "file_with_video_paths", "device", "device_ids", "cpu_workers",
                "on_extraction", "output_path", "input_root", "decoders", "overwrite",
-               "on_mismatch", "worker_timeout", "log_level", "progress", "frames_fps", "timestamps")
+               "on_mismatch", "worker_timeout", "log_level", "progress", "frames_fps", "timestamps",
+               "decoder")
 
 
 def feature_types_of(raw: Any) -> list[str]:
@@ -525,6 +530,14 @@ def validate(cfg: Config) -> Config:
         bad = [i for i in ids if i >= n]
         if bad:
             raise ConfigError(f"device_ids {bad} do not exist: this machine has {n} GPU(s)")
+    if cfg.decoder == "nvdec":
+        if cfg.device != "cuda":
+            raise ConfigError("decoder=nvdec decodes on a GPU: it needs device=cuda")
+        from utils.nvdec import unavailable
+
+        why = unavailable()
+        if why:
+            raise ConfigError(f"decoder=nvdec: {why}")
     if cfg.decoders == "auto":
         from utils.pipeline import default_decoders
 

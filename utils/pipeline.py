@@ -403,10 +403,21 @@ class DevicePipeline:
         self.writer = writer
         self.on_result = on_result
         self.batcher = Batcher(extractor.run_batch, extractor.cfg.batch_size)
-        self.pool = DecoderPool(n_decoders, extractor.frame_needs(), extractor.chunk_frames(),
-                                decode_threads)
+        needs = extractor.frame_needs()
+        self.gpu = None  # decoder=nvdec: NVDEC threads decode; the CPU pool takes what they cannot
+        if extractor.cfg.get("decoder", "cpu") == "nvdec":
+            if needs.get("audio"):
+                log.info("decoder=nvdec: audio is needed too, so the CPU decoders decode everything")
+            else:
+                from utils.nvdec import MAX_SESSIONS, NvdecPool
+
+                self.gpu = NvdecPool(min(n_decoders, MAX_SESSIONS), extractor.device, needs,
+                                     extractor.chunk_frames(), first_index=n_decoders)
+        self.pool = DecoderPool(n_decoders if self.gpu is None else min(n_decoders, 2), needs,
+                                extractor.chunk_frames(), decode_threads)
         self.works: dict[int, VideoWork] = {}
         self.waiting: collections.deque[int] = collections.deque()  # submitted, no decoder yet
+        self.cpu_only: set[int] = set()  # NVDEC could not decode them
         self._next = 0
         self._writes = ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer")
         self._writing: list[tuple[VideoWork, Future]] = []
@@ -429,18 +440,46 @@ class DevicePipeline:
         self._assign()
 
     def _assign(self) -> None:
-        for i in self.pool.idle():
-            while self.waiting and self.waiting[0] not in self.works:
-                self.waiting.popleft()
-            if not self.waiting:
-                return
-            vid = self.waiting.popleft()
+        self.waiting = collections.deque(v for v in self.waiting if v in self.works)
+        pools = [(self.pool, lambda v: self.gpu is None or v in self.cpu_only)]
+        if self.gpu is not None:
+            pools.insert(0, (self.gpu, lambda v: v not in self.cpu_only))
+        for pool, takes in pools:
+            for i in pool.idle():
+                vid = next((v for v in self.waiting if takes(v)), None)
+                if vid is None:
+                    break
+                self.waiting.remove(vid)
+                try:
+                    self.ex.begin(self.works[vid])
+                except FeatureError as exc:
+                    self._fail(self.works[vid], str(exc))
+                    continue
+                pool.assign(i, vid, self.works[vid].path)
+
+    @property
+    def n_decoders(self) -> int:
+        """Videos decoded at a time."""
+        return self.gpu.n if self.gpu is not None else self.pool.n
+
+    def _get(self, timeout: float) -> tuple:
+        """The next message of either pool (queue.Empty after ``timeout``)."""
+        if self.gpu is None:
+            return self.pool.out.get(timeout=timeout) if timeout > 0 else self.pool.out.get_nowait()
+        deadline = time.monotonic() + timeout
+        while True:
             try:
-                self.ex.begin(self.works[vid])
-            except FeatureError as exc:
-                self._fail(self.works[vid], str(exc))
-                continue
-            self.pool.assign(i, vid, self.works[vid].path)
+                return self.gpu.out.get_nowait()
+            except queue_mod.Empty:
+                pass
+            try:
+                return self.pool.out.get(timeout=min(0.002, max(0.0, deadline - time.monotonic())))
+            except queue_mod.Empty:
+                if time.monotonic() >= deadline:
+                    raise
+
+    def _queued(self) -> bool:
+        return not self.pool.out.empty() or (self.gpu is not None and not self.gpu.out.empty())
 
     def step(self, timeout: float = 0.05) -> None:
         """Handle what the decoders sent (waiting up to ``timeout`` for the first message), run
@@ -449,14 +488,13 @@ class DevicePipeline:
         deadline = time.monotonic() + timeout
         while got < 64:
             try:
-                msg = (self.pool.out.get(timeout=max(0.0, deadline - time.monotonic()))
-                       if got == 0 else self.pool.out.get_nowait())
+                msg = self._get(max(0.0, deadline - time.monotonic()) if got == 0 else 0.0)
             except queue_mod.Empty:
                 break
             got += 1
             self._handle(msg)
         self.batcher.run(full_only=True)
-        if got == 0 or self.pool.out.empty():
+        if got == 0 or not self._queued():
             self.batcher.run(full_only=False)
         for code, vid in self.pool.replace_dead():
             if vid in self.works:
@@ -467,11 +505,20 @@ class DevicePipeline:
 
     def _handle(self, msg: tuple) -> None:
         kind, index, gen, vid = msg[:4]
-        decoder = self.pool.current(index, gen)
+        decoder = (self.pool.current(index, gen) if index < self.pool.n or self.gpu is None
+                   else self.gpu.current(index, gen))
         if decoder is None:
             return  # from a decoder that has been replaced; its slots were reset
         work = self.works.get(vid)
-        if kind in ("chunk", "audio"):
+        if kind == "fallback":  # NVDEC cannot decode it: the CPU decoders will
+            decoder.vid = None
+            if work is not None:
+                log.info("decoder=nvdec cannot decode %s (%s): decoding it on the CPU",
+                         work.path, msg[4])
+                self.cpu_only.add(vid)
+                self.waiting.appendleft(vid)
+            return
+        if kind in ("chunk", "audio", "gpu_chunk"):
             slot = msg[4]
             try:
                 if work is not None and work.error is None:
@@ -501,6 +548,12 @@ class DevicePipeline:
             self._fail(work, str(exc))
 
     def _data(self, work: VideoWork, decoder: _Decoder, kind: str, msg: tuple) -> None:
+        if kind == "gpu_chunk":  # frames already on the device (utils/nvdec.py)
+            frames, stamps, _first, work.times_s = msg[5:]
+            work.frames += len(stamps)
+            self.ex.count_frames(len(stamps))
+            self._add(work, self.ex.add_frames(work, frames, stamps))
+            return
         if kind == "audio":
             n = msg[5]
             self._add(work, self.ex.add_audio(work, self.pool.samples(decoder, msg[4], n)))
@@ -563,7 +616,7 @@ class DevicePipeline:
         from utils.runner import Result, process_failure
 
         pending = collections.deque(paths)
-        limit = max_in_flight or self.pool.n + 1
+        limit = max_in_flight or self.n_decoders + 1
         while pending or self.busy:
             while pending and self.in_flight < limit:
                 self.submit(pending.popleft())
@@ -582,3 +635,5 @@ class DevicePipeline:
             fut.exception()
         self._writes.shutdown(wait=True)
         self.pool.close()
+        if self.gpu is not None:
+            self.gpu.close()

@@ -166,6 +166,15 @@ def _threads_per_worker(n_cpu_workers: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, n_cpu_workers))
 
 
+def videos_at_once(cfg: Config) -> int:
+    """Videos a device decodes at a time: its decoder processes, or its NVDEC sessions."""
+    if cfg.get("decoder", "cpu") == "nvdec":
+        from utils.nvdec import MAX_SESSIONS
+
+        return min(cfg.decoders, MAX_SESSIONS)
+    return cfg.decoders
+
+
 def _decode_threads(cfg: Config) -> int:
     """FFmpeg threads per decoder process, so that all decoders together fill the cores once."""
     return max(1, (os.cpu_count() or 1) // max(1, cfg.decoders * len(devices_for(cfg))))
@@ -185,7 +194,7 @@ def _worker_main(device: str, cfgs: list[Config], records: list[dict], conn: Any
         conn.send(("fatal", str(exc) if isinstance(exc, FeatureError) else f"{type(exc).__name__}: {exc}"))
         return
     # how many inputs it wants at a time: enough to keep every decoder busy
-    capacity = cfg.decoders + 1 if extractor.frame_seam else 1
+    capacity = videos_at_once(cfg) + 1 if extractor.frame_seam else 1
     conn.send(("ready", capacity))
     last = [0, time.monotonic()]  # frames not yet reported, time of the last report
 
@@ -431,7 +440,7 @@ def _run_inline_pipeline(cfg: Config, extractor: Any, writer: OutputWriter, todo
     pipe = DevicePipeline(extractor, writer, cfg.decoders, done, _decode_threads(cfg))
     try:
         with torch.inference_mode():
-            pipe.run(todo, max_in_flight=cfg.decoders + 1)
+            pipe.run(todo, max_in_flight=videos_at_once(cfg) + 1)
     finally:
         pipe.close()
 

@@ -1,0 +1,212 @@
+"""``decoder=nvdec``: video decoding on the GPU's NVDEC engines (PyNvVideoCodec), frames stay on the GPU.
+
+:class:`NvdecPool` runs ``n`` decoding threads in the device process (NVDEC works asynchronously
+on the GPU, so threads suffice), each on one video at a time. A thread hands the device loop
+chunks of ``(n, 3, H, W)`` uint8 GPU tensors through the same messages as the CPU decoder
+processes (utils/pipeline.py), with the same token protocol bounding how many chunks are in
+flight, so memory stays bounded. Frames are picked for ``extraction_fps`` by
+:class:`utils.video.SlotSelector`, the CPU decoder's rule. A video NVDEC cannot open or decode
+(codec or profile the engine lacks, e.g. 4:4:4 or some 10-bit streams) is reported as
+``fallback`` before any frame is sent, and the pipeline decodes it on the CPU with one log line.
+
+Differences to the CPU decoder: NVDEC's YUV -> RGB conversion is its own (bench/nvdec_compare.py
+measures pixel and feature differences on a GPU); timestamps are ``index / fps`` (the stream's
+average rate) in both ``timestamps`` modes, since frame pts are not used here, so
+variable-frame-rate videos should be decoded with ``decoder=cpu``.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from typing import Any
+
+import numpy as np
+
+from utils.video import SlotSelector
+
+log = logging.getLogger(__name__)
+
+#: NVDEC sessions per GPU beyond which throughput stops growing (measured: 8 decoders 7,800 f/s)
+MAX_SESSIONS = 8
+CHUNKS_IN_FLIGHT = 3
+
+
+def unavailable() -> str | None:
+    """Why ``decoder=nvdec`` cannot run here, or None."""
+    try:
+        import PyNvVideoCodec  # noqa: F401
+    except Exception as exc:
+        return (f"PyNvVideoCodec cannot be imported ({type(exc).__name__}: {exc}); install it "
+                "with pip install pynvvideocodec, or use decoder=cpu")
+    return None
+
+
+def _open(path: str, gpu: int, buffer: int) -> Any:
+    import PyNvVideoCodec as nvc
+
+    kwargs = dict(gpu_id=gpu, use_device_memory=True, output_color_type=nvc.OutputColorType.RGBP)
+    if hasattr(nvc, "ThreadedDecoder"):  # prefetches in the background: made for sequential reads
+        return nvc.ThreadedDecoder(path, buffer, **kwargs)
+    return nvc.SimpleDecoder(path, **kwargs)
+
+
+class _Source:
+    """One video on NVDEC: chunks of selected frames with their timestamps."""
+
+    def __init__(self, path: str, device: Any, needs: dict, chunk_frames: int):
+        import torch
+
+        self.torch, self.device = torch, device
+        self.dec = _open(path, device.index or 0, max(chunk_frames, 8) * 2)
+        meta = self.dec.get_stream_metadata()
+        rate = float(getattr(meta, "avg_frame_rate", 0) or getattr(meta, "average_fps", 0) or 0)
+        if rate <= 0:
+            raise RuntimeError("the stream has no frame rate")
+        self.native_fps = rate
+        self.out_fps = needs.get("extraction_fps")
+        self.fps = float(self.out_fps) if self.out_fps else rate
+        self.selector = SlotSelector(self.out_fps) if self.out_fps else None
+        self.chunk = chunk_frames
+        self.index = 0
+        self.held = None
+
+    def read(self) -> Any:
+        """The next decoded frames as one ``(n, 3, H, W)`` uint8 tensor (n = 0 at the end)."""
+        frames = self.dec.get_batch_frames(self.chunk)
+        if not frames:
+            return None
+        return self.torch.stack([self.torch.from_dlpack(f) for f in frames]).to(self.device)
+
+    def select(self, frames: Any) -> tuple[Any, np.ndarray, np.ndarray]:
+        n = len(frames)
+        times = (self.index + np.arange(n)) / self.native_fps
+        self.index += n
+        if self.selector is None:
+            return frames, times * 1000.0, times
+        picks, slots = self.selector.push(times)
+        out = self._gather(frames, picks)
+        self.held = frames[-1:].clone()
+        return out, slots / self.fps * 1000.0, times
+
+    def finish(self) -> tuple[Any, np.ndarray] | None:
+        if self.selector is None or self.held is None:
+            return None
+        picks, slots = self.selector.finish(self.index / self.native_fps)
+        return self._gather(self.held[:0], picks), slots / self.fps * 1000.0
+
+    def _gather(self, frames: Any, picks: np.ndarray) -> Any:
+        torch = self.torch
+        source = frames if self.held is None else torch.cat([self.held, frames])
+        index = picks + (0 if self.held is None else 1)
+        return source[torch.as_tensor(index, dtype=torch.long, device=source.device)]
+
+
+class _GpuDecoder:
+    def __init__(self, proc: Any, tasks: Any, free: Any):
+        self.proc, self.tasks, self.free = proc, tasks, free
+        self.gen = 0
+        self.vid: int | None = None
+
+
+class NvdecPool:
+    """``n`` NVDEC decoding threads for one device; messages go to ``out`` as
+    ``(kind, index, gen, vid, ...)`` with ``index`` counted from ``first_index``."""
+
+    def __init__(self, n: int, device: Any, needs: dict, chunk_frames: int, first_index: int):
+        self.n = n
+        self.first = first_index
+        self.out: queue.Queue = queue.Queue()
+        self._stop = threading.Event()
+        self.decoders: list[_GpuDecoder] = []
+        for i in range(n):
+            tasks, free = queue.Queue(), queue.Queue()
+            for k in range(CHUNKS_IN_FLIGHT):
+                free.put(k)
+            t = threading.Thread(target=self._main, name=f"nvdec{i}", daemon=True,
+                                 args=(first_index + i, tasks, free, device, needs, chunk_frames))
+            self.decoders.append(_GpuDecoder(t, tasks, free))
+            t.start()
+
+    def _take(self, free: Any) -> int | None:
+        while not self._stop.is_set():
+            try:
+                return free.get(timeout=0.2)
+            except queue.Empty:
+                continue
+        return None
+
+    def _main(self, index: int, tasks: Any, free: Any, device: Any, needs: dict,
+              chunk_frames: int) -> None:
+        import torch
+
+        while not self._stop.is_set():
+            try:
+                task = tasks.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if task is None:
+                return
+            vid, path = task
+            tag = (index, 0, vid)
+            with torch.inference_mode():
+                handed_over = self._decode(tag, path, free, device, needs, chunk_frames)
+            if not handed_over:  # else the CPU decoder that takes it over says when it is done
+                self.out.put(("done", *tag))
+
+    def _decode(self, tag: tuple, path: str, free: Any, device: Any, needs: dict,
+                chunk_frames: int) -> bool:
+        """Decode one video; True when it was handed over to the CPU decoders."""
+        try:  # NVDEC must open the stream and decode its first frames, else: the CPU decodes it
+            src = _Source(path, device, needs, chunk_frames)
+            first = src.read()
+            if first is None:
+                raise RuntimeError("no frames decoded")
+        except Exception as exc:
+            self.out.put(("fallback", *tag, f"{type(exc).__name__}: {str(exc).strip()[:200]}"))
+            return True
+        self.out.put(("open", *tag, src.fps))
+        frames = first
+        sent = 0
+        try:
+            while frames is not None:
+                picked, stamps, times = src.select(frames)
+                sent += self._send(tag, free, picked, stamps, times, sent)
+                frames = src.read()
+            tail = src.finish()
+            if tail is not None and len(tail[1]):
+                self._send(tag, free, tail[0], tail[1], None, sent)
+            self.out.put(("end", *tag, src.index / src.native_fps))
+        except Exception as exc:
+            self.out.put(("error", *tag, "video", f"NVDEC decoding failed after {src.index} "
+                                                  f"frames ({type(exc).__name__}: {exc})"))
+        return False
+
+    def _send(self, tag: tuple, free: Any, frames: Any, stamps: np.ndarray, times: Any,
+              first: int) -> int:
+        if len(stamps) == 0:
+            return 0
+        token = self._take(free)
+        if token is None:
+            raise RuntimeError("stopped")
+        self.out.put(("gpu_chunk", *tag, token, frames, np.asarray(stamps, np.float64), first,
+                      times))
+        return len(stamps)
+
+    def idle(self) -> list[int]:
+        return [i for i, d in enumerate(self.decoders) if d.vid is None]
+
+    def assign(self, i: int, vid: int, path: str) -> None:
+        self.decoders[i].vid = vid
+        self.decoders[i].tasks.put((vid, path))
+
+    def current(self, index: int, gen: int) -> _GpuDecoder | None:
+        i = index - self.first
+        return self.decoders[i] if 0 <= i < self.n else None
+
+    def close(self) -> None:
+        for d in self.decoders:
+            d.tasks.put(None)
+        self._stop.set()
+        for d in self.decoders:
+            d.proc.join(timeout=5)
