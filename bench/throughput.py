@@ -42,7 +42,7 @@ def _make_videos(n: int, seconds: float, size: str, fps: float) -> list[str]:
 def _write(path: str, n: int, fps: float, w: int, h: int, seed: int) -> None:
     from sample.make_samples import write_video
 
-    write_video(path, n_frames=n, fps=fps, width=w, height=h, audio=False, seed=seed)
+    write_video(path, n_frames=n, fps=fps, width=w, height=h, audio=True, seed=seed)  # for vggish
 
 
 def _decode_all(paths: list[str], threads: int) -> int:
@@ -134,21 +134,34 @@ def run_pipeline(cfg, device: str, paths: list[str]):
 
 def network_only(ex, sample_path: str, n_items: int) -> float:
     """Seconds the network alone takes for ``n_items`` work items like the real ones."""
+    import numpy as np
     import torch
 
     from utils.pipeline import VideoWork
     from utils.video import open_frames
 
     work = VideoWork(0, sample_path)
-    with torch.inference_mode(), open_frames(sample_path) as src:
-        work.fps = src.fps
+    needs = ex.frame_needs()
+    with torch.inference_mode():
         ex.begin(work)
         items = []
-        for chunk in src.chunks(ex.chunk_frames()):
-            for key, its, _ in ex.add_frames(work, ex.to_device_frames(chunk.frames), chunk.timestamps_ms):
-                items.append((key, its))
-            if sum(len(i) for _, i in items) >= ex.cfg.batch_size:
-                break
+        if needs.get("video", True):
+            with open_frames(sample_path) as src:
+                work.fps = src.fps
+                for chunk in src.chunks(ex.chunk_frames()):
+                    for key, its, _ in ex.add_frames(work, ex.to_device_frames(chunk.frames),
+                                                     chunk.timestamps_ms):
+                        items.append((key, its))
+                    if sum(len(i) for _, i in items) >= ex.cfg.batch_size:
+                        break
+        else:  # audio examples (vggish)
+            from utils.audio import iter_audio
+
+            audio = needs["audio"]
+            for block in iter_audio(sample_path, audio["sample_rate"], dtype=np.float32):
+                items += [(key, its) for key, its, _ in ex.add_audio(work, block)]
+                if sum(len(i) for _, i in items) >= ex.cfg.batch_size:
+                    break
         key = items[0][0]
         batch = torch.cat([i for k, i in items if k == key])[: ex.cfg.batch_size]
         ex.forward(key, batch)  # warm-up
@@ -231,7 +244,8 @@ def main() -> None:
         if "full" not in args.skip:
             row(f"{ft}", frames, wall, extra)
         if "network" not in args.skip and ex.frame_seam:
-            n_items = frames if ft in ("resnet", "null") else max(1, frames // cfg.step_size)
+            # frames counts 0.96 s examples for vggish
+            n_items = frames if ft in ("resnet", "null", "vggish") else max(1, frames // cfg.step_size)
             net_s = network_only(ex, paths[0], n_items)
             print(f"network  {n_items:7d} items  {net_s:8.2f} s (the network alone; end to end "
                   f"took {wall / net_s:.2f}x that)", flush=True)

@@ -198,6 +198,7 @@ def test_vggish_on_the_pipeline_equals_one_input_extraction(tmp_path):
         ref = ex.extract(str(p))["vggish"]
         assert outputs[str(p)]["vggish"].shape == ref.shape == (ref.shape[0], 128)
         np.testing.assert_allclose(outputs[str(p)]["vggish"], ref, rtol=1e-5, atol=1e-6)
+        assert results[str(p)].frames == ref.shape[0]  # progress counts its 0.96 s examples
     assert outputs[str(inputs[0])]["vggish"].shape[0] == 4
 
 

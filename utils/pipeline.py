@@ -403,7 +403,7 @@ class DevicePipeline:
         self.writer = writer
         self.on_result = on_result
         self.batcher = Batcher(extractor.run_batch, extractor.cfg.batch_size)
-        needs = extractor.frame_needs()
+        needs = self.needs = extractor.frame_needs()
         self.gpu = None  # decoder=nvdec: NVDEC threads decode; the CPU pool takes what they cannot
         if extractor.cfg.get("decoder", "cpu") == "nvdec":
             if needs.get("audio"):
@@ -555,8 +555,10 @@ class DevicePipeline:
             self._add(work, self.ex.add_frames(work, frames, stamps))
             return
         if kind == "audio":
-            n = msg[5]
-            self._add(work, self.ex.add_audio(work, self.pool.samples(decoder, msg[4], n)))
+            items = self.ex.add_audio(work, self.pool.samples(decoder, msg[4], msg[5]))
+            if not self.needs.get("video", True):  # audio only: count its examples as frames
+                work.frames += sum(len(ts) for _, _, ts in items)
+            self._add(work, items)
             return
         slot, n, shape, stamps, _first, work.times_s = msg[4:]
         work.frames += n
