@@ -9,8 +9,9 @@ flight, so memory stays bounded. Frames are picked for ``extraction_fps`` by
 (codec or profile the engine lacks, e.g. 4:4:4 or some 10-bit streams) is reported as
 ``fallback`` before any frame is sent, and the pipeline decodes it on the CPU with one log line.
 
-Differences to the CPU decoder: NVDEC's YUV -> RGB conversion is its own (bench/nvdec_compare.py
-measures pixel and feature differences on a GPU); timestamps are ``index / fps`` (the stream's
+Differences to the CPU decoder: NVDEC's YUV -> RGB conversion is its own (the matrix from the
+bitstream, BT.709 when unspecified, and always limited range, so full-range sources come out with
+other levels; bench/nvdec_compare.py measures pixel and feature differences on a GPU); timestamps are ``index / fps`` (the stream's
 average rate) in both ``timestamps`` modes, since frame pts are not used here, so
 variable-frame-rate videos should be decoded with ``decoder=cpu``.
 """
@@ -42,13 +43,40 @@ def unavailable() -> str | None:
     return None
 
 
+def _check_caps(nvc: Any, path: str, gpu: int) -> None:
+    """Ask the engine before decoding: an unsupported stream then fails here, cleanly, rather
+    than inside the decoder's own thread (where an error can end the process)."""
+    try:
+        dmx = nvc.CreateDemuxer(filename=path)
+        caps = nvc.GetDecoderCaps(gpu, codec=dmx.GetNvCodecId(), chromaformat=dmx.ChromaFormat(),
+                                  bitdepth=dmx.BitDepth())
+    except AttributeError:  # a version without these calls: decoding will tell
+        return
+    if not caps.get("supported", True):
+        raise RuntimeError("the GPU's decoder does not support this codec / chroma format / "
+                           "bit depth")
+
+
 def _open(path: str, gpu: int, buffer: int) -> Any:
     import PyNvVideoCodec as nvc
 
+    _check_caps(nvc, path, gpu)
     kwargs = dict(gpu_id=gpu, use_device_memory=True, output_color_type=nvc.OutputColorType.RGBP)
     if hasattr(nvc, "ThreadedDecoder"):  # prefetches in the background: made for sequential reads
         return nvc.ThreadedDecoder(path, buffer, **kwargs)
     return nvc.SimpleDecoder(path, **kwargs)
+
+
+def _frame_rate(path: str) -> float:
+    """The video stream's average frame rate, read with PyAV as the CPU decoder reads it."""
+    import av
+
+    with av.open(path, metadata_errors="ignore") as c:
+        vs = c.streams.video[0]
+        rate = vs.average_rate or vs.guessed_rate or vs.base_rate
+    if not rate or float(rate) <= 0:
+        raise RuntimeError("the stream has no frame rate")
+    return float(rate)
 
 
 class _Source:
@@ -58,11 +86,8 @@ class _Source:
         import torch
 
         self.torch, self.device = torch, device
+        rate = _frame_rate(path)  # the library's own average_fps may be an integer
         self.dec = _open(path, device.index or 0, max(chunk_frames, 8) * 2)
-        meta = self.dec.get_stream_metadata()
-        rate = float(getattr(meta, "avg_frame_rate", 0) or getattr(meta, "average_fps", 0) or 0)
-        if rate <= 0:
-            raise RuntimeError("the stream has no frame rate")
         self.native_fps = rate
         self.out_fps = needs.get("extraction_fps")
         self.fps = float(self.out_fps) if self.out_fps else rate

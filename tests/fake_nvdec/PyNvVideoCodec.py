@@ -31,7 +31,7 @@ class ThreadedDecoder:
         self._planar = output_color_type == OutputColorType.RGBP
 
     def get_stream_metadata(self):
-        return SimpleNamespace(avg_frame_rate=self._rate)
+        return SimpleNamespace(average_fps=int(self._rate))  # an integer, as the library's
 
     def get_batch_frames(self, n):
         out = []
