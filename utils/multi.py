@@ -25,6 +25,7 @@ from models.base import Extractor
 from utils.config import Config
 from utils.errors import ConfigError, FeatureError, VideoError
 from utils.pipeline import VideoWork
+from utils.transforms import pick_frames
 from utils.video import SlotSelector
 
 SEP = "/"
@@ -124,24 +125,17 @@ class MultiExtractor(Extractor):
             out += self._guarded(t, part, self.subs[t].add_frames, part.work, mine, ts)
         return out
 
-    def _pick(self, part: _Part, frames: torch.Tensor, picks: np.ndarray,
+    @staticmethod
+    def _pick(part: _Part, frames: torch.Tensor, picks: np.ndarray,
               slots: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
-        ts = slots / part.selector.fps * 1000.0
-        if len(picks) == 0:
-            return frames[:0], ts
-        if part.held is not None and (picks < 0).any():
-            source = torch.cat([part.held[None], frames])
-            index = picks + 1
-        else:
-            source, index = frames, picks
-        return source[torch.as_tensor(index, device=source.device)], ts
+        return pick_frames(part.held, frames, picks), slots / part.selector.fps * 1000.0
 
     def end_frames(self, work: VideoWork, end_s: float | None = None) -> list:
         out = []
         for t, part in self._live(work, "video"):
             if part.selector is not None and part.held is not None:
                 picks, slots = part.selector.finish(end_s)
-                mine, ts = self._pick(part, part.held[None], picks + 1, slots)
+                mine, ts = self._pick(part, part.held[None][:0], picks, slots)
                 if len(ts):
                     part.work.frames += len(ts)
                     out += self._guarded(t, part, self.subs[t].add_frames, part.work, mine, ts)

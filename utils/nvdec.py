@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from utils.transforms import pick_frames
 from utils.video import SlotSelector
 
 log = logging.getLogger(__name__)
@@ -110,22 +111,15 @@ class _Source:
         if self.selector is None:
             return frames, times * 1000.0, times
         picks, slots = self.selector.push(times)
-        out = self._gather(frames, picks)
-        self.held = frames[-1:].clone()
+        out = pick_frames(self.held, frames, picks)
+        self.held = frames[-1].clone()
         return out, slots / self.fps * 1000.0, times
 
     def finish(self) -> tuple[Any, np.ndarray] | None:
         if self.selector is None or self.held is None:
             return None
         picks, slots = self.selector.finish(self.index / self.native_fps)
-        return self._gather(self.held[:0], picks), slots / self.fps * 1000.0
-
-    def _gather(self, frames: Any, picks: np.ndarray) -> Any:
-        torch = self.torch
-        source = frames if self.held is None else torch.cat([self.held, frames])
-        index = picks + (0 if self.held is None else 1)
-        return source[torch.as_tensor(index, dtype=torch.long, device=source.device)]
-
+        return pick_frames(self.held, self.held[None][:0], picks), slots / self.fps * 1000.0
 
 class _GpuDecoder:
     def __init__(self, proc: Any, tasks: Any, free: Any):

@@ -24,6 +24,17 @@ def to_device(frames: np.ndarray, device: torch.device) -> torch.Tensor:
     return t.permute(0, 3, 1, 2)
 
 
+def pick_frames(held: torch.Tensor | None, frames: torch.Tensor,
+                picks: np.ndarray) -> torch.Tensor:
+    """The frames :class:`utils.video.SlotSelector` picked: ``picks`` index ``frames``, and -1
+    means ``held`` (the ``(C, H, W)`` frame kept from the chunk before)."""
+    if held is None or not (picks < 0).any():
+        source, index = frames, picks
+    else:
+        source, index = torch.cat([held[None], frames]), picks + 1
+    return source[torch.as_tensor(index, dtype=torch.long, device=source.device)]
+
+
 def short_side_size(h: int, w: int, size: int) -> tuple[int, int]:
     """Output (h, w) when the shorter side becomes ``size``; the longer is truncated to int,
     as torchvision's Resize(int) and the reference tool compute it."""
