@@ -103,11 +103,14 @@ def test_a_dead_decoder_costs_only_its_video(make_video, videos, resnet_weights)
     pipe = DevicePipeline(build_extractor(cfg, "cpu"), writer, 2, results.append)
     try:
         with torch.inference_mode():
-            pipe.submit(str(long))
-            deadline = time.time() + 60
-            while time.time() < deadline and not any(w.frames for w in pipe.works.values()):
-                pipe.step()
+            pipe.submit(str(long))  # assigns it to a decoder at once
             victim = next(d for d in pipe.pool.decoders if d.vid is not None)
+            # Without step() no slot comes back, so the decoder stops after 3 chunks of the 400
+            # frames: it is killed mid-video, whatever the machine's speed.
+            deadline = time.time() + 60
+            while time.time() < deadline and not pipe._queued():
+                time.sleep(0.01)
+            assert pipe._queued(), "the decoder sent nothing in 60 s"
             victim.proc.kill()
             victim.proc.join()
             for v in videos:
