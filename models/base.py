@@ -94,7 +94,8 @@ class Extractor(abc.ABC):
 
         try:
             with open_frames(work.path, needs["extraction_fps"], needs["frames_fps"],
-                             timestamps=needs["timestamps"]) as src:
+                             timestamps=needs["timestamps"],
+                             extraction_total=needs.get("extraction_total")) as src:
                 work.fps = src.fps
                 self.video_opened(work)
                 for chunk in src.chunks(self.chunk_frames()):
@@ -125,10 +126,11 @@ class Extractor(abc.ABC):
     frame_seam: ClassVar[bool] = False
 
     def frame_needs(self) -> dict:
-        """What to decode: ``video`` (bool) with its rate (extraction_fps), frame-folder rate
-        and timestamp mode; ``audio``: None, or ``{"sample_rate", "keep_priming"}`` for mono
-        float32 samples."""
+        """What to decode: ``video`` (bool) with its rate (extraction_fps) or its number of
+        evenly spaced frames (extraction_total), frame-folder rate and timestamp mode;
+        ``audio``: None, or ``{"sample_rate", "keep_priming"}`` for mono float32 samples."""
         return {"video": True, "extraction_fps": self.cfg.extraction_fps,
+                "extraction_total": self.cfg.get("extraction_total"),
                 "frames_fps": self.cfg.frames_fps, "timestamps": self.cfg.timestamps,
                 "audio": None}
 

@@ -130,3 +130,15 @@ def test_invalid_option_fails_before_loading_models():
                    "model_name=vgg16")
     assert res.returncode == 2
     assert "model_name" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_extraction_total_and_fps_are_mutually_exclusive():
+    cfg = parse_args(["--feature_type", "resnet", "--device", "cpu", "--video_paths", "a",
+                      "extraction_total=16"])
+    assert cfg.extraction_total == 16 and cfg.extraction_fps is None
+    with pytest.raises(ConfigError, match="mutually exclusive"):
+        parse_args(["--feature_type", "resnet", "--device", "cpu", "--video_paths", "a",
+                    "extraction_total=16", "extraction_fps=5"])
+    with pytest.raises(ConfigError, match="extraction_total must be >= 1"):
+        parse_args(["--feature_type", "resnet", "--device", "cpu", "--video_paths", "a",
+                    "extraction_total=0"])

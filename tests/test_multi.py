@@ -140,3 +140,16 @@ def test_command_line_runs_several_types(inputs, weights, tmp_path):
     for ft, key in (("resnet", "resnet"), ("null", "null")):
         for stem in ("m1", "m2"):
             assert next((tmp_path / ft).rglob(f"{stem}_{key}.npy")).stat().st_size > 0
+
+
+def test_one_decode_carries_extraction_total_and_refuses_different_ones():
+    from utils.multi import _common_needs
+
+    def needs(total, fps=None):
+        return {"video": True, "audio": None, "extraction_fps": fps, "extraction_total": total,
+                "frames_fps": 25.0, "timestamps": "pts"}
+
+    assert _common_needs({"resnet": needs(8), "r21d": needs(8)})["extraction_total"] == 8
+    assert _common_needs({"resnet": needs(None), "r21d": needs(None, 5.0)})["extraction_total"] is None
+    with pytest.raises(ConfigError, match="extraction_total must be the same"):
+        _common_needs({"resnet": needs(8), "r21d": needs(None)})

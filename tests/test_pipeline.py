@@ -49,6 +49,7 @@ def _run_pipeline(ex, paths, decoders=2):
 @pytest.mark.parametrize("ft,options", [
     ("resnet", dict(model_name="resnet18", batch_size=8)),
     ("resnet", dict(model_name="resnet18", batch_size=5, extraction_fps=7.0)),
+    ("resnet", dict(model_name="resnet18", batch_size=4, extraction_total=9)),
     ("r21d", dict(stack_size=4, step_size=3, tail="pad", batch_size=3)),
     ("i3d", dict(stack_size=4, step_size=3, tail="pad", batch_size=2, flow_batch_size=3,
                  allow_random_weights=True)),
@@ -73,6 +74,8 @@ def test_pipeline_equals_one_video_extraction(videos, resnet_weights, hub_checkp
             np.testing.assert_allclose(got[key], ref[key], rtol=1e-5, atol=1e-5 * np.abs(ref[key]).max())
         if ft == "resnet":
             assert results[str(v)].frames == len(ref["timestamps_ms"])
+            if options.get("extraction_total"):
+                assert len(ref["resnet"]) == options["extraction_total"]
 
 
 def test_bad_videos_fail_alone(videos, resnet_weights, tmp_path):
@@ -218,7 +221,7 @@ def test_null_rows_are_sampled_channel_means(videos):
     np.testing.assert_allclose(outputs[str(videos[2])]["null"], want, rtol=1e-5)
 
 
-@pytest.mark.parametrize("options", [dict(), dict(extraction_fps=7.0)])
+@pytest.mark.parametrize("options", [dict(), dict(extraction_fps=7.0), dict(extraction_total=5)])
 def test_nvdec_path_and_its_fallback_to_the_cpu(videos, resnet_weights, tmp_path, monkeypatch,
                                                 caplog, options):
     """decoder=nvdec through a stand-in decoder with PyNvVideoCodec's interface (PyAV pixels,

@@ -1,6 +1,7 @@
 """Decoding, frame selection by timestamp, frame folders and bad inputs."""
 from __future__ import annotations
 
+import math
 from fractions import Fraction
 
 import av
@@ -303,9 +304,12 @@ def test_slot_selection_in_chunks_equals_frame_by_frame(out_fps):
     frame (which test_extraction_fps_matches_ffmpeg_fps_filter holds against FFmpeg), including
     jittered and duplicated times."""
     rng = np.random.default_rng(int(out_fps * 10))
-    times = np.cumsum(rng.choice([0.0, 1 / 50, 1 / 25, 1 / 12], size=200, p=[0.05, 0.3, 0.5, 0.15]))
-    times -= times[0]  # relative to the first frame, as FrameSource gives them
-    end = times[-1] + 1 / 25
+    steps = [Fraction(0), Fraction(1, 50), Fraction(1, 25), Fraction(1, 12)]
+    exact = [Fraction(0)]  # relative to the first frame, as FrameSource gives them
+    for i in rng.choice(len(steps), size=199, p=[0.05, 0.3, 0.5, 0.15]):
+        exact.append(exact[-1] + steps[i])
+    exact_end = exact[-1] + Fraction(1, 25)
+    times, end = np.array([float(t) for t in exact]), float(exact_end)
 
     def run(sizes):
         sel, got, at = utils.video.SlotSelector(out_fps), [], 0
@@ -317,10 +321,42 @@ def test_slot_selection_in_chunks_equals_frame_by_frame(out_fps):
         return got + [(at - 1, s) for s in slots]
 
     one_by_one = run([1] * len(times))
-    # independent expectation: slot n shows the last frame with round(t * fps) <= n
-    rounded = np.floor(times * out_fps + 0.5)
+    # independent expectation in exact arithmetic (as FFmpeg's integer time bases): slot n
+    # shows the last frame with round(t * fps) <= n, halves rounded up
+    rate = Fraction(out_fps)
+    rounded = np.array([math.floor(t * rate + Fraction(1, 2)) for t in exact])
     expect = [(int(np.nonzero(rounded <= n)[0][-1]), n)
-              for n in range(int(np.floor(end * out_fps + 0.5)))]
+              for n in range(math.floor(exact_end * rate + Fraction(1, 2)))]
     assert one_by_one == expect
     for sizes in ([7] * 28 + [4], [1, 50, 3, 146], [200]):
         assert run(sizes) == one_by_one
+
+
+@pytest.mark.parametrize("n_frames,total", [(50, 8), (61, 61), (10, 16)])
+def test_extraction_total_gives_that_many_evenly_spaced_frames(make_video, n_frames, total):
+    path = make_video(f"t{n_frames}.mp4", n_frames=n_frames, fps=25.0, width=64, height=48)
+    native, native_ts, _, _ = decode_all(path)
+    frames, ts, fps, _ = decode_all(path, extraction_total=total)
+    assert len(frames) == total
+    assert fps == pytest.approx(total * 25.0 / n_frames)
+    np.testing.assert_allclose(ts, np.arange(total) / fps * 1000)
+    # slot n (time n * count / (total * fps)) shows the latest frame i whose time rounds to
+    # <= n at the new rate: i = floor((n + 1/2) * count / total), so frames spread evenly
+    # (and repeat when there are fewer than total)
+    expected = np.minimum(((np.arange(total) + 0.5) * n_frames / total).astype(int), n_frames - 1)
+    np.testing.assert_array_equal(frames, native[expected])
+    # the reference tool re-encodes at total * fps / count: FFmpeg's fps filter at that rate
+    np.testing.assert_array_equal(frames, ffmpeg_fps_filter(path, fps)[:total])
+
+
+def test_extraction_total_on_a_frame_folder(tmp_path, make_video):
+    frames, _, _, _ = decode_all(make_video("tf.mp4", n_frames=12, fps=25.0, width=64, height=48))
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i, fr in enumerate(frames):
+        Image.fromarray(fr).save(folder / f"{i:03d}.png")
+    got, ts, fps, _ = decode_all(folder, frames_fps=25.0, extraction_total=4)
+    assert fps == pytest.approx(4 * 25.0 / 12)
+    np.testing.assert_array_equal(got, frames[[1, 4, 7, 10]])  # floor((n + 0.5) * 12 / 4)
+    with pytest.raises(ValueError, match="mutually exclusive"):
+        open_frames(str(folder), 5.0, extraction_total=4)

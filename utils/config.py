@@ -78,6 +78,10 @@ class SharedOptions:
     extraction_fps: Optional[float] = option(
         "resample the video to this frame rate by timestamp (no re-encoding); null keeps the "
         "native rate", above=0, changes_values=True)
+    extraction_total: Optional[int] = option(
+        "a fixed number of evenly spaced frames per video (its frame count as the container "
+        "declares it, spread at total * fps / count, as the reference tool); mutually exclusive "
+        "with extraction_fps", at_least=1, changes_values=True)
     frames_fps: float = option("frame rate assumed for folders of frames (timestamps); videos "
                                "ignore it", above=0, changes_values=True)
     timestamps: str = option(
@@ -504,6 +508,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("no inputs: give --video_paths or --file_with_video_paths")
     seen: set[str] = set()
     unique = [p for p in paths if not (p in seen or seen.add(p))]
+    if cfg.get("extraction_fps") and cfg.get("extraction_total"):
+        raise ConfigError("extraction_fps and extraction_total are mutually exclusive: give one "
+                          "(a rate, or a number of frames per video)")
     if cfg.on_extraction != "print" and not cfg.output_path:
         raise ConfigError("output_path is required when on_extraction saves files")
     if cfg.input_root is not None and not Path(cfg.input_root).expanduser().is_dir():

@@ -213,6 +213,13 @@ def _common_needs(needs: Mapping[str, dict]) -> dict:
                                   f"run (got {', '.join(f'{t}: {n[key]}' for t, n in video.items())})")
         one = next(iter(video.values()))
         rates = {n["extraction_fps"] for n in video.values()}
+        totals = {n.get("extraction_total") for n in video.values()}
+        if len(totals) > 1:
+            # each type would need its own per-video rate: not one decode
+            raise ConfigError("extraction_total must be the same for every feature type of one "
+                              "run that reads frames (got " + ", ".join(
+                                  f"{t}: {n.get('extraction_total')}" for t, n in video.items()) + ")")
+        out["extraction_total"] = totals.pop()
         out["frames_fps"], out["timestamps"] = one["frames_fps"], one["timestamps"]
         # one rate: the decoder selects; several: native rate, each type picks its own frames
         out["extraction_fps"] = rates.pop() if len(rates) == 1 else None

@@ -68,16 +68,17 @@ def _open(path: str, gpu: int, buffer: int) -> Any:
     return nvc.SimpleDecoder(path, **kwargs)
 
 
-def _frame_rate(path: str) -> float:
-    """The video stream's average frame rate, read with PyAV as the CPU decoder reads it."""
-    import av
+def _frame_rate(path: str, total: int | None = None) -> tuple[float, float | None]:
+    """The video stream's average frame rate, read with PyAV as the CPU decoder reads it, and
+    the output rate that ``total`` evenly spaced frames take (None without ``total``)."""
+    from utils.video import open_frames
 
-    with av.open(path, metadata_errors="ignore") as c:
-        vs = c.streams.video[0]
-        rate = vs.average_rate or vs.guessed_rate or vs.base_rate
-    if not rate or float(rate) <= 0:
-        raise RuntimeError("the stream has no frame rate")
-    return float(rate)
+    with open_frames(path) as src:
+        rate = src.native_fps
+        count = src.frame_count() if total else None
+    if total and not count:
+        raise RuntimeError("extraction_total: the container does not declare the video's length")
+    return rate, (total * rate / count if total else None)
 
 
 class _Source:
@@ -87,15 +88,25 @@ class _Source:
         import torch
 
         self.torch, self.device = torch, device
-        rate = _frame_rate(path)  # the library's own average_fps may be an integer
+        # the library's own average_fps may be an integer
+        total = needs.get("extraction_total")
+        rate, total_fps = _frame_rate(path, total)
         self.dec = _open(path, device.index or 0, max(chunk_frames, 8) * 2)
         self.native_fps = rate
-        self.out_fps = needs.get("extraction_fps")
+        self.out_fps = needs.get("extraction_fps") or total_fps
+        self.total = total
         self.fps = float(self.out_fps) if self.out_fps else rate
         self.selector = SlotSelector(self.out_fps) if self.out_fps else None
         self.chunk = chunk_frames
         self.index = 0
         self.held = None
+
+    def _capped(self, picks: np.ndarray, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """extraction_total: no slot past the last one (the declared length may be short)."""
+        if self.total is None:
+            return picks, slots
+        keep = slots < self.total
+        return picks[keep], slots[keep]
 
     def read(self) -> Any:
         """The next decoded frames as one ``(n, 3, H, W)`` uint8 tensor (n = 0 at the end)."""
@@ -110,7 +121,7 @@ class _Source:
         self.index += n
         if self.selector is None:
             return frames, times * 1000.0, times
-        picks, slots = self.selector.push(times)
+        picks, slots = self._capped(*self.selector.push(times))
         out = pick_frames(self.held, frames, picks)
         self.held = frames[-1].clone()
         return out, slots / self.fps * 1000.0, times
@@ -118,7 +129,7 @@ class _Source:
     def finish(self) -> tuple[Any, np.ndarray] | None:
         if self.selector is None or self.held is None:
             return None
-        picks, slots = self.selector.finish(self.index / self.native_fps)
+        picks, slots = self._capped(*self.selector.finish(self.index / self.native_fps))
         return pick_frames(self.held, self.held[None][:0], picks), slots / self.fps * 1000.0
 
 class _GpuDecoder:

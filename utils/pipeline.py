@@ -107,7 +107,8 @@ def _decode_video(path: str, tag: tuple, slots: list, free: Any, out: Any, needs
     from utils.video import open_frames
 
     with open_frames(path, needs["extraction_fps"], needs["frames_fps"],
-                     timestamps=needs["timestamps"], threads=threads) as src:
+                     timestamps=needs["timestamps"], threads=threads,
+                     extraction_total=needs.get("extraction_total")) as src:
         out.put(("open", *tag, src.fps))
         _decode_into_slots(src, tag, slots, free, out, chunk_frames, parent)
         out.put(("end", *tag, src.end_time()))

@@ -61,6 +61,12 @@ def round_near(x: np.ndarray) -> np.ndarray:
     return (np.sign(x) * np.floor(np.abs(x) + 0.5)).astype(np.int64)
 
 
+#: FFmpeg rounds exact halves up (integer time bases); a time computed in floats from pts or
+#: from an index may land a hair either side of such a half, so every time is nudged up by far
+#: less than any real gap (slot numbers stay below ~1e7, where float64 resolves ~1e-9)
+TIE = 1e-9
+
+
 class SlotSelector:
     """FFmpeg's ``fps`` filter as a stream: push the times of consecutive input frames, get back
     which input frame each completed output slot shows.
@@ -83,7 +89,7 @@ class SlotSelector:
         times_s = np.asarray(times_s, dtype=np.float64)
         if len(times_s) == 0:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
-        s = round_near(times_s * self.fps)
+        s = round_near(times_s * self.fps + TIE)
         base = self.next_slot
         if not self.holding:
             s[0] = base  # nothing is held yet: the first frame's arrival shows nothing
@@ -100,7 +106,7 @@ class SlotSelector:
         unknown, one slot) as ``(picks, slots)``; every pick is -1."""
         if not self.holding:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
-        last = int(round_near(end_s * self.fps)) if end_s is not None else self.next_slot + 1
+        last = int(round_near(end_s * self.fps + TIE)) if end_s is not None else self.next_slot + 1
         n = max(0, last - self.next_slot)
         slots = self.next_slot + np.arange(n, dtype=np.int64)
         self.next_slot += n
@@ -139,7 +145,9 @@ class FrameSource:
     """Frames of one input. Use as ``with open_frames(...) as src: for chunk in src.chunks(n)``."""
 
     def __init__(self, path: str, extraction_fps: float | None = None, frames_fps: float = 25.0,
-                 timestamps: str = "pts", threads: int = 0):
+                 timestamps: str = "pts", threads: int = 0, extraction_total: int | None = None):
+        if extraction_fps and extraction_total:
+            raise ValueError("extraction_fps and extraction_total are mutually exclusive")
         if timestamps not in TIMESTAMP_MODES:
             raise ValueError(f"timestamps must be one of {', '.join(TIMESTAMP_MODES)}, "
                              f"not {timestamps!r}")
@@ -163,7 +171,29 @@ class FrameSource:
             if p.stat().st_size == 0:
                 raise VideoError("empty file (0 bytes)")
             self._open_container()
+        #: at most this many frames are yielded (extraction_total), else None
+        self.total = int(extraction_total) if extraction_total else None
+        if self.total:
+            # evenly spaced frames: the rate that spreads ``total`` slots over the input, as the
+            # reference tool's re-encoding at total * fps / frame count
+            n = self.frame_count()
+            if not n:
+                self.close()
+                raise VideoError("extraction_total: the container does not declare the video's "
+                                 "length or frame count; use extraction_fps instead")
+            extraction_fps = self.total * self.native_fps / n
+            self.extraction_fps = extraction_fps
         self.fps = float(extraction_fps) if extraction_fps else self.native_fps
+
+    def frame_count(self) -> int | None:
+        """Frames of the input as its container declares them (the index's count, else the
+        declared duration times the frame rate); None where it declares neither."""
+        if self.kind == "frames":
+            return len(self._files)
+        if self._stream.frames:
+            return int(self._stream.frames)
+        declared = self._declared_s()
+        return max(1, int(round(declared * self.native_fps))) if declared else None
 
     # -- video container -------------------------------------------------------------------
     def _open_av(self) -> None:
@@ -339,6 +369,8 @@ class FrameSource:
         if self.extraction_fps:
             cache: tuple[Any, np.ndarray] | None = None
             for slot, payload in select_by_timestamp(items, self.fps, self.end_time):
+                if self.total is not None and slot >= self.total:
+                    break  # a declared length a little short of the decoded one
                 if cache is None or cache[0] is not payload:
                     cache = (payload, self._to_rgb(payload))
                 yield slot, slot / self.fps * 1000.0, cache[1]
@@ -436,12 +468,14 @@ class FrameSource:
 
 
 def open_frames(path: str, extraction_fps: float | None = None, frames_fps: float = 25.0,
-                timestamps: str = "pts", threads: int = 0) -> FrameSource:
+                timestamps: str = "pts", threads: int = 0,
+                extraction_total: int | None = None) -> FrameSource:
     """Open a video file or a folder of frames; raises VideoError with a one-line reason.
 
     ``timestamps``: "pts" (presentation times) or "index" (``n / fps``, the reference tool's).
+    ``extraction_total``: that many evenly spaced frames (instead of a rate).
     """
-    return FrameSource(path, extraction_fps, frames_fps, timestamps, threads)
+    return FrameSource(path, extraction_fps, frames_fps, timestamps, threads, extraction_total)
 
 
 def _index_entries(stream: Any) -> Any:
