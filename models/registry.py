@@ -19,6 +19,7 @@ _EXTRACTORS = {
     "r21d": "models.r21d.extractor:R21DExtractor",
     "vggish": "models.vggish.extractor:VGGishExtractor",
     "null": "models.null.extractor:NullExtractor",
+    "videomae": "models.videomae.extractor:VideoMAEExtractor",
 }
 
 PLUGINS_ENV = "VIDEO_FEATURES_PLUGINS"

@@ -1,0 +1,1 @@
+"""VideoMAE video transformers (Hugging Face transformers) as clip feature extractors."""

@@ -1,0 +1,343 @@
+"""Where VideoMAE weights come from: a Hugging Face repo (through the hub cache) or a local folder
+in the same layout (``config.json`` + ``model.safetensors`` / ``pytorch_model.bin``, optionally
+``preprocessor_config.json``).
+
+Resolution: an explicit ``checkpoint_path`` (folder or weights file) -> ``model_name`` as a local
+folder -> the hub cache -> a download into the hub cache (unless offline) -> a one-line
+:class:`WeightsError` naming the repo id and the command that fetches it. Random weights only
+with ``allow_random_weights`` (:func:`utils.weights.use_random_weights`); they are built from the
+model's ``config.json``, or for the MCG-NJU repos from the built-in table below, so that
+benchmarks and smoke tests run offline.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from utils.errors import ConfigError, WeightsError
+from utils.weights import WeightCard, check_keys, register_card
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "MCG-NJU/videomae-base-finetuned-kinetics"
+KINETICS_LABELS = Path(__file__).resolve().parent.parent / "i3d" / "labels" / "kinetics400.txt"
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+OFFLINE_WORDS = ("1", "true", "yes", "on")
+
+# Architectures of the MCG-NJU conversions (transformers' convert_videomae_to_pytorch.py); every
+# other field keeps VideoMAEConfig's default (224 px, patch 16, 16 frames, tubelet 2, qv bias).
+_SIZES = {
+    "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                 intermediate_size=3072),
+    "large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                  intermediate_size=4096, decoder_num_hidden_layers=12,
+                  decoder_num_attention_heads=8, decoder_hidden_size=512,
+                  decoder_intermediate_size=2048),
+    "huge": dict(hidden_size=1280, num_hidden_layers=32, num_attention_heads=16,
+                 intermediate_size=5120, decoder_num_hidden_layers=12,
+                 decoder_num_attention_heads=8, decoder_hidden_size=640,
+                 decoder_intermediate_size=2560),
+}
+#: repo id -> (size, labels: "kinetics400" | "ssv2" | None for self-supervised only)
+KNOWN_MODELS = {
+    "MCG-NJU/videomae-base-finetuned-kinetics": ("base", "kinetics400"),
+    "MCG-NJU/videomae-base-short-finetuned-kinetics": ("base", "kinetics400"),
+    "MCG-NJU/videomae-large-finetuned-kinetics": ("large", "kinetics400"),
+    "MCG-NJU/videomae-huge-finetuned-kinetics": ("huge", "kinetics400"),
+    "MCG-NJU/videomae-base-finetuned-ssv2": ("base", "ssv2"),
+    "MCG-NJU/videomae-base-short-finetuned-ssv2": ("base", "ssv2"),
+    "MCG-NJU/videomae-base": ("base", None),
+    "MCG-NJU/videomae-base-short": ("base", None),
+    "MCG-NJU/videomae-large": ("large", None),
+    "MCG-NJU/videomae-base-ssv2": ("base", None),
+    "MCG-NJU/videomae-base-short-ssv2": ("base", None),
+}
+#: the preprocessing of VideoMAE's own training code (short side 224, centre crop 224, bilinear,
+#: ImageNet mean/std); used only where a model has no preprocessor_config.json of its own
+FALLBACK_PROCESSOR = dict(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224},
+                          resample=2, image_mean=[0.485, 0.456, 0.406],
+                          image_std=[0.229, 0.224, 0.225])
+V2_HINT = ("VideoMAE V2 (OpenGVLab/VideoMAEv2-*) ships its network as remote code "
+           "(trust_remote_code) and is not supported; use a VideoMAE repo such as "
+           f"{DEFAULT_MODEL} or a local folder in transformers' VideoMAE layout")
+
+
+def import_transformers() -> Any:
+    """transformers, or a ConfigError naming the pip package (it is optional for the tool)."""
+    try:
+        import transformers
+    except ImportError:
+        raise ConfigError("feature_type videomae needs the transformers package: "
+                          "pip install transformers") from None
+    return transformers
+
+
+def is_v2_name(name: str) -> bool:
+    return "videomaev2" in name.lower().replace("-", "").replace("_", "")
+
+
+def offline() -> bool:
+    return any(os.environ.get(k, "").lower() in OFFLINE_WORDS
+               for k in ("VIDEO_FEATURES_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+def hub_cache_dir() -> str:
+    """The Hugging Face hub cache (HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub),
+    read when called so that a changed environment is honoured."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.environ["HF_HOME"], "hub")
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE
+
+
+@dataclass(frozen=True)
+class Source:
+    """What one configuration loads: the identity of the model and the files found for it."""
+
+    model_id: str               # repo id, or the resolved local folder
+    revision: str | None
+    folder: Path | None         # where config.json (and maybe the processor config) live
+    weights: Path | None        # None: random weights
+
+
+def _local_dir(name: str | None) -> Path | None:
+    if not name:
+        return None
+    p = Path(name).expanduser()
+    return p.resolve() if p.is_dir() else None
+
+
+def weights_in(folder: Path) -> Path | None:
+    """The weights file of a folder in Hugging Face layout (safetensors preferred)."""
+    for fname in WEIGHT_FILES:
+        if (folder / fname).is_file():
+            return folder / fname
+    return None
+
+
+def _hub_folder(repo: str, revision: str | None, need_weights: bool = True) -> Path:
+    """The hub cache's snapshot folder of ``repo`` with its config (and weights, where needed),
+    downloading what is missing unless offline; WeightsError (one line) otherwise."""
+    cache = hub_cache_dir()
+    fetch = (f"fetch it where there is network with `hf download {repo}"
+             f"{' --revision ' + revision if revision else ''}` (hub cache: {cache}), "
+             "or pass model_name=LOCAL_FOLDER")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ConfigError("feature_type videomae needs the huggingface_hub package: "
+                          "pip install huggingface_hub") from None
+    try:
+        folder = Path(snapshot_download(repo, revision=revision, cache_dir=cache,
+                                        local_files_only=True))
+        if (folder / "config.json").is_file() and (weights_in(folder) or not need_weights):
+            return folder
+    except Exception:  # not cached (or partly): download below
+        pass
+    if offline():
+        raise WeightsError(f"videomae: weights of {repo} are not in the Hugging Face cache and "
+                           "downloads are disabled (VIDEO_FEATURES_OFFLINE / HF_HUB_OFFLINE); "
+                           + fetch)
+    try:
+        from huggingface_hub import HfApi
+
+        files = set(HfApi().list_repo_files(repo, revision=revision))
+        wanted = [f for f in ("config.json", "preprocessor_config.json") if f in files]
+        weights = next((f for f in WEIGHT_FILES if f in files), None)
+        if "config.json" not in wanted or (weights is None and need_weights):
+            raise WeightsError(f"videomae: {repo} has no config.json with model.safetensors or "
+                               "pytorch_model.bin (not transformers' layout)")
+        patterns = wanted + ([weights] if need_weights else [])
+        if need_weights and weights.endswith(".index.json"):
+            patterns.append(weights.split(".")[0] + "-*")
+        log.info("downloading %s into the Hugging Face cache %s", repo, cache)
+        return Path(snapshot_download(repo, revision=revision, cache_dir=cache,
+                                      allow_patterns=patterns))
+    except WeightsError:
+        raise
+    except Exception as exc:  # no network, unknown repo, gated, ...: the same advice
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        raise WeightsError(f"videomae: cannot download {repo} from the Hugging Face hub "
+                           f"({reason}); {fetch}") from None
+
+
+def resolve(cfg: Any, random_weights: bool) -> Source:
+    """Find the files ``cfg`` loads. With ``random_weights`` no weights file is needed, only a
+    config: a local folder's, the built-in table's (known repos), or the hub's."""
+    name = cfg.model_name
+    revision = cfg.get("revision")
+    explicit = cfg.get("checkpoint_path")
+    if explicit:
+        p = Path(explicit).expanduser()
+        if p.is_dir():
+            w = weights_in(p)
+            if w is None:
+                raise WeightsError(f"checkpoint_path {explicit!r} holds no model.safetensors or "
+                                   "pytorch_model.bin")
+            return Source(str(p.resolve()), None, p.resolve(), w)
+        if not p.is_file():
+            raise WeightsError(f"checkpoint_path {explicit!r} for videomae does not exist")
+        folder = _local_dir(name)
+        if folder is None and name not in KNOWN_MODELS:
+            folder = _hub_folder(name, revision, need_weights=False)
+        return Source(folder and str(folder) or name, revision, folder, p.resolve())
+    folder = _local_dir(name)
+    if folder is not None:
+        if not (folder / "config.json").is_file():
+            raise WeightsError(f"model_name {name!r} is a folder without config.json (expected "
+                               "transformers' layout: config.json + model.safetensors)")
+        w = None if random_weights else weights_in(folder)
+        if w is None and not random_weights:
+            raise WeightsError(f"model_name folder {name!r} holds no model.safetensors or "
+                               "pytorch_model.bin")
+        return Source(str(folder), None, folder, w)
+    if random_weights and name in KNOWN_MODELS:
+        return Source(name, revision, None, None)
+    folder = _hub_folder(name, revision, need_weights=not random_weights)
+    return Source(name, revision, folder, None if random_weights else weights_in(folder))
+
+
+def card_for(cfg: Any) -> WeightCard:
+    """The card that identifies the model (repo id + revision, or the local folder); the record
+    beside each output adds the sha256 of the weights file actually used."""
+    name, revision = cfg.model_name, cfg.get("revision")
+    local = _local_dir(name)
+    ident = str(local) if local else name + (f"@{revision}" if revision else "")
+    url = local.as_uri() if local else (f"https://huggingface.co/{name}"
+                                        + (f"/tree/{revision}" if revision else ""))
+    labels = KNOWN_MODELS.get(name, (None, None))[1]
+    return register_card(WeightCard(
+        name=f"videomae:{ident}",
+        url=url,
+        sha256="",  # the hub checks its own downloads; the record holds the file's sha256
+        filename="config.json + model.safetensors (or pytorch_model.bin), Hugging Face layout",
+        layout="transformers VideoMAE state dict (videomae.embeddings.patch_embeddings."
+               "projection.*, videomae.encoder.layer.N.* with attention.attention.q_bias / "
+               "v_bias, fc_norm.* + classifier.* when fine-tuned, videomae.layernorm.* + "
+               "decoder.* when self-supervised)",
+        preprocessing="the repo's VideoMAEImageProcessor (preprocessor_config.json): shortest "
+                      "edge resize (torchvision kernel, antialiased), centre crop, rescale, "
+                      "mean/std",
+        num_classes={"kinetics400": 400, "ssv2": 174}.get(labels or ""),
+        extra={"model_id": ident},
+    ))
+
+
+def weights_file_for(cfg: Any) -> str | None:
+    """The weights file ``cfg`` loads (resolving / downloading it), or None for random weights."""
+    if cfg.allow_random_weights and not cfg.get("checkpoint_path"):
+        return None  # the rule of use_random_weights, without its log line (logged at load)
+    src = resolve(cfg, random_weights=False)
+    return str(src.weights) if src.weights else None
+
+
+def build_config(src: Source) -> Any:
+    """VideoMAEConfig from the source's config.json or, for known repos, the built-in table."""
+    tf = import_transformers()
+    if src.folder is not None:
+        path = src.folder / "config.json"
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise WeightsError(f"cannot read {path}: {exc}") from None
+        mtype = str(raw.get("model_type", ""))
+        if mtype.lower() != "videomae":
+            if is_v2_name(mtype) or raw.get("auto_map"):
+                raise ConfigError(f"{src.model_id}: model_type {mtype!r}: {V2_HINT}")
+            raise ConfigError(f"{src.model_id}: model_type {mtype!r} is not videomae")
+        return tf.VideoMAEConfig.from_pretrained(str(src.folder), local_files_only=True)
+    size, labels = KNOWN_MODELS[src.model_id]
+    values: dict[str, Any] = dict(_SIZES[size])
+    if labels:
+        values.update(use_mean_pooling=True, architectures=["VideoMAEForVideoClassification"])
+        if labels == "kinetics400":
+            names = KINETICS_LABELS.read_text().splitlines()
+            values.update(id2label=dict(enumerate(names)))
+        else:
+            values.update(num_labels=174)
+    else:
+        values.update(use_mean_pooling=False, architectures=["VideoMAEForPreTraining"])
+    return tf.VideoMAEConfig(**values)
+
+
+def processor_for(src: Source, config: Any) -> Any:
+    """The HF VideoMAEImageProcessor holding the model's preprocessing settings (read from
+    preprocessor_config.json; VideoMAE's training recipe where there is none)."""
+    tf = import_transformers()
+    if src.folder is not None and (src.folder / "preprocessor_config.json").is_file():
+        return tf.VideoMAEImageProcessor.from_pretrained(str(src.folder), local_files_only=True)
+    size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
+    values = dict(FALLBACK_PROCESSOR, size={"shortest_edge": size},
+                  crop_size={"height": size, "width": size})
+    log.info("%s: no preprocessor_config.json; using VideoMAE's training preprocessing %s",
+             src.model_id, values)
+    return tf.VideoMAEImageProcessor(**values)
+
+
+def read_state_dict(path: Path) -> dict:
+    """A safetensors / torch file, or a sharded index of them, as one CPU state dict."""
+    import torch
+
+    path = Path(path)
+    if path.name.endswith(".index.json"):
+        index = json.loads(path.read_text())
+        state: dict = {}
+        for shard in sorted(set(index.get("weight_map", {}).values())):
+            state.update(read_state_dict(path.parent / shard))
+        return state
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise WeightsError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from None
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    return obj
+
+
+def published_to_module(state: dict) -> dict:
+    """The hub's key layout -> transformers' current modules: the published checkpoints (and
+    save_pretrained) keep the original VideoMAE attention biases ``q_bias`` / ``v_bias``, which
+    the current modules hold as ``query.bias`` / ``value.bias``."""
+    out = {}
+    for k, v in state.items():
+        if k.endswith("attention.attention.q_bias"):
+            k = k[: -len("q_bias")] + "query.bias"
+        elif k.endswith("attention.attention.v_bias"):
+            k = k[: -len("v_bias")] + "value.bias"
+        out[k] = v
+    return out
+
+
+def build_network(config: Any, state: dict | None) -> Any:
+    """VideoMAEForVideoClassification when the checkpoint (or, for random weights, the config)
+    is a fine-tuned classifier, else the encoder VideoMAEModel; weights loaded strictly (the
+    self-supervised checkpoints' decoder is left out, it takes no part in features)."""
+    tf = import_transformers()
+    if state is not None:
+        classify = "classifier.weight" in state
+    else:
+        classify = "VideoMAEForVideoClassification" in (config.architectures or [])
+    net = (tf.VideoMAEForVideoClassification if classify else tf.VideoMAEModel)(config)
+    if state is not None:
+        state = published_to_module(state)
+        if not classify:
+            prefixed = any(k.startswith("videomae.") for k in state)
+            state = {k[len("videomae."):]: v for k, v in state.items()
+                     if k.startswith("videomae.")} if prefixed else state
+        expected = net.state_dict()
+        check_keys(state, expected, "videomae checkpoint")
+        net.load_state_dict(state, strict=True)
+    return net.eval()
