@@ -245,7 +245,7 @@ def main() -> None:
             row(f"{ft}", frames, wall, extra)
         if "network" not in args.skip and ex.frame_seam:
             # frames counts 0.96 s examples for vggish
-            n_items = frames if ft in ("resnet", "null", "vggish") else max(1, frames // cfg.step_size)
+            n_items = frames if ft in ("resnet", "null", "vggish") else max(1, frames // ex.cfg.step_size)
             net_s = network_only(ex, paths[0], n_items)
             print(f"network  {n_items:7d} items  {net_s:8.2f} s (the network alone; end to end "
                   f"took {wall / net_s:.2f}x that)", flush=True)

@@ -56,8 +56,9 @@ class Extractor(abc.ABC):
         self.progress_hook: Callable[[int], None] | None = None
 
     @classmethod
-    def validate(cls, cfg: Config) -> None:
-        """Raise :class:`utils.errors.ConfigError` naming the option when ``cfg`` is invalid."""
+    def validate(cls, cfg: Config) -> Config | None:
+        """Raise :class:`utils.errors.ConfigError` naming the option when ``cfg`` is invalid;
+        may return ``cfg`` completed (null options resolved to the values they stand for)."""
 
     def extract(self, path: str) -> dict[str, np.ndarray]:
         """Features of one video (or frame folder / audio file) as numpy arrays.

@@ -1,8 +1,10 @@
-"""R(2+1)D-18 clip features: windows and timestamps, the reference preprocessing recomputed with
-plain torch ops, features against torchvision's own r2plus1d_18, errors and the alias.
+"""R(2+1)D clip features: windows and timestamps, the reference preprocessing recomputed with
+plain torch ops, features against torchvision's own r2plus1d_18 and against an R(2+1)D-34 built
+directly from torchvision's VideoResNet as the IG-65M conversions build it, per-model stack
+defaults, the record of the weights used, errors and the alias.
 
-The checkpoint is a random torchvision state dict written under the card's file name in the
-private torch hub cache, so the extractor loads it through the real path.
+The checkpoints are random state dicts in the published layouts, written under the cards' file
+names in the private torch hub cache, so the extractor loads them through the real path.
 """
 from __future__ import annotations
 
@@ -12,8 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.r21d.extractor import R21DExtractor, preprocess
-from models.r21d.weights import CARD, labels, write_random_checkpoint
+from models.r21d.extractor import R21DExtractor, preprocess, resolve_stacks
+from models.r21d.weights import CARD, card_for, labels, write_random_checkpoint
 from models.registry import get_extractor_class
 from utils.config import make_config, parse_args
 from utils.errors import ConfigError, VideoError, WeightsError
@@ -177,7 +179,10 @@ def test_show_pred_numbers_clips_across_batches(r21d_weights, make_video, capsys
 
 def test_alias_r21d_rgb():
     cfg = make_config("r21d_rgb", video_paths=["a.mp4"], device="cpu")
-    assert cfg.feature_type == "r21d" and cfg.stack_size == 16 and cfg.step_size == 16
+    assert cfg.feature_type == "r21d" and cfg.model_name == "r2plus1d_18_16_kinetics"
+    # configs/r21d.yml holds null: validation resolves it to the model's own
+    assert (cfg.stack_size, cfg.step_size) == (16, 16)
+    assert resolve_stacks(cfg.replace(stack_size=None)).stack_size == 16
     assert get_extractor_class(cfg.feature_type) is R21DExtractor
     cfg = parse_args(["--feature_type", "r21d_rgb", "--device", "cpu", "--video_paths", "a.mp4",
                       "stack_size=8"])
@@ -197,3 +202,195 @@ def test_missing_weights_name_the_url(tmp_path, monkeypatch):
     msg = str(ei.value)
     assert "https://download.pytorch.org/models/r2plus1d_18-91a641e6.pth" in msg
     assert "hub/checkpoints/r2plus1d_18-91a641e6.pth" in msg
+
+
+# -- the IG-65M R(2+1)D-34 models -------------------------------------------------------------
+M32, M8 = "r2plus1d_34_32_ig65m_ft_kinetics", "r2plus1d_34_8_ig65m_ft_kinetics"
+IG65M_URL = "https://github.com/moabitcoin/ig65m-pytorch/releases/download/v1.0.0/"
+
+
+@pytest.fixture(scope="module")
+def ig65m_weights(hub_checkpoints):
+    """Random checkpoints of both IG-65M models (255 MB each) under their release file names;
+    different seeds, so the two models give different features. Removed afterwards."""
+    paths = {m: write_random_checkpoint(hub_checkpoints / card_for(m).filename, seed=seed,
+                                        model_name=m)
+             for m, seed in ((M32, 1), (M8, 2))}
+    yield paths
+    for p in paths.values():
+        p.unlink(missing_ok=True)
+
+
+def independent_r2plus1d_34(path, bn_eps: float = 1e-3) -> torch.nn.Module:
+    """R(2+1)D-34 assembled here from torchvision's VideoResNet parts the way the IG-65M
+    conversion does (Caffe2 widths of the first blocks' second convs, Caffe2's BatchNorm
+    epsilon), the release file loaded strictly, the classifier kept."""
+    from torchvision.models.video.resnet import BasicBlock, Conv2Plus1D, R2Plus1dStem, VideoResNet
+
+    net = VideoResNet(BasicBlock, [Conv2Plus1D] * 4, [3, 4, 6, 3], R2Plus1dStem, num_classes=400)
+    net.layer2[0].conv2[0] = Conv2Plus1D(128, 128, 288)
+    net.layer3[0].conv2[0] = Conv2Plus1D(256, 256, 576)
+    net.layer4[0].conv2[0] = Conv2Plus1D(512, 512, 1152)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm3d):
+            m.eps = bn_eps
+    net.load_state_dict(torch.load(path, weights_only=True), strict=True)
+    return net.eval()
+
+
+def _features_and_logits(net: torch.nn.Module, clips: torch.Tensor):
+    """(B, C, T, H, W) -> the 512-d input of fc (torchvision's forward with fc as identity),
+    and the logits."""
+    fc, net.fc = net.fc, torch.nn.Identity()
+    try:
+        with torch.no_grad():
+            feats = net(clips)
+            return feats, fc(feats)
+    finally:
+        net.fc = fc
+
+
+def _clips(video, n_clips: int, stack: int) -> torch.Tensor:
+    x = reference_preprocess(decode_rgb(video)[: n_clips * stack])
+    return x.reshape(n_clips, stack, 3, 112, 112).permute(0, 2, 1, 3, 4)
+
+
+def test_ig65m_release_layout(ig65m_weights):
+    """Same key names as torchvision's VideoResNet(R2Plus1dStem, [3, 4, 6, 3]) with a 400-class
+    head; only the three Caffe2-width convs differ in shape."""
+    from torchvision.models.video.resnet import BasicBlock, Conv2Plus1D, R2Plus1dStem, VideoResNet
+
+    plain = VideoResNet(BasicBlock, [Conv2Plus1D] * 4, [3, 4, 6, 3], R2Plus1dStem).state_dict()
+    for model in (M32, M8):
+        state = torch.load(ig65m_weights[model], weights_only=True)
+        assert list(state) == list(plain)
+        differ = {k: tuple(v.shape) for k, v in state.items() if v.shape != plain[k].shape}
+        assert differ["layer2.0.conv2.0.0.weight"] == (288, 128, 1, 3, 3)
+        assert differ["layer3.0.conv2.0.3.weight"] == (256, 576, 3, 1, 1)
+        assert differ["layer4.0.conv2.0.1.running_var"] == (1152,)
+        assert {k.split(".conv2.")[0] for k in differ} == {"layer2.0", "layer3.0", "layer4.0"}
+        assert state["fc.weight"].shape == (400, 512) and state["fc.bias"].shape == (400,)
+        assert all(v.dtype == torch.float32 for k, v in state.items()
+                   if not k.endswith("num_batches_tracked"))
+
+
+def test_ig65m_8_matches_independent_videoresnet(ig65m_weights, make_video, capsys):
+    # 17 frames, the model's own stacks of 8 every 8: 2 clips, the last frame dropped
+    video = make_video("r21d_ig17.mp4", n_frames=17, fps=FPS, width=W, height=H)
+    ex, out = _extract(video, model_name=M8, stack_size=None, step_size=None, batch_size=2,
+                       show_pred=True)
+    assert (ex.cfg.stack_size, ex.cfg.step_size) == (8, 8)
+    assert out["r21d"].shape == (2, 512) and out["r21d"].dtype == np.float32
+    np.testing.assert_allclose(out["timestamps_ms"], [7 / FPS * 1000, 15 / FPS * 1000])
+
+    clips = _clips(video, 2, 8)
+    want, logits = _features_and_logits(independent_r2plus1d_34(ig65m_weights[M8]), clips)
+    want = want.numpy()
+    scale = np.abs(want).max()
+    np.testing.assert_allclose(out["r21d"], want, rtol=0, atol=1e-4 * scale)
+    assert np.abs(want[0] - want[1]).max() > 1e-2 * scale          # the clips differ
+    # Caffe2's BatchNorm epsilon matters: torchvision's default moves the features far more
+    wrong, _ = _features_and_logits(independent_r2plus1d_34(ig65m_weights[M8], 1e-5), clips[:1])
+    assert np.abs(wrong.numpy() - want[:1]).max() > 1e-2 * scale
+
+    # show_pred: the 400-class head with the Kinetics-400 names, top-1 as the independent head's
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if " stack #" in ln]
+    assert len(lines) == 2
+    names = labels()
+    for ln, row in zip(lines, logits):
+        top1 = ln.split(" stack #", 1)[1].split(": ", 1)[1].split("  ")[0].rsplit(": ", 1)[0]
+        assert top1 == names[int(row.argmax())]
+
+
+@pytest.mark.parametrize("model,stack,step", [
+    ("r2plus1d_18_16_kinetics", 16, 16), (M32, 32, 32), (M8, 8, 8)])
+def test_null_stack_and_step_are_the_models_own(make_video, monkeypatch, model, stack, step):
+    monkeypatch.setattr("models.r21d.extractor.load_r21d", lambda cfg, device: _Probe())
+    path = make_video("r21d_defaults.mp4", n_frames=35, fps=FPS, width=W, height=H)
+    cfg = make_config("r21d", video_paths=["x"], device="cpu", model_name=model)
+    assert (cfg.stack_size, cfg.step_size) == (stack, step)        # configs/r21d.yml: null
+    ex = R21DExtractor(cfg, CPU)
+    assert (ex.cfg.stack_size, ex.cfg.step_size) == (stack, step)
+    out = ex.extract(str(path))
+    ends = expected_stack_ends(35, stack, step, "drop")
+    assert len(out["r21d"]) == len(ends)
+    np.testing.assert_allclose(out["timestamps_ms"], np.array(ends) / FPS * 1000)
+    assert all(row[:stack].all() and not row[stack:].any() for row in out["r21d"])  # clip length
+    # an explicit value wins over the model's own, one option at a time
+    ex = R21DExtractor(cfg.replace(step_size=5), CPU)
+    assert (ex.cfg.stack_size, ex.cfg.step_size) == (stack, 5)
+    ex = R21DExtractor(cfg.replace(stack_size=3), CPU)
+    assert (ex.cfg.stack_size, ex.cfg.step_size) == (3, step)
+
+
+def test_ig65m_32_too_short_names_its_stack(ig65m_weights, make_video):
+    path = make_video("r21d_ig20.mp4", n_frames=20, fps=FPS, width=W, height=H)
+    with pytest.raises(VideoError, match="stack_size=32"):
+        R21DExtractor(make_config("r21d", video_paths=["x"], device="cpu", model_name=M32),
+                      CPU).extract(str(path))
+
+
+def test_switching_model_name_changes_the_record_and_recomputes(ig65m_weights, make_video, tmp_path):
+    """Through the runner: outputs of one IG-65M model are never reused for the other."""
+    import json
+
+    from utils.runner import run
+
+    video = make_video("r21d_ig9.mp4", n_frames=9, fps=FPS, width=W, height=H)
+    out_dir = tmp_path / "out"
+
+    def run_model(model):
+        cfg = make_config("r21d", video_paths=[str(video)], device="cpu", model_name=model,
+                          stack_size=8, step_size=8, on_extraction="save_numpy",
+                          output_path=str(out_dir))
+        summary = run(cfg)
+        meta = json.loads(next(out_dir.rglob("r21d_ig9_meta.json")).read_text())
+        return summary, np.load(next(out_dir.rglob("r21d_ig9_r21d.npy"))), meta["record"]
+
+    summary, feats8, record8 = run_model(M8)
+    assert summary.count("done") == 1
+    assert record8["options"]["model_name"] == M8
+    assert record8["checkpoints"]["r21d"]["card"] == "r2plus1d_34_clip8_ft_kinetics_from_ig65m"
+    assert record8["checkpoints"]["r21d"]["file"] == ig65m_weights[M8].name
+    assert record8["checkpoints"]["r21d"]["sha256"] == uw_sha256(ig65m_weights[M8])
+    want, _ = _features_and_logits(independent_r2plus1d_34(ig65m_weights[M8]), _clips(video, 1, 8))
+    assert feats8.shape == (1, 512)
+    np.testing.assert_allclose(feats8, want.numpy(), rtol=0, atol=1e-4 * want.abs().max().item())
+
+    assert run_model(M8)[0].count("skipped") == 1           # same model: reused
+
+    summary, feats32, record32 = run_model(M32)              # other model: recomputed
+    assert summary.count("done") == 1
+    assert record32["checkpoints"]["r21d"]["card"] == "r2plus1d_34_clip32_ft_kinetics_from_ig65m"
+    assert record32["checkpoints"]["r21d"]["sha256"] == uw_sha256(ig65m_weights[M32])
+    assert record32["checkpoints"]["r21d"]["sha256"] != record8["checkpoints"]["r21d"]["sha256"]
+    assert feats32.shape == (1, 512) and np.abs(feats32 - feats8).max() > 1e-2 * np.abs(feats8).max()
+
+
+def uw_sha256(path) -> str:
+    from utils.weights import sha256_of
+
+    return sha256_of(path)
+
+
+def test_ig65m_cards_and_weights_for():
+    for model, clip, sha in ((M32, 32, "ade133f1"), (M8, 8, "0aa0550b")):
+        card = card_for(model)
+        assert card.filename == f"r2plus1d_34_clip{clip}_ft_kinetics_from_ig65m-{sha}.pth"
+        assert card.url == IG65M_URL + card.filename and card.sha256 == sha
+        assert card.num_classes == 400 and "128x171" in card.preprocessing
+        cfg = make_config("r21d", video_paths=["a.mp4"], device="cpu", model_name=model)
+        assert R21DExtractor.weights_for(cfg) == {"r21d": (card, None)}
+    cfg = make_config("r21d", video_paths=["a.mp4"], device="cpu")
+    assert R21DExtractor.weights_for(cfg) == {"r21d": (CARD, None)}
+    with pytest.raises(ConfigError, match="model_name"):
+        make_config("r21d", video_paths=["a.mp4"], device="cpu", model_name="r2plus1d_34")
+
+
+def test_missing_ig65m_weights_name_the_release_url(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    with pytest.raises(WeightsError) as ei:
+        R21DExtractor(_cfg(model_name=M32), CPU)
+    msg = str(ei.value)
+    assert IG65M_URL + "r2plus1d_34_clip32_ft_kinetics_from_ig65m-ade133f1.pth" in msg
+    assert "hub/checkpoints/r2plus1d_34_clip32_ft_kinetics_from_ig65m-ade133f1.pth" in msg

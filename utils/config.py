@@ -557,5 +557,6 @@ def validate(cfg: Config) -> Config:
     if isinstance(cfg.batch_size, bool) or not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
         raise ConfigError(f"option batch_size must be auto or an integer >= 1, got {cfg.batch_size!r}")
     cfg = cfg.replace(video_paths=unique)
-    cls.validate(cfg)
-    return cfg
+    # a feature type may complete options whose default depends on others (e.g. a model's own
+    # clip length), so that records and workers see the values actually used
+    return cls.validate(cfg) or cfg

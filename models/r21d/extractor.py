@@ -1,16 +1,24 @@
-"""R(2+1)D clip features: 16-frame stacks -> 512-d vectors, several stacks per forward pass.
+"""R(2+1)D clip features: stacks of frames -> 512-d vectors, several stacks per forward pass.
+
+``model_name`` picks R(2+1)D-18 (Kinetics-400, 16-frame stacks) or one of the IG-65M
+R(2+1)D-34 models fine-tuned on Kinetics-400 (32- or 8-frame stacks); stack_size / step_size
+left null take the model's own, as the reference tool does. All share one preprocessing.
 
 Unlike the reference tool, which reads the whole video into memory, frames are decoded in
 chunks, preprocessed on the device and windowed there, so memory is bounded by the batch.
 """
 from __future__ import annotations
 
+import dataclasses
+from typing import Optional
+
 import numpy as np
 import torch
 
 from models.base import Extractor, StackOptions
-from models.r21d.weights import CARD, labels, load_r21d
-from utils.config import Config
+from models.r21d.net import MODELS
+from models.r21d.weights import card_for, labels, load_r21d, spec_for
+from utils.config import Config, option
 from utils.errors import VideoError
 from utils.pipeline import rows_of
 from utils.transforms import center_crop, normalize, resize
@@ -29,19 +37,46 @@ def preprocess(frames_u8: torch.Tensor) -> torch.Tensor:
     return center_crop(x, 112, offset="round")
 
 
+@dataclasses.dataclass
+class R21DOptions(StackOptions):
+    model_name: str = option(
+        "r2plus1d_18_16_kinetics (R(2+1)D-18, Kinetics-400) | r2plus1d_34_32_ig65m_ft_kinetics | "
+        "r2plus1d_34_8_ig65m_ft_kinetics (R(2+1)D-34 pre-trained on IG-65M, fine-tuned on "
+        "Kinetics-400, for 32- / 8-frame clips)", choices=MODELS, changes_values=True)
+    stack_size: Optional[int] = option(
+        "frames per stack (clip); null: the model's own (16 for r2plus1d_18, 32 / 8 for the "
+        "IG-65M models)", at_least=1, changes_values=True)
+    step_size: Optional[int] = option(
+        "frames between the starts of consecutive stacks; null: the model's own (= its stack "
+        "size)", at_least=1, changes_values=True)
+
+
+def resolve_stacks(cfg: Config) -> Config:
+    """``cfg`` with null stack_size / step_size replaced by ``model_name``'s own."""
+    spec = spec_for(cfg.model_name)
+    return cfg.replace(
+        stack_size=spec.stack_size if cfg.stack_size is None else cfg.stack_size,
+        step_size=spec.step_size if cfg.step_size is None else cfg.step_size)
+
+
 class R21DExtractor(Extractor):
     output_keys = ("r21d", "fps", "timestamps_ms")
     auto_batch_size = {"cpu": 1, "cuda": 16}
-    schema = StackOptions
+    schema = R21DOptions
+
+    @classmethod
+    def validate(cls, cfg: Config) -> Config:
+        return resolve_stacks(cfg)
 
     @classmethod
     def weights_for(cls, cfg: Config) -> dict:
-        return {"r21d": (CARD, cfg.checkpoint_path)}
+        return {"r21d": (card_for(cfg.model_name), cfg.checkpoint_path)}
 
     frame_seam = True
 
     def __init__(self, cfg: Config, device: torch.device) -> None:
-        super().__init__(cfg, device)
+        super().__init__(resolve_stacks(cfg), device)
+        cfg = self.cfg
         self.net = load_r21d(cfg, self.device)
         self.labels = labels() if cfg.show_pred else []
 
