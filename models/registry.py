@@ -19,6 +19,7 @@ _EXTRACTORS = {
     "r21d": "models.r21d.extractor:R21DExtractor",
     "vggish": "models.vggish.extractor:VGGishExtractor",
     "null": "models.null.extractor:NullExtractor",
+    "s3d": "models.s3d.extractor:S3DExtractor",
     "videomae": "models.videomae.extractor:VideoMAEExtractor",
 }
 
