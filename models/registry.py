@@ -20,6 +20,7 @@ _EXTRACTORS = {
     "vggish": "models.vggish.extractor:VGGishExtractor",
     "null": "models.null.extractor:NullExtractor",
     "s3d": "models.s3d.extractor:S3DExtractor",
+    "tv_video": "models.tv_video.extractor:TVVideoExtractor",
     "clip": "models.clip.extractor:CLIPExtractor",
     "videomae": "models.videomae.extractor:VideoMAEExtractor",
 }
