@@ -74,7 +74,7 @@ class Extractor(abc.ABC):
 
         needs = self.frame_needs()
         work = VideoWork(0, path)
-        batcher = Batcher(self.run_batch, self.cfg.batch_size)
+        batcher = Batcher(self.run_batch, self.cfg.batch_size, self.keep_rows)
 
         def add(items: list) -> None:
             for key, rows_in, ts in items:
@@ -193,6 +193,14 @@ class Extractor(abc.ABC):
         with self.autocast():
             rows = self.forward(key, batch)
         return rows.float() if rows.is_floating_point() else rows
+
+    def keep_rows(self, work: Any, key: str, rows: Any, stamps: np.ndarray) -> None:
+        """A block of rows of ``key`` for ``work``, back from a batch, in order. By default they
+        are held until ``finish``; a type whose rows are large (optical flow fields) moves them
+        off the device here, so memory does not grow with the video."""
+        from utils.pipeline import hold_rows
+
+        hold_rows(work, key, rows, stamps)
 
     def finish(self, work: Any) -> dict[str, np.ndarray]:
         """The rows of one video (``utils.pipeline.rows_of(work, key)``, in order) -> outputs;

@@ -69,6 +69,32 @@ RAFT_CARD = register_card(WeightCard(
 ))
 
 
+# RAFT fine-tuned on KITTI-2015, the reference tool's raft-kitti.pth (shipped beside
+# raft-sintel.pth in its repository, from the same official models.zip). No digest of it is
+# recorded by anyone we could check, so the card holds none (the download is accepted as
+# served) and names the official archive.
+RAFT_KITTI_CARD = register_card(WeightCard(
+    name="raft-kitti",
+    url=("https://github.com/v-iashin/video_features/raw/"
+         "a2f61b7a4cf0ca6a2d91dcc2182f57e7cfd12664/models/raft/checkpoints/raft-kitti.pth"),
+    sha256="",
+    filename="raft-kitti.pth",
+    layout=RAFT_CARD.layout,
+    preprocessing=RAFT_CARD.preprocessing,
+    extra={"official_archive": RAFT_CARD.extra["official_archive"]},
+))
+RAFT_CARDS = {"sintel": RAFT_CARD, "kitti": RAFT_KITTI_CARD}
+
+
+def raft_card(finetuned_on: str = "sintel") -> WeightCard:
+    """The RAFT checkpoint fine-tuned on ``sintel`` or ``kitti``."""
+    try:
+        return RAFT_CARDS[finetuned_on]
+    except KeyError:
+        raise ValueError(f"finetuned_on must be one of {', '.join(RAFT_CARDS)}, "
+                         f"got {finetuned_on!r}") from None
+
+
 def convert_pwc_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Published PWC-Net keys -> :class:`PWCNet` keys.
 
@@ -115,11 +141,11 @@ def load_pwc(checkpoint_path: str | None = None, allow_random: bool = False,
 
 
 def load_raft(checkpoint_path: str | None = None, allow_random: bool = False,
-              device: torch.device | str = "cpu") -> RAFT:
-    """RAFT with the raft-sintel weights, in eval mode on ``device`` (same rules as
-    :func:`load_pwc`)."""
-    return _load(RAFT, RAFT_CARD, convert_raft_state_dict, checkpoint_path, allow_random,
-                 device)
+              device: torch.device | str = "cpu", finetuned_on: str = "sintel") -> RAFT:
+    """RAFT with the raft-sintel (or raft-kitti) weights, in eval mode on ``device`` (same
+    rules as :func:`load_pwc`)."""
+    return _load(RAFT, raft_card(finetuned_on), convert_raft_state_dict, checkpoint_path,
+                 allow_random, device)
 
 
 def _official_state(kind: str, seed: int) -> dict[str, torch.Tensor]:
@@ -129,7 +155,7 @@ def _official_state(kind: str, seed: int) -> dict[str, torch.Tensor]:
         state = PWCNet().state_dict()
         return {".".join(("module" + p[len("net"):]) if p.startswith("net") else p
                          for p in k.split(".")): v.clone() for k, v in state.items()}
-    if kind in ("raft", RAFT_CARD.name):
+    if kind in ("raft", RAFT_CARD.name, RAFT_KITTI_CARD.name):
         model = RAFT()
         with torch.no_grad():  # non-trivial BatchNorm statistics, as a trained model has
             for m in model.modules():

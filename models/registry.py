@@ -23,6 +23,8 @@ _EXTRACTORS = {
     "tv_video": "models.tv_video.extractor:TVVideoExtractor",
     "clip": "models.clip.extractor:CLIPExtractor",
     "videomae": "models.videomae.extractor:VideoMAEExtractor",
+    "raft": "models.flow_out.extractor:RAFTFlowExtractor",
+    "pwc": "models.flow_out.extractor:PWCFlowExtractor",
 }
 
 PLUGINS_ENV = "VIDEO_FEATURES_PLUGINS"

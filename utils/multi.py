@@ -170,6 +170,12 @@ class MultiExtractor(Extractor):
         t, _, sub_key = key.partition(SEP)
         return self.subs[t].run_batch(sub_key, batch)  # each type at its own precision
 
+    def keep_rows(self, work: VideoWork, key: str, rows: torch.Tensor, stamps: np.ndarray) -> None:
+        t, _, sub_key = key.partition(SEP)
+        part = work.state.get(t) if work.state else None
+        if part is not None and part.error is None:
+            self.subs[t].keep_rows(part.work, sub_key, rows, stamps)
+
     def finish(self, work: VideoWork) -> dict[str, dict[str, np.ndarray]]:
         """``{feature type: outputs}`` of the types that succeeded; the others' reasons go to
         ``work.partial_errors``. Raises when every type failed."""
@@ -177,10 +183,6 @@ class MultiExtractor(Extractor):
         for t, part in work.state.items():
             if part.error is not None:
                 continue
-            prefix = t + SEP
-            for key in [k for k in work.rows if k.startswith(prefix)]:
-                part.work.rows[key[len(prefix):]] = work.rows[key]
-                part.work.stamps[key[len(prefix):]] = work.stamps[key]
             part.work.fps = part.work.fps if part.work.fps is not None else work.fps
             try:
                 feats[t] = self.subs[t].finish(part.work)

@@ -76,17 +76,17 @@ class OutputWriter:
             rel = Path(*p.parent.parts[1:])  # absolute folder without its anchor
         return self.root / rel
 
-    def _stem(self, video_path: str) -> str:
+    def stem(self, video_path: str) -> str:
         p = Path(video_path.rstrip("/\\"))
         return p.name if Path(video_path).is_dir() else p.stem
 
     def paths_for(self, video_path: str, keys: Iterable[str]) -> dict[str, Path]:
         folder = self.video_dir(video_path)
-        stem = self._stem(video_path)
+        stem = self.stem(video_path)
         return {k: folder / f"{stem}_{k}{SUFFIX[self.mode]}" for k in keys}
 
     def meta_path(self, video_path: str) -> Path:
-        return self.video_dir(video_path) / f"{self._stem(video_path)}_{META_KEY}.json"
+        return self.video_dir(video_path) / f"{self.stem(video_path)}_{META_KEY}.json"
 
     def state(self, video_path: str, keys: Iterable[str]) -> OutputState:
         """Can the existing outputs of ``video_path`` be reused by this run? Reads the record and

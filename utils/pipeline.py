@@ -326,9 +326,12 @@ class Batcher:
     back to each video as one block.
     """
 
-    def __init__(self, forward: Callable[[str, Any], Any], batch_size: int):
+    def __init__(self, forward: Callable[[str, Any], Any], batch_size: int,
+                 keep: Callable[[VideoWork, str, Any, np.ndarray], None] | None = None):
         self.forward = forward
         self.batch_size = batch_size
+        #: where a video's rows go (``Extractor.keep_rows``); default: held on the work item
+        self.keep = keep or hold_rows
         # key -> queued blocks [work, items (k, ...), stamps (k,)]
         self.queues: dict[str, collections.deque] = collections.defaultdict(collections.deque)
         self.counts: dict[str, int] = collections.Counter()
@@ -368,8 +371,7 @@ class Batcher:
                 rows = self.forward(key, batch)
                 at = 0
                 for work, items, stamps in blocks:
-                    work.rows[key].append(rows[at:at + len(stamps)])
-                    work.stamps[key].append(stamps)
+                    self.keep(work, key, rows[at:at + len(stamps)], stamps)
                     work.pending -= len(stamps)
                     at += len(stamps)
                 ran += 1
@@ -381,6 +383,12 @@ class Batcher:
             self.counts[key] = sum(len(b[2]) for b in kept)
             self.queues[key] = kept
         work.pending = 0
+
+
+def hold_rows(work: VideoWork, key: str, rows: Any, stamps: np.ndarray) -> None:
+    """Keep a block of rows of ``key`` on ``work`` until the video is finished."""
+    work.rows[key].append(rows)
+    work.stamps[key].append(stamps)
 
 
 def rows_of(work: VideoWork, key: str) -> tuple[Any, np.ndarray]:
@@ -403,7 +411,7 @@ class DevicePipeline:
         self.ex = extractor
         self.writer = writer
         self.on_result = on_result
-        self.batcher = Batcher(extractor.run_batch, extractor.cfg.batch_size)
+        self.batcher = Batcher(extractor.run_batch, extractor.cfg.batch_size, extractor.keep_rows)
         needs = self.needs = extractor.frame_needs()
         self.gpu = None  # decoder=nvdec: NVDEC threads decode; the CPU pool takes what they cannot
         if extractor.cfg.get("decoder", "cpu") == "nvdec":

@@ -1,0 +1,1 @@
+"""Optical flow as the output (feature types raft and pwc)."""

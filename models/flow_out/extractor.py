@@ -1,0 +1,270 @@
+"""Optical flow as the output: ``feature_type=raft`` / ``pwc`` save the flow field itself.
+
+For frames ``0..N-1`` (at the chosen rate) the output holds the flow from frame ``i`` to
+``i + 1``: ``N-1 x 2 x H x W`` (x then y, in pixels of the frames the network saw), with the
+``N`` frame timestamps, as the reference tool saves them. Frames are used at their own size, or
+resized (PIL's antialiased bilinear) so that the shorter side, or with
+``resize_to_smaller_edge=false`` the longer one, is ``side_size``.
+
+A flow field is large (0.9 MB a pair at 640x360 in float16), so rows never pile up on the
+device: each batch's rows go straight to an unlinked spill file on the output disk, and the saved
+array is written from a memory map of it; memory stays bounded by the batch whatever the
+video's length. ``flow_format=jpg`` writes instead the 8-bit x/y JPEG pairs that TV-L1-style
+pipelines and pytorch-i3d's training code read: ``<stem>/<stem>-000001x.jpg`` and ``...y.jpg``
+(1-based), levels ``round(128 + 255 / (2 * flow_bound) * f)`` clamped to 0..255.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from models import flow_weights
+from models.base import Extractor
+from utils.config import Config, SharedOptions, option
+from utils.errors import ConfigError, VideoError
+from utils.transforms import resize
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float16": np.float16, "float32": np.float32}
+FORMATS = ("npy", "jpg")
+JPEG_QUALITY = 95  # what OpenCV writes by default, as the TV-L1 extraction tools do
+
+
+def flow_size(h: int, w: int, side_size: int | None, smaller_edge: bool) -> tuple[int, int]:
+    """The (h, w) flow is computed at, by the reference tool's rule: ``side_size`` for the
+    shorter (or longer) side, the other truncated to int; a frame whose shorter side already is
+    ``side_size`` is kept as it is, whichever edge is asked for (the reference does so too)."""
+    if side_size is None or min(h, w) == side_size:
+        return h, w
+    if (w < h) == smaller_edge:
+        return int(side_size * h / w), side_size
+    return side_size, int(side_size * w / h)
+
+
+def quantise(flow: torch.Tensor, bound: float) -> torch.Tensor:
+    """Flow in pixels -> 8-bit levels: ``[-bound, bound]`` onto 0..255, 128 meaning still."""
+    q = torch.round(128.0 + 255.0 / (2.0 * bound) * flow.clamp(-bound, bound))
+    return q.clamp_(0, 255).to(torch.uint8)
+
+
+@dataclasses.dataclass
+class FlowOptions(SharedOptions):
+    side_size: Optional[int] = option(
+        "resize frames so that one side has this many pixels before computing flow (null: "
+        "their own size)", at_least=8, changes_values=True)
+    resize_to_smaller_edge: bool = option(
+        "side_size applies to the shorter side (true) or the longer one (false)",
+        changes_values=True)
+    dtype: str = option("float16 (half the size) or float32 flow in the .npy output",
+                        choices=tuple(DTYPES), changes_values=True)
+    flow_format: str = option(
+        "npy: one N-1 x 2 x H x W array; jpg: 8-bit x/y JPEG pairs per frame pair in "
+        "<stem>/ (TV-L1 / pytorch-i3d layout)", choices=FORMATS, changes_values=True)
+    flow_bound: float = option("flow_format=jpg: pixels mapped to the ends of the 8-bit range",
+                               changes_values=True)
+
+
+@dataclasses.dataclass
+class RAFTFlowOptions(FlowOptions):
+    finetuned_on: str = option("RAFT checkpoint: sintel or kitti", choices=("sintel", "kitti"),
+                               changes_values=True)
+    raft_iters: int = option("RAFT refinement iterations", at_least=1, changes_values=True)
+
+
+@dataclasses.dataclass
+class _FlowVideo:
+    """Per-video state: the last frame (pairs cross chunks), every frame's timestamp, and where
+    the rows go."""
+
+    prev: torch.Tensor | None = None
+    stamps: list = dataclasses.field(default_factory=list)
+    pairs: int = 0
+    size: tuple[int, int] | None = None
+    spill: Any = None           # flow_format=npy: unlinked file holding the rows so far
+    jpg_dir: Path | None = None  # flow_format=jpg: temporary folder of the JPEGs so far
+    jpg_stem: str = ""
+
+
+class FlowExtractor(Extractor):
+    """Shared by raft and pwc; subclasses name the network."""
+
+    auto_batch_size = {"cpu": 4, "cuda": 16}
+    frame_seam = True
+    schema = FlowOptions
+
+    @classmethod
+    def output_keys_for(cls, cfg: Config) -> tuple[str, ...]:
+        if cfg.flow_format == "jpg":  # the flow itself is in JPEG files beside these
+            return ("fps", "timestamps_ms")
+        return (cfg.feature_type, "fps", "timestamps_ms")
+
+    @classmethod
+    def validate(cls, cfg: Config) -> None:
+        if cfg.flow_format == "jpg" and cfg.on_extraction != "save_numpy":
+            raise ConfigError("option flow_format=jpg writes JPEG files: use "
+                              "on_extraction=save_numpy (fps and timestamps go beside them)")
+        if not cfg.flow_bound > 0:
+            raise ConfigError(f"option flow_bound must be > 0, got {cfg.flow_bound!r}")
+
+    def __init__(self, cfg: Config, device: torch.device) -> None:
+        self.validate(cfg)
+        super().__init__(cfg, device)
+        self.output_keys = self.output_keys_for(cfg)
+        self.net = self.load_net()
+
+    # -- what each network needs --------------------------------------------------------------
+    def load_net(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def estimate(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def check_size(self, h: int, w: int) -> None:
+        """Raise VideoError for frames the network cannot take."""
+
+    # -- frames -> pairs ----------------------------------------------------------------------
+    def chunk_frames(self) -> int:
+        return max(8, self.cfg.batch_size)
+
+    def begin(self, work: Any) -> None:
+        work.state = _FlowVideo()
+
+    def add_frames(self, work: Any, frames: torch.Tensor, stamps: np.ndarray) -> list:
+        st = work.state
+        h, w = frames.shape[-2:]
+        size = flow_size(h, w, self.cfg.side_size, self.cfg.resize_to_smaller_edge)
+        if st.prev is None:
+            self.check_size(*size)
+        x = resize(frames, size, antialias=True)  # float [0, 255], whole levels as PIL's
+        st.stamps.extend(np.asarray(stamps, np.float64).tolist())
+        seq = x if st.prev is None else torch.cat([st.prev[None], x])
+        st.prev = seq[-1].clone()  # frames is a reused buffer
+        if len(seq) < 2:
+            return []
+        pairs = torch.stack([seq[:-1], seq[1:]], 1)  # (n, 2, 3, h, w)
+        return [("flow", pairs, np.asarray(stamps, np.float64)[-len(pairs):])]
+
+    @torch.inference_mode()
+    def forward(self, key: str, batch: torch.Tensor) -> torch.Tensor:
+        """(B, 2, 3, h, w) frame pairs -> (B, 2, h, w) flow; a batch too big for the GPU is
+        split in halves rather than failing."""
+        try:
+            return self.estimate(batch[:, 0], batch[:, 1])
+        except torch.cuda.OutOfMemoryError:
+            if len(batch) == 1:
+                raise
+            torch.cuda.empty_cache()
+            half = len(batch) // 2
+            return torch.cat([self.forward(key, batch[:half]), self.forward(key, batch[half:])])
+
+    # -- rows -> disk -------------------------------------------------------------------------
+    def _spill_dir(self) -> str | None:
+        if self.cfg.on_extraction == "print":
+            return None
+        path = Path(self.cfg.output_path or ".")
+        path.mkdir(parents=True, exist_ok=True)
+        return str(path)
+
+    def _jpg_target(self, path: str) -> Path:
+        from utils.output import OutputWriter
+
+        writer = OutputWriter.from_config(self.cfg)
+        return writer.video_dir(path) / writer.stem(path)
+
+    def keep_rows(self, work: Any, key: str, rows: torch.Tensor, stamps: np.ndarray) -> None:
+        st = work.state
+        st.size = tuple(rows.shape[-2:])
+        if self.cfg.show_pred:
+            mag = rows.float().norm(dim=1).flatten(1)
+            for i, (mean, top) in enumerate(zip(mag.mean(1).tolist(), mag.amax(1).tolist())):
+                print(f"{work.path} flow #{st.pairs + i}: mean |flow| {mean:.3f} px, "
+                      f"max {top:.3f} px", flush=True)
+        if self.cfg.flow_format == "jpg":
+            self._write_jpgs(work, st, rows)
+        else:
+            if st.spill is None:
+                st.spill = tempfile.TemporaryFile(dir=self._spill_dir(), prefix=".flow-spill-")
+            st.spill.write(rows.to(torch.float16 if self.cfg.dtype == "float16" else torch.float32)
+                           .cpu().numpy().tobytes())
+        st.pairs += len(rows)
+
+    def _write_jpgs(self, work: Any, st: _FlowVideo, rows: torch.Tensor) -> None:
+        from torchvision.io import encode_jpeg
+
+        if st.jpg_dir is None:
+            target = self._jpg_target(work.path)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            st.jpg_dir = target.parent / f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+            st.jpg_dir.mkdir()
+            st.jpg_stem = target.name
+        q = quantise(rows.float(), self.cfg.flow_bound).cpu()
+        images = [q[i, c:c + 1].contiguous() for i in range(len(q)) for c in (0, 1)]
+        for j, data in enumerate(encode_jpeg(images, quality=JPEG_QUALITY)):
+            n, axis = st.pairs + j // 2 + 1, "xy"[j % 2]
+            (st.jpg_dir / f"{st.jpg_stem}-{n:06d}{axis}.jpg").write_bytes(data.numpy().tobytes())
+
+    def finish(self, work: Any) -> dict[str, np.ndarray]:
+        st = work.state
+        if st.pairs == 0:
+            raise VideoError(f"too short: optical flow needs at least 2 frames, the video has "
+                             f"{len(st.stamps)}")
+        out = {"fps": np.array(work.fps, dtype=np.float64),
+               "timestamps_ms": np.asarray(st.stamps, np.float64)}
+        if self.cfg.flow_format == "jpg":
+            target = self._jpg_target(work.path)
+            if target.exists():  # recomputed (overwrite, or an output made otherwise)
+                shutil.rmtree(target)
+            st.jpg_dir.rename(target)
+            st.jpg_dir = None
+            return out
+        st.spill.flush()
+        shape = (st.pairs, 2, *st.size)
+        # the map keeps the data after the (already unlinked) file is closed
+        flow = np.memmap(st.spill, dtype=DTYPES[self.cfg.dtype], mode="r", shape=shape)
+        st.spill.close()
+        st.spill = None
+        return {self.cfg.feature_type: flow, **out}
+
+
+class RAFTFlowExtractor(FlowExtractor):
+    schema = RAFTFlowOptions
+
+    @classmethod
+    def weights_for(cls, cfg: Config) -> dict:
+        return {"raft": (flow_weights.raft_card(cfg.finetuned_on), cfg.checkpoint_path)}
+
+    def load_net(self) -> torch.nn.Module:
+        return flow_weights.load_raft(self.cfg.checkpoint_path, bool(self.cfg.allow_random_weights),
+                                      self.device, finetuned_on=self.cfg.finetuned_on)
+
+    def estimate(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.net.estimate(a, b, iters=self.cfg.raft_iters, unpad=True)
+
+    def check_size(self, h: int, w: int) -> None:
+        # its correlation pyramid halves a 1/8-scale volume three times
+        if min(-(-h // 8), -(-w // 8)) < 8:
+            raise VideoError(f"frames of {w}x{h} are too small for RAFT: it needs at least 57 "
+                             f"pixels per side (set side_size)")
+
+
+class PWCFlowExtractor(FlowExtractor):
+    @classmethod
+    def weights_for(cls, cfg: Config) -> dict:
+        return {"pwc": (flow_weights.PWC_CARD, cfg.checkpoint_path)}
+
+    def load_net(self) -> torch.nn.Module:
+        return flow_weights.load_pwc(self.cfg.checkpoint_path, bool(self.cfg.allow_random_weights),
+                                     self.device)
+
+    def estimate(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.net.estimate(a, b)
