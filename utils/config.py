@@ -59,9 +59,15 @@ class SharedOptions:
     device_ids: List[int] = option("GPU indices to use, one worker process per GPU (device=cuda)",
                                    at_least=0)
     cpu_workers: int = option("number of worker processes when device=cpu", at_least=1)
-    on_extraction: str = option("print | save_numpy | save_pickle",
-                                choices=("print", "save_numpy", "save_pickle"))
+    on_extraction: str = option(
+        "print | save_numpy | save_pickle | save_hdf5 (one <feature_type>.h5, a group per input) "
+        "| save_webdataset (tar shards of shard_size inputs)",
+        choices=("print", "save_numpy", "save_pickle", "save_hdf5", "save_webdataset"))
     output_path: str = option("root folder of saved features (see README: output layout)")
+    shard_size: int = option("on_extraction=save_webdataset: inputs per tar shard", at_least=1)
+    dtype: str = option("saved feature arrays: float32, or float16 (half the size; fps and "
+                        "timestamps stay float64)", choices=("float32", "float16"),
+                        changes_values=True)
     input_root: Optional[str] = option(
         "inputs are mirrored under output_path relative to this folder (default: the current "
         "folder; inputs outside it keep their absolute path)")
@@ -513,6 +519,11 @@ def validate(cfg: Config) -> Config:
                           "(a rate, or a number of frames per video)")
     if cfg.on_extraction != "print" and not cfg.output_path:
         raise ConfigError("output_path is required when on_extraction saves files")
+    if cfg.on_extraction == "save_hdf5":
+        try:
+            import h5py  # noqa: F401  (checked before any work, not after it)
+        except ImportError as exc:
+            raise ConfigError(f"on_extraction=save_hdf5 needs h5py ({exc}): pip install h5py") from None
     if cfg.input_root is not None and not Path(cfg.input_root).expanduser().is_dir():
         raise ConfigError(f"input_root {cfg.input_root!r} is not an existing folder")
     if cfg.device == "auto":

@@ -33,6 +33,10 @@ import numpy as np
 from utils.record import differences
 
 SUFFIX = {"save_numpy": ".npy", "save_pickle": ".pkl"}
+#: modes whose inputs are staged as .npy and then moved into one file (utils/consolidate.py)
+CONSOLIDATED = ("save_hdf5", "save_webdataset")
+#: outputs that are not features: kept as they are whatever ``dtype`` says
+TIME_KEYS = ("fps", "timestamps_ms")
 META_KEY = "meta"
 HOST = socket.gethostname()
 #: options that are not part of an output's record of the run (they can be huge)
@@ -51,22 +55,44 @@ class OutputState:
 class OutputWriter:
     def __init__(self, on_extraction: str, output_path: str | None, feature_type: str,
                  input_root: str | None = None, record: Mapping[str, Any] | None = None,
-                 config: Mapping[str, Any] | None = None):
+                 config: Mapping[str, Any] | None = None, dtype: str = "float32",
+                 shard_size: int = 1000):
         self.mode = on_extraction
         self.feature_type = feature_type
+        self.output_path = output_path
+        self.dtype = dtype
+        self.shard_size = shard_size
         self.root = Path(output_path or ".") / feature_type
+        if self.consolidated:  # workers stage; the parent moves inputs into the one file
+            from utils.consolidate import staging_root
+
+            self.root = staging_root(output_path, feature_type)
         self.input_root = Path(input_root or os.getcwd()).expanduser().resolve()
         self.record = dict(record or {})
         self.config = {k: v for k, v in (config or {}).items() if k not in _UNRECORDED}
+        self._store = None
 
     @classmethod
     def from_config(cls, cfg: Any, record: Mapping[str, Any] | None = None) -> "OutputWriter":
         return cls(cfg.on_extraction, cfg.output_path, cfg.feature_type, cfg.get("input_root"),
-                   record, dict(cfg))
+                   record, dict(cfg), cfg.get("dtype", "float32"), cfg.get("shard_size", 1000))
 
     @property
     def saves(self) -> bool:
-        return self.mode in SUFFIX
+        return self.mode in SUFFIX or self.consolidated
+
+    @property
+    def consolidated(self) -> bool:
+        return self.mode in CONSOLIDATED
+
+    @property
+    def store(self) -> Any:
+        """The HDF5 file or the shards (consolidated modes)."""
+        if self._store is None:
+            from utils.consolidate import store_for
+
+            self._store = store_for(self)
+        return self._store
 
     def video_dir(self, video_path: str) -> Path:
         p = Path(video_path).expanduser().resolve()
@@ -83,7 +109,8 @@ class OutputWriter:
     def paths_for(self, video_path: str, keys: Iterable[str]) -> dict[str, Path]:
         folder = self.video_dir(video_path)
         stem = self.stem(video_path)
-        return {k: folder / f"{stem}_{k}{SUFFIX[self.mode]}" for k in keys}
+        suffix = SUFFIX.get(self.mode, ".npy")
+        return {k: folder / f"{stem}_{k}{suffix}" for k in keys}
 
     def meta_path(self, video_path: str) -> Path:
         return self.video_dir(video_path) / f"{self.stem(video_path)}_{META_KEY}.json"
@@ -93,6 +120,14 @@ class OutputWriter:
         the array headers only."""
         if not self.saves:
             return OutputState("missing", ["outputs are printed, not saved"])
+        staged = self._file_state(video_path, keys)
+        if self.consolidated and staged.status == "missing":
+            from utils.consolidate import consolidated_state
+
+            return consolidated_state(self, video_path)
+        return staged
+
+    def _file_state(self, video_path: str, keys: Iterable[str]) -> OutputState:
         meta = read_meta(self.meta_path(video_path))
         if meta is None:
             return OutputState("missing", ["no complete output"])
@@ -121,6 +156,8 @@ class OutputWriter:
         written, outputs = [], {}
         for key, path in self.paths_for(video_path, feats.keys()).items():
             value = np.asarray(feats[key])
+            if self.dtype == "float16" and key not in TIME_KEYS and value.dtype == np.float32:
+                value = value.astype(np.float16)
             atomic_write(path, lambda f, v=value: _dump(f, v, self.mode))
             outputs[key] = {"file": path.name, "bytes": path.stat().st_size,
                             "shape": list(value.shape), "dtype": value.dtype.str}
@@ -160,10 +197,10 @@ def _matches_file(path: Path, info: Mapping[str, Any]) -> bool:
 
 
 def _dump(f: Any, value: np.ndarray, mode: str) -> None:
-    if mode == "save_numpy":
-        np.save(f, value, allow_pickle=False)
-    else:
+    if mode == "save_pickle":
         pickle.dump(value, f, protocol=pickle.HIGHEST_PROTOCOL)
+    else:
+        np.save(f, value, allow_pickle=False)
 
 
 def _temp_prefix(path: Path) -> str:

@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 MAX_RESPAWNS_PER_DEVICE = 3
 #: tries of an input whose worker died or hung while holding it
 MAX_ATTEMPTS = 2
+#: finished inputs between moves into a consolidated output (save_hdf5 / save_webdataset)
+CONSOLIDATE_EVERY = 64
 
 
 @dataclass
@@ -278,9 +280,12 @@ def _worker_pipeline(extractor: Any, writer: OutputWriter, cfg: Config, conn: An
 
 
 class _Progress:
-    def __init__(self, total: int, enabled: bool):
+    def __init__(self, total: int, enabled: bool, consolidating: list | None = None):
         self.frames = 0
         self.failed = 0
+        self.done = 0
+        #: writers of consolidated outputs: finished inputs move into them in batches
+        self.consolidating = list(consolidating or [])
         self.t0 = self._shown = time.perf_counter()
         self.bar = None
         if enabled and total:
@@ -302,6 +307,12 @@ class _Progress:
     def update(self, res: Result) -> None:
         """One input finished (its frames were counted by add_frames)."""
         self.failed += res.status == "failed"
+        self.done += res.status == "done"
+        if self.consolidating and res.status == "done" and self.done % CONSOLIDATE_EVERY == 0:
+            from utils.consolidate import consolidate
+
+            for writer in self.consolidating:
+                consolidate(writer, final=False)
         if self.bar is not None:
             self._postfix()
             self.bar.update(1)
@@ -382,9 +393,12 @@ def run(cfg: Config | list[Config]) -> Summary:
         log.info("skipping %d input(s) already extracted (overwrite=true recomputes them)",
                  summary.count("skipped"))
     if not todo:
+        _consolidate_all(OutputWriter.from_config(c, r) for c, r in zip(cfgs, records))
         return summary
     devices = devices_for(cfg)
-    progress = _Progress(len(todo), _progress_enabled(cfg))
+    consolidating = [w for w in (OutputWriter.from_config(c, r) for c, r in zip(cfgs, records))
+                     if w.consolidated]
+    progress = _Progress(len(todo), _progress_enabled(cfg), consolidating)
     try:
         if devices == ["cpu"]:  # one CPU worker: no process to spawn
             _run_inline(cfgs, records, devices[0], todo, summary, progress)
@@ -392,8 +406,19 @@ def run(cfg: Config | list[Config]) -> Summary:
             _run_pool(cfgs, records, devices[: len(todo)], todo, summary, progress)
     finally:
         progress.close()
+        _consolidate_all(consolidating)
     _reconcile(cfg.video_paths, summary, progress)
     return summary
+
+
+def _consolidate_all(writers: Any) -> None:
+    """Move every staged input into its consolidated file (also those an earlier, killed run
+    left staged)."""
+    from utils.consolidate import consolidate
+
+    for writer in writers:
+        if writer.consolidated:
+            consolidate(writer, final=True)
 
 
 def _reconcile(planned: list[str], summary: Summary, progress: _Progress) -> None:

@@ -65,8 +65,6 @@ class FlowOptions(SharedOptions):
     resize_to_smaller_edge: bool = option(
         "side_size applies to the shorter side (true) or the longer one (false)",
         changes_values=True)
-    dtype: str = option("float16 (half the size) or float32 flow in the .npy output",
-                        choices=tuple(DTYPES), changes_values=True)
     flow_format: str = option(
         "npy: one N-1 x 2 x H x W array; jpg: 8-bit x/y JPEG pairs per frame pair in "
         "<stem>/ (TV-L1 / pytorch-i3d layout)", choices=FORMATS, changes_values=True)
