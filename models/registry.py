@@ -22,6 +22,7 @@ _EXTRACTORS = {
     "s3d": "models.s3d.extractor:S3DExtractor",
     "tv_video": "models.tv_video.extractor:TVVideoExtractor",
     "clip": "models.clip.extractor:CLIPExtractor",
+    "timm": "models.timm_image.extractor:TimmExtractor",
     "videomae": "models.videomae.extractor:VideoMAEExtractor",
     "raft": "models.flow_out.extractor:RAFTFlowExtractor",
     "pwc": "models.flow_out.extractor:PWCFlowExtractor",
