@@ -14,9 +14,15 @@ from utils.runner import configure_logging, run
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--list_recipes" in argv:
+        from utils.recipes import describe_recipes
+
+        print(describe_recipes(), end="")
+        return 0
     configure_logging("info")
     try:
-        cfgs = parse_configs(sys.argv[1:] if argv is None else argv)
+        cfgs = parse_configs(argv)
         configure_logging(cfgs[0].log_level)
         summary = run(cfgs)
     except FeatureError as exc:

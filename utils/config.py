@@ -49,6 +49,9 @@ def option(help: str, *, choices: Sequence[Any] | None = None, at_least: float |
 class SharedOptions:
     """Options every feature type understands."""
 
+    recipe: Optional[str] = option(
+        "a named bundle of options reproducing a published feature set (--list_recipes); "
+        "recorded as NAME@VERSION; other options still override it")
     feature_type: Optional[str] = option(
         "what to extract: resnet (alias resnet50), i3d, r21d (alias r21d_rgb), vggish")
     video_paths: List[str] = option("input videos (or frame folders / audio files), space separated")
@@ -291,6 +294,8 @@ def build_parser(feature_type: str | None) -> argparse.ArgumentParser:
                "--feature_type resnet --video_paths a.mp4 --on_extraction save_numpy model_name=resnet101",
     )
     parser.add_argument("--config", default=None, help="YAML file with option values")
+    parser.add_argument("--list_recipes", action="store_true",
+                        help="list the recipes (--recipe NAME) with their options and sources")
     shared = parser.add_argument_group("options shared by every feature type")
     defaults = defaults_for(feature_type)
     for key, (tp, f) in schema_fields(SharedOptions).items():
@@ -357,9 +362,17 @@ def parse_configs(argv: Iterable[str]) -> list[Config]:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
     pre.add_argument("--feature_type", default=None, nargs="+")
+    pre.add_argument("--recipe", default=None)
     known, rest = pre.parse_known_args(flags)
     file_values = read_yaml(known.config) if known.config else {}
     ft_raw = words.pop("feature_type", None) or known.feature_type or file_values.get("feature_type")
+    recipe = words.pop("recipe", None) or known.recipe or file_values.pop("recipe", None)
+    if recipe:  # a layer under --config: the file, flags and words override it
+        from utils.recipes import recipe_layer
+
+        layer = recipe_layer(recipe, feature_types_of(ft_raw) if ft_raw else None)
+        ft_raw = ft_raw or layer["feature_type"]
+        file_values = {**layer, **file_values}
     if any(w in ("-h", "--help") for w in flags):
         types = feature_types_of(ft_raw) if ft_raw else []
         build_parser(types[0] if len(types) == 1 else None).parse_args(flags)  # exits
@@ -372,7 +385,7 @@ def parse_configs(argv: Iterable[str]) -> list[Config]:
         raise ConfigError(str(exc)) from None
     if unknown:
         raise ConfigError(f"unknown option(s): {' '.join(unknown)} (see --help)")
-    flag_words = {k: v for k, v in vars(ns).items() if k not in ("config", "feature_type")}
+    flag_words = {k: v for k, v in vars(ns).items() if k not in ("config", "feature_type", "recipe", "list_recipes")}
     plain = {k: v for k, v in words.items() if "." not in k}
     sections: dict[str, dict[str, Any]] = {t: {} for t in types}
     for key, value in words.items():
