@@ -223,6 +223,23 @@ class Extractor(abc.ABC):
         if self.progress_hook is not None:
             self.progress_hook(int(n))
 
+    def row_times(self, work: Any, stamps: np.ndarray, lead_frames: int = 0) -> np.ndarray:
+        """``timestamps_ms`` of the rows, in the form ``timestamps_form`` asks for.
+
+        ``stamps``: per row the timestamp of its frame (frame-wise, 1-D) or of its first and
+        last real frames (stacks, ``(T, 2)``, see :func:`utils.windows.stack_windows`).
+        ``span`` gives ``(T, 2)``: from the first frame's time to the end of the last frame (its
+        time plus one frame at the rate of the frames used), minus ``lead_frames`` frames at the
+        start for rows that also read frames before their first stamp (i3d's stamps are those of
+        the frame after each element). ``reference`` gives the one column the reference tool
+        saves: the frame's time, or the stack's last real frame."""
+        stamps = np.asarray(stamps, np.float64)
+        first, last = (stamps, stamps) if stamps.ndim == 1 else (stamps[:, 0], stamps[:, 1])
+        if self.cfg.get("timestamps_form", "span") == "reference":
+            return last.copy()
+        frame_ms = 1000.0 / work.fps if work.fps else 0.0
+        return np.stack([first - lead_frames * frame_ms, last + frame_ms], 1)
+
     def print_predictions(self, title: str, probs: torch.Tensor, labels: list[str],
                           k: int = 5, first: int = 0) -> None:
         """``--show_pred``: top-k classes per row of ``probs`` (rows = frames or stacks)."""

@@ -31,7 +31,7 @@ RTOL = 1e-4
 
 
 def _cfg(**kw):
-    base = dict(video_paths=["x"], device="cpu", batch_size=2)
+    base = dict(timestamps_form="reference", video_paths=["x"], device="cpu", batch_size=2)
     base.update(kw)
     return make_config("clip", **base)
 

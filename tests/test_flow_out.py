@@ -34,7 +34,7 @@ def video(make_video):
 
 
 def _cfg(ft: str, **kw):
-    base = dict(video_paths=["x"], device="cpu", batch_size=2)
+    base = dict(timestamps_form="reference", video_paths=["x"], device="cpu", batch_size=2)
     if ft == "raft":
         base["raft_iters"] = 3
     base.update(kw)

@@ -73,7 +73,7 @@ def raft_weights(hub_checkpoints):
 
 # -- helpers -------------------------------------------------------------------------------------
 def _cfg(**kw):
-    base = dict(video_paths=["x"], device="cpu", stack_size=4, step_size=4, batch_size=2)
+    base = dict(timestamps_form="reference", video_paths=["x"], device="cpu", stack_size=4, step_size=4, batch_size=2)
     base.update(kw)
     return make_config("i3d", **base)
 
@@ -525,6 +525,7 @@ def test_main_saves_numpy_files(base_run, video9, tmp_path):
     rgb, flow = np.load(folder / "clip_rgb.npy"), np.load(folder / "clip_flow.npy")
     assert rgb.shape == flow.shape == (1, 1024) and rgb.dtype == np.float32
     assert float(np.load(folder / "clip_fps.npy")) == FPS
-    np.testing.assert_allclose(np.load(folder / "clip_timestamps_ms.npy"), [160.0])
+    # span (the default): the 5 frames a 4-element stack reads, 0 to the end of frame 4
+    np.testing.assert_allclose(np.load(folder / "clip_timestamps_ms.npy"), [[0.0, 200.0]])
     features_close(rgb[0], ref["rgb"][0], 1e-5)
     features_close(flow[0], ref["flow"][0], 1e-4)

@@ -36,7 +36,7 @@ def r21d_weights(hub_checkpoints):
 
 
 def _cfg(**kw):
-    base = dict(video_paths=["x"], device="cpu", stack_size=4, step_size=4, batch_size=2)
+    base = dict(timestamps_form="reference", video_paths=["x"], device="cpu", stack_size=4, step_size=4, batch_size=2)
     base.update(kw)
     return make_config("r21d", **base)
 
@@ -314,7 +314,10 @@ def test_null_stack_and_step_are_the_models_own(make_video, monkeypatch, model, 
     out = ex.extract(str(path))
     ends = expected_stack_ends(35, stack, step, "drop")
     assert len(out["r21d"]) == len(ends)
-    np.testing.assert_allclose(out["timestamps_ms"], np.array(ends) / FPS * 1000)
+    # default timestamps_form=span: from the stack's first frame to the end of its last
+    ends = np.array(ends)
+    np.testing.assert_allclose(out["timestamps_ms"],
+                               np.stack([ends - stack + 1, ends + 1], 1) / FPS * 1000)
     assert all(row[:stack].all() and not row[stack:].any() for row in out["r21d"])  # clip length
     # an explicit value wins over the model's own, one option at a time
     ex = R21DExtractor(cfg.replace(step_size=5), CPU)

@@ -43,7 +43,7 @@ def test_batched_preprocessing_matches_pil_per_frame(make_video, size):
 
 
 def _cfg(**kw):
-    base = dict(video_paths=["x"], device="cpu", model_name="resnet18", batch_size=4)
+    base = dict(timestamps_form="reference", video_paths=["x"], device="cpu", model_name="resnet18", batch_size=4)
     base.update(kw)
     return make_config("resnet", **base)
 

@@ -143,7 +143,7 @@ def tv_file(hub_checkpoints, tv_net):
 
 
 def _cfg(**kw):
-    base = dict(video_paths=["x"], device="cpu", stack_size=13, step_size=13, batch_size=2)
+    base = dict(timestamps_form="reference", video_paths=["x"], device="cpu", stack_size=13, step_size=13, batch_size=2)
     base.update(kw)
     return make_config("s3d", **base)
 

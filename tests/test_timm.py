@@ -55,7 +55,7 @@ def private_hub(hub_cache, monkeypatch):
 
 
 def _cfg(**kw):
-    base = dict(video_paths=["x"], device="cpu", batch_size=2, model_name="test_vit")
+    base = dict(timestamps_form="reference", video_paths=["x"], device="cpu", batch_size=2, model_name="test_vit")
     base.update(kw)
     return make_config("timm", **base)
 

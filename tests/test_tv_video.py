@@ -52,7 +52,7 @@ def weights(hub):
 
 
 def _cfg(**kw):
-    base = dict(video_paths=["x"], device="cpu", batch_size=2)
+    base = dict(timestamps_form="reference", video_paths=["x"], device="cpu", batch_size=2)
     base.update(kw)
     return make_config("tv_video", **base)
 

@@ -216,11 +216,12 @@ def test_tf_arrays_conversion_layout() -> None:
 # -- extractor ------------------------------------------------------------------------------------
 def test_extract_mp4(files: dict[str, Path]) -> None:
     ex = VGGishExtractor(make_cfg(checkpoint_path=str(files["ckpt"]), batch_size=2), "cpu")
-    assert ex.output_keys == ("vggish",)
+    assert ex.output_keys == ("vggish", "timestamps_ms")
     out = ex.extract(str(files["mp4"]))
     feats = out["vggish"]
     n = mel.num_examples(len(load_audio(str(files["mp4"]))))
     assert n == 3
+    np.testing.assert_allclose(out["timestamps_ms"], [[0, 960], [960, 1920], [1920, 2880]])
     assert feats.shape == (n, 128) and feats.dtype == np.float32
     assert (feats >= 0).all() and np.isfinite(feats).all() and feats.std() > 0
     assert ex.frames_read == n
@@ -462,3 +463,37 @@ def test_convert_tf_cli(tf_model: dict, tmp_path: Path) -> None:
     ev0, mu0 = read_pca_file(npz)
     assert torch.equal(ev, ev0) and torch.equal(mu, mu0)
     assert main(["--ckpt", str(tmp_path / "missing.ckpt"), "--out", str(out)]) == 1
+
+
+def test_hop_s_frames_examples_as_the_original_framing(files: dict[str, Path]) -> None:
+    """hop_s=0.48: example k is the 0.96 s example of the audio from 0.48 k s on, computed
+    independently by the default front end on that slice."""
+    audio = torch.from_numpy(load_audio(str(files["mp4"])))
+    front = mel.LogMelExamples()
+    hop = 48
+    examples = front(audio, hop)
+    assert len(examples) == mel.num_examples(len(audio), hop) > mel.num_examples(len(audio))
+    for k in range(len(examples)):
+        start = k * hop * mel.HOP
+        one = front(audio[start:start + mel.EXAMPLE_SPAN])
+        torch.testing.assert_close(examples[k], one[0], rtol=0, atol=1e-5)
+    ex = VGGishExtractor(make_cfg(checkpoint_path=str(files["ckpt"]), hop_s=0.48), "cpu")
+    out = ex.extract(str(files["mp4"]))
+    assert len(out["vggish"]) == len(examples)
+    np.testing.assert_allclose(out["timestamps_ms"][:, 0], np.arange(len(examples)) * 480.0)
+    np.testing.assert_allclose(out["timestamps_ms"][:, 1] - out["timestamps_ms"][:, 0], 960.0)
+    # the overlapping rows equal the back-to-back ones where they coincide (every other row)
+    plain = VGGishExtractor(make_cfg(checkpoint_path=str(files["ckpt"])), "cpu").extract(str(files["mp4"]))
+    assert _rel(out["vggish"][::2][:len(plain["vggish"])], plain["vggish"]) < 1e-5
+
+
+@pytest.mark.parametrize("hop", [0.0, -0.96, 0.005, 0.123])
+def test_hop_s_must_be_a_positive_multiple_of_10_ms(files: dict[str, Path], hop: float) -> None:
+    with pytest.raises(ConfigError, match="hop_s"):
+        VGGishExtractor.validate(make_cfg(hop_s=hop))
+
+
+def test_reference_form_saves_no_timestamps(files: dict[str, Path]) -> None:
+    ex = VGGishExtractor(make_cfg(checkpoint_path=str(files["ckpt"]), timestamps_form="reference"),
+                         "cpu")
+    assert ex.output_keys == ("vggish",) and set(ex.extract(str(files["wav"]))) == {"vggish"}

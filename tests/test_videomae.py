@@ -89,7 +89,7 @@ def hf_classifier(classifier_dir):
 
 
 def _cfg(**kw):
-    base = dict(video_paths=["x"], device="cpu", step_size=FRAMES, batch_size=2)
+    base = dict(timestamps_form="reference", video_paths=["x"], device="cpu", step_size=FRAMES, batch_size=2)
     base.update(kw)
     return make_config("videomae", **base)
 
@@ -383,8 +383,9 @@ def test_runner_saves_numpy(classifier_dir, make_video, tmp_path):
     _, single = _extract(videos[0], model_name=str(classifier_dir), step_size=2)
     assert feats.shape == (3, 64)     # clips start at 0, 2, 4
     np.testing.assert_allclose(feats, single["videomae"], rtol=0, atol=1e-6)
+    # timestamps_form=span (the default): clips of 4 frames starting at frames 0, 2, 4
     np.testing.assert_allclose(np.load(files["vmae_run_a_timestamps_ms.npy"]),
-                               np.array([3, 5, 7]) / FPS * 1000)
+                               np.array([[0, 4], [2, 6], [4, 8]]) / FPS * 1000)
     meta = json.loads(next((out / "videomae").rglob("vmae_run_a_meta.json")).read_text())
     ident = json.dumps(meta)
     assert "model.safetensors" in ident and "videomae:" in ident

@@ -97,6 +97,11 @@ class SharedOptions:
         "pts: each frame's presentation time from the container (right for variable frame "
         "rates); index: frame index / fps, the reference tool's form", choices=("pts", "index"),
         changes_values=True)
+    timestamps_form: str = option(
+        "span: timestamps_ms is T x 2, the start and end (ms) of the frames or audio each row "
+        "covers; reference: one column as the reference tool saves it (a frame's time, a "
+        "stack's last frame; none for vggish)", choices=("span", "reference"),
+        changes_values=True)
     checkpoint_path: Optional[str] = option(
         "explicit checkpoint file (always wins, also over allow_random_weights); otherwise the "
         "torch hub cache, then a verified download")

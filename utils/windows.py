@@ -84,8 +84,8 @@ class SlidingWindows:
 
 def stack_windows(windows: list[tuple[Any, np.ndarray, int]]) -> tuple[Any, np.ndarray] | None:
     """Windows ``(frames, timestamps, n_real)`` -> ``(stacks, stamps)``: the windows stacked on a
-    new first axis (torch or numpy, like its inputs) and each stack's timestamp, that of its last
-    real frame. None when there are no windows."""
+    new first axis (torch or numpy, like its inputs) and each stack's ``(first, last real)``
+    frame timestamps, ``(T, 2)`` (see ``Extractor.row_times``). None when there are no windows."""
     if not windows:
         return None
     parts = [frames for frames, _, _ in windows]
@@ -95,4 +95,5 @@ def stack_windows(windows: list[tuple[Any, np.ndarray, int]]) -> tuple[Any, np.n
         import torch
 
         stacks = torch.stack(parts)
-    return stacks, np.array([ts[n_real - 1] for _, ts, n_real in windows], dtype=np.float64)
+    return stacks, np.array([(ts[0], ts[n_real - 1]) for _, ts, n_real in windows],
+                            dtype=np.float64).reshape(-1, 2)

@@ -124,4 +124,4 @@ class CLIPExtractor(Extractor):
         if self.cfg.show_pred:
             self.print_predictions(f"{work.path} frame", self.zero_shot(feats), self.labels)
         return {"clip": feats.float().cpu().numpy(), "fps": np.array(work.fps, dtype=np.float64),
-                "timestamps_ms": stamps}
+                "timestamps_ms": self.row_times(work, stamps)}

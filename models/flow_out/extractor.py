@@ -1,8 +1,9 @@
 """Optical flow as the output: ``feature_type=raft`` / ``pwc`` save the flow field itself.
 
 For frames ``0..N-1`` (at the chosen rate) the output holds the flow from frame ``i`` to
-``i + 1``: ``N-1 x 2 x H x W`` (x then y, in pixels of the frames the network saw), with the
-``N`` frame timestamps, as the reference tool saves them. Frames are used at their own size, or
+``i + 1``: ``N-1 x 2 x H x W`` (x then y, in pixels of the frames the network saw), with
+``timestamps_ms`` per pair (start of frame ``i``, end of frame ``i + 1``), or with
+``timestamps_form=reference`` the ``N`` frame timestamps, as the reference tool saves them. Frames are used at their own size, or
 resized (PIL's antialiased bilinear) so that the shorter side, or with
 ``resize_to_smaller_edge=false`` the longer one, is ``side_size``.
 
@@ -216,8 +217,12 @@ class FlowExtractor(Extractor):
         if st.pairs == 0:
             raise VideoError(f"too short: optical flow needs at least 2 frames, the video has "
                              f"{len(st.stamps)}")
-        out = {"fps": np.array(work.fps, dtype=np.float64),
-               "timestamps_ms": np.asarray(st.stamps, np.float64)}
+        frames = np.asarray(st.stamps, np.float64)
+        if self.cfg.timestamps_form == "reference":
+            times = frames  # one per frame (N), as the reference saves them
+        else:  # pair i covers frames i and i + 1
+            times = self.row_times(work, np.stack([frames[:-1], frames[1:]], 1))
+        out = {"fps": np.array(work.fps, dtype=np.float64), "timestamps_ms": times}
         if self.cfg.flow_format == "jpg":
             target = self._jpg_target(work.path)
             if target.exists():  # recomputed (overwrite, or an output made otherwise)

@@ -245,7 +245,7 @@ class I3DExtractor(Extractor):
                 self.print_predictions(f"{work.path} {s} stack", probs, self.labels[s])
             result[s] = feats.float().cpu().numpy()
         result["fps"] = np.array(work.fps, dtype=np.float64)
-        result["timestamps_ms"] = stamps
+        result["timestamps_ms"] = self.row_times(work, stamps, lead_frames=1)
         return result
 
 

@@ -47,4 +47,4 @@ class NullExtractor(Extractor):
         if rows is None:
             raise VideoError("no frames decoded")
         return {"null": rows.cpu().numpy(), "fps": np.array(work.fps, dtype=np.float64),
-                "timestamps_ms": stamps}
+                "timestamps_ms": self.row_times(work, stamps)}

@@ -112,4 +112,4 @@ class R21DExtractor(Extractor):
             self.print_predictions(f"{work.path} stack", torch.softmax(self.net.head(feats), -1),
                                    self.labels)
         return {"r21d": feats.float().cpu().numpy(), "fps": np.array(work.fps, dtype=np.float64),
-                "timestamps_ms": stamps}
+                "timestamps_ms": self.row_times(work, stamps)}

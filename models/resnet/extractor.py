@@ -66,4 +66,4 @@ class ResNetExtractor(Extractor):
         out = feats.float().cpu().numpy()
         assert out.shape[1] == feature_dim(self.cfg.model_name)
         return {"resnet": out, "fps": np.array(work.fps, dtype=np.float64),
-                "timestamps_ms": stamps}
+                "timestamps_ms": self.row_times(work, stamps)}

@@ -176,4 +176,4 @@ class S3DExtractor(Extractor):
                                    self.labels)
         out = feats.float().cpu().numpy()
         assert out.shape[1] == FEATURE_DIM
-        return {"s3d": out, "fps": np.array(work.fps, dtype=np.float64), "timestamps_ms": stamps}
+        return {"s3d": out, "fps": np.array(work.fps, dtype=np.float64), "timestamps_ms": self.row_times(work, stamps)}

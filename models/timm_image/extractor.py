@@ -124,4 +124,4 @@ class TimmExtractor(Extractor):
             self._print_top(f"{work.path} frame", feats[:, :2 * k])
             feats = feats[:, 2 * k:]
         return {"timm": feats.float().cpu().numpy(), "fps": np.array(work.fps, dtype=np.float64),
-                "timestamps_ms": stamps}
+                "timestamps_ms": self.row_times(work, stamps)}

@@ -156,4 +156,4 @@ class TVVideoExtractor(Extractor):
         out = feats.float().cpu().numpy()
         assert out.shape[1] == self.spec.feature_dim
         return {"tv_video": out, "fps": np.array(work.fps, dtype=np.float64),
-                "timestamps_ms": stamps}
+                "timestamps_ms": self.row_times(work, stamps)}

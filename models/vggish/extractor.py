@@ -1,4 +1,5 @@
-"""``feature_type=vggish``: the audio track -> ``Ta x 128`` VGGish embeddings, one row per 0.96 s.
+"""``feature_type=vggish``: the audio track -> ``Ta x 128`` VGGish embeddings of 0.96 s examples,
+one every ``hop_s`` (0.96: back to back, as the original and the reference tool).
 
 On the pipeline (utils/pipeline.py): decoder processes decode and resample the audio to 16 kHz
 mono (:func:`utils.audio.iter_audio`) and hand it over in shared memory; on the device the
@@ -14,8 +15,9 @@ Output ``vggish``:
   post-processing (PCA with whitening, clip to [-2, 2], 8-bit quantisation) applied, as Google's
   TensorFlow code does, to the pre-activation embedding (before that ReLU).
 
-Row ``i`` covers audio ``[0.96 i, 0.96 i + 0.975)`` s; audio after the last complete example is
-not used. Audio shorter than 0.975 s (one example with its STFT window) is an error for the
+Row ``i`` covers audio ``[hop_s i, hop_s i + 0.96)`` s (its STFT windows read 15 ms more),
+saved as ``timestamps_ms`` ``(Ta, 2)``; ``timestamps_form=reference`` saves no timestamps, as
+the reference tool. Audio after the last complete example is not used. Audio shorter than 0.975 s (one example with its STFT window) is an error for the
 input, not an empty array.
 """
 from __future__ import annotations
@@ -29,8 +31,8 @@ import numpy as np
 import torch
 
 from models.base import Extractor
-from models.vggish.mel import (EXAMPLE_HOP, EXAMPLE_SPAN, SAMPLE_RATE, LogMelExamples,
-                               num_examples, samples_for)
+from models.vggish.mel import (EXAMPLE_SECONDS, EXAMPLE_SPAN, HOP, HOP_SECONDS, SAMPLE_RATE,
+                               LogMelExamples, num_examples, samples_for)
 from models.vggish.net import PCAQuantizer
 from models.vggish.weights import PCA_CARD, VGGISH_CARD, build_vggish, load_pca, tf_checkpoint_prefix
 from utils.config import SharedOptions, option
@@ -49,15 +51,31 @@ class VGGishOptions(SharedOptions):
     pca_path: Optional[str] = option(
         "PCA parameters for postprocess (.pth of the PyTorch port or Google's "
         "vggish_pca_params.npz); default: torch hub cache, then a verified download")
+    hop_s: float = option(
+        "seconds between the starts of consecutive 0.96 s examples, a multiple of 0.01 (0.96: "
+        "back to back, as the reference; e.g. 0.5 to put rows on a visual grid)",
+        changes_values=True)
     keep_priming: bool = option(
         "keep the audio encoder's priming samples at the start (the reference tool's behaviour: "
         "its features are shifted by ~21-23 ms for AAC); default drops them like every player",
         changes_values=True)
 
 
+def hop_frames(hop_s: float) -> int:
+    """``hop_s`` in 10 ms log-mel frames; ValueError unless it is a positive multiple of 10 ms."""
+    frames = round(float(hop_s) / HOP_SECONDS)
+    if frames < 1 or abs(frames * HOP_SECONDS - float(hop_s)) > 1e-9:
+        raise ValueError(hop_s)
+    return frames
+
+
 class VGGishExtractor(Extractor):
-    output_keys = ("vggish",)
     schema = VGGishOptions
+
+    @classmethod
+    def output_keys_for(cls, cfg: Any) -> tuple[str, ...]:
+        return ("vggish",) if cfg.get("timestamps_form") == "reference" else ("vggish", "timestamps_ms")
+
     auto_batch_size = {"cpu": 64, "cuda": 256}
     frame_seam = True
 
@@ -70,6 +88,11 @@ class VGGishExtractor(Extractor):
 
     @classmethod
     def validate(cls, cfg: Any) -> None:
+        try:
+            hop_frames(cfg.get("hop_s", EXAMPLE_SECONDS))
+        except (TypeError, ValueError):
+            raise ConfigError(f"option hop_s must be a positive multiple of 0.01 s, got "
+                              f"{cfg.get('hop_s')!r}") from None
         if getattr(cfg, "show_pred", False):
             raise ConfigError("show_pred is not available for vggish: the network has no "
                               "classifier head (set show_pred=false)")
@@ -89,6 +112,8 @@ class VGGishExtractor(Extractor):
 
     def __init__(self, cfg: Any, device: torch.device | str) -> None:
         super().__init__(cfg, device)
+        self.output_keys = self.output_keys_for(cfg)
+        self.hop = hop_frames(cfg.get("hop_s", EXAMPLE_SECONDS))  # in log-mel frames
         self.postprocess = bool(getattr(cfg, "postprocess", False))
         self.keep_priming = bool(getattr(cfg, "keep_priming", False))
         model, self.weights_source = build_vggish(cfg)
@@ -114,13 +139,15 @@ class VGGishExtractor(Extractor):
         x = x.to(self.device) if self.device.type != "cpu" else x.clone()  # the buffer is reused
         st.samples += len(samples)
         pending = torch.cat([st.pending, x]) if len(st.pending) else x
-        n = num_examples(len(pending))
+        n = num_examples(len(pending), self.hop)
         if n == 0:
             st.pending = pending
             return []
-        examples = self.frontend(pending[:samples_for(n)])
-        st.pending = pending[n * EXAMPLE_HOP:].clone()
-        stamps = (st.examples + np.arange(n)) * (EXAMPLE_HOP / SAMPLE_RATE * 1000.0)
+        examples = self.frontend(pending[:samples_for(n, self.hop)], self.hop)
+        st.pending = pending[n * self.hop * HOP:].clone()
+        # row i starts at i hops and lasts one example
+        starts = (st.examples + np.arange(n)) * (self.hop * HOP / SAMPLE_RATE * 1000.0)
+        stamps = np.stack([starts, starts + EXAMPLE_SECONDS * 1000.0], 1)
         st.examples += n
         self.count_frames(n)
         return [("vggish", examples, stamps)]
@@ -130,11 +157,14 @@ class VGGishExtractor(Extractor):
         return self.pca(emb) if self.pca is not None else emb
 
     def finish(self, work) -> dict[str, np.ndarray]:
-        feats, _ = rows_of(work, "vggish")
+        feats, stamps = rows_of(work, "vggish")
         if feats is None:
             raise VideoError(f"audio shorter than one 0.96 s example ({work.state.samples / SAMPLE_RATE:.3f} s "
                              f"decoded; VGGish needs at least {EXAMPLE_SPAN / SAMPLE_RATE:.3f} s)")
-        return {"vggish": feats.cpu().numpy()}
+        out = {"vggish": feats.cpu().numpy()}
+        if "timestamps_ms" in self.output_keys:
+            out["timestamps_ms"] = stamps
+        return out
 
 
 @dataclasses.dataclass

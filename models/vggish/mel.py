@@ -71,16 +71,17 @@ def periodic_hann(length: int = WINDOW) -> np.ndarray:
     return 0.5 - 0.5 * np.cos(2.0 * np.pi / length * np.arange(length))
 
 
-def num_examples(num_samples: int) -> int:
-    """How many complete 0.96 s examples a 16 kHz waveform of ``num_samples`` yields."""
+def num_examples(num_samples: int, hop_frames: int = EXAMPLE_FRAMES) -> int:
+    """How many complete 0.96 s examples, ``hop_frames`` log-mel frames (10 ms each) apart, a
+    16 kHz waveform of ``num_samples`` yields."""
     if num_samples < EXAMPLE_SPAN:
         return 0
-    return (num_samples - EXAMPLE_SPAN) // EXAMPLE_HOP + 1
+    return (num_samples - EXAMPLE_SPAN) // (hop_frames * HOP) + 1
 
 
-def samples_for(n_examples: int) -> int:
+def samples_for(n_examples: int, hop_frames: int = EXAMPLE_FRAMES) -> int:
     """Waveform samples that examples ``[0, n_examples)`` read."""
-    return 0 if n_examples <= 0 else (n_examples - 1) * EXAMPLE_HOP + EXAMPLE_SPAN
+    return 0 if n_examples <= 0 else (n_examples - 1) * hop_frames * HOP + EXAMPLE_SPAN
 
 
 class LogMelExamples(nn.Module):
@@ -94,15 +95,20 @@ class LogMelExamples(nn.Module):
                              persistent=False)
 
     @torch.no_grad()
-    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+    def forward(self, waveform: torch.Tensor, hop_frames: int = EXAMPLE_FRAMES) -> torch.Tensor:
+        """The examples of ``waveform``: 96 log-mel frames each, ``hop_frames`` apart (96: the
+        original non-overlapping 0.96 s examples)."""
         if waveform.dim() != 1:
             raise ValueError(f"expected a 1-D waveform, got shape {tuple(waveform.shape)}")
-        n = num_examples(waveform.shape[0])
+        n = num_examples(waveform.shape[0], hop_frames)
         if n == 0:
             return waveform.new_zeros((0, EXAMPLE_FRAMES, NUM_BANDS), dtype=torch.float32)
-        x = waveform[:samples_for(n)].to(device=self.window.device, dtype=self.compute_dtype)
-        frames = x.unfold(0, WINDOW, HOP)                      # (n * 96, 400), a view
+        x = waveform[:samples_for(n, hop_frames)].to(device=self.window.device,
+                                                     dtype=self.compute_dtype)
+        frames = x.unfold(0, WINDOW, HOP)                      # (F, 400), a view
         spec = torch.fft.rfft(frames * self.window, n=FFT_SIZE).abs()
-        mel = spec @ self.mel_matrix
-        logmel = torch.log(mel + LOG_OFFSET)
-        return logmel.reshape(n, EXAMPLE_FRAMES, NUM_BANDS).to(torch.float32)
+        logmel = torch.log(spec @ self.mel_matrix + LOG_OFFSET)  # (F, 64)
+        if hop_frames == EXAMPLE_FRAMES:
+            return logmel.reshape(n, EXAMPLE_FRAMES, NUM_BANDS).to(torch.float32)
+        # examples framed over the log-mel frames, as the original code frames them
+        return logmel.unfold(0, EXAMPLE_FRAMES, hop_frames).transpose(1, 2).to(torch.float32)

@@ -260,4 +260,4 @@ class VideoMAEExtractor(Extractor):
             self.print_predictions(f"{work.path} clip", torch.softmax(self.classifier(x), -1),
                                    self.labels)
         return {"videomae": feats.float().cpu().numpy(),
-                "fps": np.array(work.fps, dtype=np.float64), "timestamps_ms": stamps}
+                "fps": np.array(work.fps, dtype=np.float64), "timestamps_ms": self.row_times(work, stamps)}
