@@ -85,7 +85,8 @@ def test_one_decode_gives_each_types_single_run_outputs(inputs, weights, tmp_pat
             np.testing.assert_allclose(got[name], ref, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(ref).max()),
                                        err_msg=f"{ft} {name}")
     ts = np.load(next((multi / "resnet").rglob("m1_timestamps_ms.npy")))
-    np.testing.assert_allclose(ts, np.arange(len(ts)) * 200.0)  # 5 fps
+    np.testing.assert_allclose(ts[:, 0], np.arange(len(ts)) * 200.0)  # 5 fps slots
+    np.testing.assert_allclose(ts[:, 1] - ts[:, 0], 200.0)
 
 
 def test_a_rerun_computes_only_the_missing_types(inputs, weights, tmp_path):
