@@ -24,6 +24,7 @@ _EXTRACTORS = {
     "clip": "models.clip.extractor:CLIPExtractor",
     "timm": "models.timm_image.extractor:TimmExtractor",
     "videomae": "models.videomae.extractor:VideoMAEExtractor",
+    "clap": "models.clap.extractor:CLAPExtractor",
     "raft": "models.flow_out.extractor:RAFTFlowExtractor",
     "pwc": "models.flow_out.extractor:PWCFlowExtractor",
 }

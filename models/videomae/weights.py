@@ -123,7 +123,8 @@ def weights_in(folder: Path) -> Path | None:
     return None
 
 
-def _hub_folder(repo: str, revision: str | None, need_weights: bool = True) -> Path:
+def _hub_folder(repo: str, revision: str | None, need_weights: bool = True,
+                label: str = "videomae") -> Path:
     """The hub cache's snapshot folder of ``repo`` with its config (and weights, where needed),
     downloading what is missing unless offline; WeightsError (one line) otherwise."""
     cache = hub_cache_dir()
@@ -133,7 +134,7 @@ def _hub_folder(repo: str, revision: str | None, need_weights: bool = True) -> P
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
-        raise ConfigError("feature_type videomae needs the huggingface_hub package: "
+        raise ConfigError(f"feature_type {label} needs the huggingface_hub package: "
                           "pip install huggingface_hub") from None
     try:
         folder = Path(snapshot_download(repo, revision=revision, cache_dir=cache,
@@ -143,7 +144,7 @@ def _hub_folder(repo: str, revision: str | None, need_weights: bool = True) -> P
     except Exception:  # not cached (or partly): download below
         pass
     if offline():
-        raise WeightsError(f"videomae: weights of {repo} are not in the Hugging Face cache and "
+        raise WeightsError(f"{label}: weights of {repo} are not in the Hugging Face cache and "
                            "downloads are disabled (VIDEO_FEATURES_OFFLINE / HF_HUB_OFFLINE); "
                            + fetch)
     try:
@@ -153,7 +154,7 @@ def _hub_folder(repo: str, revision: str | None, need_weights: bool = True) -> P
         wanted = [f for f in ("config.json", "preprocessor_config.json") if f in files]
         weights = next((f for f in WEIGHT_FILES if f in files), None)
         if "config.json" not in wanted or (weights is None and need_weights):
-            raise WeightsError(f"videomae: {repo} has no config.json with model.safetensors or "
+            raise WeightsError(f"{label}: {repo} has no config.json with model.safetensors or "
                                "pytorch_model.bin (not transformers' layout)")
         patterns = wanted + ([weights] if need_weights else [])
         if need_weights and weights.endswith(".index.json"):
@@ -165,7 +166,7 @@ def _hub_folder(repo: str, revision: str | None, need_weights: bool = True) -> P
         raise
     except Exception as exc:  # no network, unknown repo, gated, ...: the same advice
         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        raise WeightsError(f"videomae: cannot download {repo} from the Hugging Face hub "
+        raise WeightsError(f"{label}: cannot download {repo} from the Hugging Face hub "
                            f"({reason}); {fetch}") from None
 
 

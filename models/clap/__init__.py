@@ -1,0 +1,1 @@
+"""CLAP audio embeddings (LAION CLAP through Hugging Face transformers)."""
