@@ -42,9 +42,9 @@ def main() -> None:
 
     import torch
 
-    from utils.config import _split_words, canonical_feature_type, make_config, typed_words
-    from utils.device import fp32_precision
-    from utils.runner import build_extractor, configure_logging
+    from video_features.utils.config import _split_words, canonical_feature_type, make_config, typed_words
+    from video_features.utils.device import fp32_precision
+    from video_features.utils.runner import build_extractor, configure_logging
 
     configure_logging("warning")
     if args.threads:

@@ -33,11 +33,11 @@ _REF_DRIVER = textwrap.dedent("""
     from omegaconf import OmegaConf
     kind, video, out = sys.argv[1:4]
     if kind == 'i3d':
-        from models.i3d.extract_i3d import ExtractI3D as X
+        from video_features.models.i3d.extract_i3d import ExtractI3D as X
         over = dict(streams='rgb', stack_size=int(sys.argv[4]), step_size=int(sys.argv[5]))
         cfg, key = 'configs/i3d.yml', 'rgb'
     else:
-        from models.resnet.extract_resnet import ExtractResNet as X
+        from video_features.models.resnet.extract_resnet import ExtractResNet as X
         over = dict(model_name='resnet50', batch_size=1)
         cfg, key = 'configs/resnet.yml', 'resnet'
     over.update(device='cpu', on_extraction='print')
@@ -100,7 +100,7 @@ def main() -> None:
         x for x in [str(ref_dir), a.reference_pythonpath] if x))
     try:
         if "i3d" in a.features:
-            from models.i3d.weights import write_random_checkpoint
+            from video_features.models.i3d.weights import write_random_checkpoint
             ckpt = work / "i3d_rgb_random.pt"
             write_random_checkpoint(str(ckpt), "video_features", "rgb", 400)
             target = ref_dir / "models" / "i3d" / "checkpoints" / "i3d_rgb.pt"
@@ -125,7 +125,7 @@ def main() -> None:
             _compare("i3d rgb", ref["feats"], ref["ts"], np.load(found[f"{stem}_rgb.npy"]),
                      np.load(found[f"{stem}_timestamps_ms.npy"]))
         if "resnet50" in a.features:
-            from models.resnet.weights import write_random_checkpoint as write_resnet
+            from video_features.models.resnet.weights import write_random_checkpoint as write_resnet
             ckpt = work / "torch_home" / "hub" / "checkpoints" / "resnet50-0676ba61.pth"
             write_resnet(ckpt, "resnet50")
             ref = _run_reference(ref_dir, "resnet", video, work / "ref_resnet.npz", ref_env, [])

@@ -77,9 +77,9 @@ def main() -> None:
     ap.add_argument("--compare", default="tf32", choices=["tf32", "bf16", "fp16"])
     args = ap.parse_args()
 
-    from utils.config import make_config
-    from utils.device import apply_numerics, precision_context
-    from utils.runner import build_extractor, configure_logging
+    from video_features.utils.config import make_config
+    from video_features.utils.device import apply_numerics, precision_context
+    from video_features.utils.runner import build_extractor, configure_logging
 
     configure_logging("error")
     for ft in args.feature_types:

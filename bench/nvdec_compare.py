@@ -23,7 +23,7 @@ def _cpu_frames(path: str):
     import numpy as np
     import torch
 
-    from utils.video import open_frames
+    from video_features.utils.video import open_frames
 
     with open_frames(path) as src:
         frames = np.concatenate([c.frames for c in src.chunks(64)])
@@ -33,7 +33,7 @@ def _cpu_frames(path: str):
 def _nvdec_frames(path: str, device):
     import torch
 
-    from utils.nvdec import _Source
+    from video_features.utils.nvdec import _Source
 
     src = _Source(path, device, {"extraction_fps": None}, 64)
     parts = []
@@ -55,9 +55,9 @@ def main() -> int:
 
     import torch
 
-    from utils.config import make_config
-    from utils.nvdec import unavailable
-    from utils.runner import build_extractor, configure_logging
+    from video_features.utils.config import make_config
+    from video_features.utils.nvdec import unavailable
+    from video_features.utils.runner import build_extractor, configure_logging
 
     configure_logging("warning")
     if not torch.cuda.is_available() or unavailable():
@@ -72,7 +72,7 @@ def main() -> int:
     cfg = make_config(args.feature_type, video_paths=paths, device="cuda",
                       device_ids=[device.index or 0], allow_random_weights=args.random_weights)
     ex = build_extractor(cfg, str(device))
-    from utils.pipeline import Batcher, VideoWork
+    from video_features.utils.pipeline import Batcher, VideoWork
 
     def features(frames):
         work = VideoWork(0, "x", fps=25.0)

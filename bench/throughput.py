@@ -46,7 +46,7 @@ def _write(path: str, n: int, fps: float, w: int, h: int, seed: int) -> None:
 
 
 def _decode_all(paths: list[str], threads: int) -> int:
-    from utils.video import open_frames
+    from video_features.utils.video import open_frames
 
     n = 0
     for p in paths:
@@ -107,8 +107,8 @@ class GpuBusy:
 def run_pipeline(cfg, device: str, paths: list[str]):
     import torch
 
-    from utils.pipeline import DevicePipeline
-    from utils.runner import _decode_threads, build_extractor
+    from video_features.utils.pipeline import DevicePipeline
+    from video_features.utils.runner import _decode_threads, build_extractor
 
     class Keep:
         def write(self, path, feats, info=None):
@@ -137,8 +137,8 @@ def network_only(ex, sample_path: str, n_items: int) -> float:
     import numpy as np
     import torch
 
-    from utils.pipeline import VideoWork
-    from utils.video import open_frames
+    from video_features.utils.pipeline import VideoWork
+    from video_features.utils.video import open_frames
 
     work = VideoWork(0, sample_path)
     needs = ex.frame_needs()
@@ -155,7 +155,7 @@ def network_only(ex, sample_path: str, n_items: int) -> float:
                     if sum(len(i) for _, i in items) >= ex.cfg.batch_size:
                         break
         else:  # audio examples (vggish)
-            from utils.audio import iter_audio
+            from video_features.utils.audio import iter_audio
 
             audio = needs["audio"]
             for block in iter_audio(sample_path, audio["sample_rate"], dtype=np.float32):
@@ -192,8 +192,8 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*", help="key=value options of the feature type")
     args = ap.parse_args()
 
-    from utils.config import _split_words, canonical_feature_type, make_config, typed_words
-    from utils.runner import _decode_threads, configure_logging
+    from video_features.utils.config import _split_words, canonical_feature_type, make_config, typed_words
+    from video_features.utils.runner import _decode_threads, configure_logging
 
     configure_logging("warning")
     paths = list(args.videos)

@@ -16,10 +16,10 @@ from typing import Any, Callable, ClassVar
 import numpy as np
 import torch
 
-from utils.config import Config, SharedOptions, option
-from utils.errors import FeatureError, VideoError
-from utils.windows import TAILS
-from utils.weights import WeightCard
+from video_features.utils.config import Config, SharedOptions, option
+from video_features.utils.errors import FeatureError, VideoError
+from video_features.utils.windows import TAILS
+from video_features.utils.weights import WeightCard
 
 
 @dataclasses.dataclass
@@ -70,7 +70,7 @@ class Extractor(abc.ABC):
         if not self.frame_seam:
             raise NotImplementedError(f"{type(self).__name__} implements neither extract nor "
                                       "the frame seam")
-        from utils.pipeline import Batcher, VideoWork
+        from video_features.utils.pipeline import Batcher, VideoWork
 
         needs = self.frame_needs()
         work = VideoWork(0, path)
@@ -91,7 +91,7 @@ class Extractor(abc.ABC):
             return self.finish(work)
 
     def _extract_video(self, work: Any, needs: dict, add: Callable[[list], None]) -> None:
-        from utils.video import open_frames
+        from video_features.utils.video import open_frames
 
         try:
             with open_frames(work.path, needs["extraction_fps"], needs["frames_fps"],
@@ -111,7 +111,7 @@ class Extractor(abc.ABC):
             self.stream_failed(work, "video", str(exc))
 
     def _extract_audio(self, work: Any, audio: dict, add: Callable[[list], None]) -> None:
-        from utils.audio import iter_audio
+        from video_features.utils.audio import iter_audio
 
         try:
             for block in iter_audio(work.path, audio["sample_rate"],
@@ -142,7 +142,7 @@ class Extractor(abc.ABC):
     def to_device_frames(self, frames: np.ndarray) -> torch.Tensor:
         """(n, H, W, 3) uint8 host frames -> (n, 3, H, W) uint8 on the device. On the CPU this is
         a view of the host buffer, which is reused once ``add_frames`` returns."""
-        from utils.transforms import to_device
+        from video_features.utils.transforms import to_device
 
         return to_device(frames, self.device)
 
@@ -184,7 +184,7 @@ class Extractor(abc.ABC):
 
     def autocast(self) -> Any:
         """The ``precision`` option as a context around the networks."""
-        from utils.device import precision_context
+        from video_features.utils.device import precision_context
 
         return precision_context(self.device, self.cfg.get("precision", "fp32"))
 
@@ -198,7 +198,7 @@ class Extractor(abc.ABC):
         """A block of rows of ``key`` for ``work``, back from a batch, in order. By default they
         are held until ``finish``; a type whose rows are large (optical flow fields) moves them
         off the device here, so memory does not grow with the video."""
-        from utils.pipeline import hold_rows
+        from video_features.utils.pipeline import hold_rows
 
         hold_rows(work, key, rows, stamps)
 

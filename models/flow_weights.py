@@ -15,9 +15,9 @@ from typing import Any, Mapping
 
 import torch
 
-from models.pwc.net import PWCNet
-from models.raft.net import RAFT
-from utils.weights import WeightCard, load_checkpoint_into, register_card, use_random_weights
+from video_features.models.pwc.net import PWCNet
+from video_features.models.raft.net import RAFT
+from video_features.utils.weights import WeightCard, load_checkpoint_into, register_card, use_random_weights
 
 log = logging.getLogger(__name__)
 

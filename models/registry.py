@@ -11,22 +11,22 @@ from __future__ import annotations
 import importlib
 import os
 
-from utils.errors import ConfigError
+from video_features.utils.errors import ConfigError
 
 _EXTRACTORS = {
-    "resnet": "models.resnet.extractor:ResNetExtractor",
-    "i3d": "models.i3d.extractor:I3DExtractor",
-    "r21d": "models.r21d.extractor:R21DExtractor",
-    "vggish": "models.vggish.extractor:VGGishExtractor",
-    "null": "models.null.extractor:NullExtractor",
-    "s3d": "models.s3d.extractor:S3DExtractor",
-    "tv_video": "models.tv_video.extractor:TVVideoExtractor",
-    "clip": "models.clip.extractor:CLIPExtractor",
-    "timm": "models.timm_image.extractor:TimmExtractor",
-    "videomae": "models.videomae.extractor:VideoMAEExtractor",
-    "clap": "models.clap.extractor:CLAPExtractor",
-    "raft": "models.flow_out.extractor:RAFTFlowExtractor",
-    "pwc": "models.flow_out.extractor:PWCFlowExtractor",
+    "resnet": "video_features.models.resnet.extractor:ResNetExtractor",
+    "i3d": "video_features.models.i3d.extractor:I3DExtractor",
+    "r21d": "video_features.models.r21d.extractor:R21DExtractor",
+    "vggish": "video_features.models.vggish.extractor:VGGishExtractor",
+    "null": "video_features.models.null.extractor:NullExtractor",
+    "s3d": "video_features.models.s3d.extractor:S3DExtractor",
+    "tv_video": "video_features.models.tv_video.extractor:TVVideoExtractor",
+    "clip": "video_features.models.clip.extractor:CLIPExtractor",
+    "timm": "video_features.models.timm_image.extractor:TimmExtractor",
+    "videomae": "video_features.models.videomae.extractor:VideoMAEExtractor",
+    "clap": "video_features.models.clap.extractor:CLAPExtractor",
+    "raft": "video_features.models.flow_out.extractor:RAFTFlowExtractor",
+    "pwc": "video_features.models.flow_out.extractor:PWCFlowExtractor",
 }
 
 PLUGINS_ENV = "VIDEO_FEATURES_PLUGINS"

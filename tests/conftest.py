@@ -61,7 +61,7 @@ def make_video(tmp_path_factory):
 @pytest.fixture(scope="session")
 def resnet_weights(hub_checkpoints: Path):
     """Random ResNet checkpoints in torchvision's layout, placed where the real ones are cached."""
-    from models.resnet.weights import card_for, write_random_checkpoint
+    from video_features.models.resnet.weights import card_for, write_random_checkpoint
 
     def _get(model_name: str = "resnet18") -> Path:
         path = hub_checkpoints / card_for(model_name).filename

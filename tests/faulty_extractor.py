@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from models.base import Extractor
-from utils.config import SharedOptions, option
+from video_features.models.base import Extractor
+from video_features.utils.config import SharedOptions, option
 
 STICKY = "CUDA error: an illegal memory access was encountered"
 

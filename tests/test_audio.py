@@ -14,8 +14,8 @@ import av
 import numpy as np
 import pytest
 
-from utils.audio import AudioInfo, StreamResampler, iter_audio, iter_pcm16, load_audio
-from utils.errors import VideoError
+from video_features.utils.audio import AudioInfo, StreamResampler, iter_audio, iter_pcm16, load_audio
+from video_features.utils.errors import VideoError
 
 resampy = pytest.importorskip("resampy")
 

@@ -12,11 +12,11 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from models.clap.extractor import CLAPExtractor  # noqa: E402
+from video_features.models.clap.extractor import CLAPExtractor  # noqa: E402
 from tests.test_audio import tone, write_media, write_wav  # noqa: E402
-from utils.audio import load_audio  # noqa: E402
-from utils.config import make_config  # noqa: E402
-from utils.errors import ConfigError, VideoError, WeightsError  # noqa: E402
+from video_features.utils.audio import load_audio  # noqa: E402
+from video_features.utils.config import make_config  # noqa: E402
+from video_features.utils.errors import ConfigError, VideoError, WeightsError  # noqa: E402
 
 CPU = torch.device("cpu")
 SR = 48_000
@@ -160,7 +160,7 @@ def test_show_pred_without_a_tokenizer_is_a_clear_error(model_dir):
 
 
 def test_runner_saves_numpy(model_dir, wav, tmp_path):
-    from utils.runner import run
+    from video_features.utils.runner import run
 
     bad = tmp_path / "bad.wav"
     bad.write_bytes(b"RIFF nothing")

@@ -17,14 +17,14 @@ from PIL import Image
 
 open_clip = pytest.importorskip("open_clip")
 
-from models.clip.extractor import CLIPExtractor  # noqa: E402
-from models.clip.preprocess import ImageRecipe, preprocess, recipe_from_cfg  # noqa: E402
-from models.clip.weights import (kinetics_prompts, openai_card,  # noqa: E402
+from video_features.models.clip.extractor import CLIPExtractor  # noqa: E402
+from video_features.models.clip.preprocess import ImageRecipe, preprocess, recipe_from_cfg  # noqa: E402
+from video_features.models.clip.weights import (kinetics_prompts, openai_card,  # noqa: E402
                                  write_random_openai_checkpoint)
-from utils.config import make_config, parse_args  # noqa: E402
-from utils.errors import ConfigError, VideoError, WeightsError  # noqa: E402
-from utils.transforms import to_device  # noqa: E402
-from utils.video import open_frames  # noqa: E402
+from video_features.utils.config import make_config, parse_args  # noqa: E402
+from video_features.utils.errors import ConfigError, VideoError, WeightsError  # noqa: E402
+from video_features.utils.transforms import to_device  # noqa: E402
+from video_features.utils.video import open_frames  # noqa: E402
 
 CPU = torch.device("cpu")
 RTOL = 1e-4
@@ -230,7 +230,7 @@ def test_kinetics_prompts_follow_the_reference_template():
 
 # -- errors, options, runner -----------------------------------------------------------------
 def test_bad_input_and_no_frames_raise_video_error(vitb32, tmp_path):
-    from utils.pipeline import VideoWork
+    from video_features.utils.pipeline import VideoWork
 
     ex = CLIPExtractor(_cfg(), CPU)
     bad = tmp_path / "bad.mp4"
@@ -266,7 +266,7 @@ def test_command_line_options():
 
 
 def test_runner_saves_numpy(vitb32, video, tmp_path):
-    from utils.runner import run
+    from video_features.utils.runner import run
 
     out_dir = tmp_path / "out"
     cfg = _cfg(video_paths=[str(video)], on_extraction="save_numpy", output_path=str(out_dir),

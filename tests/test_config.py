@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import run_main
-from utils.config import parse_args
-from utils.errors import ConfigError
+from video_features.utils.config import parse_args
+from video_features.utils.errors import ConfigError
 
 
 def test_classic_flags_and_lists():
@@ -98,8 +98,8 @@ def test_values_are_typed_by_the_schema(tmp_path):
 
 def test_schema_and_yaml_defaults_cover_each_other():
     """Every option has a type (schema) and a default (configs/), and nothing else exists."""
-    from models.registry import feature_types
-    from utils.config import defaults_for, schema_fields, schema_for
+    from video_features.models.registry import feature_types
+    from video_features.utils.config import defaults_for, schema_fields, schema_for
 
     for ft in feature_types():
         fields = schema_fields(schema_for(ft))

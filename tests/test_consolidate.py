@@ -14,11 +14,11 @@ import h5py
 import numpy as np
 import pytest
 
-from utils.config import make_config
-from utils.consolidate import read_hdf5
-from utils.output import OutputWriter
-from utils.record import run_record
-from utils.runner import run
+from video_features.utils.config import make_config
+from video_features.utils.consolidate import read_hdf5
+from video_features.utils.output import OutputWriter
+from video_features.utils.record import run_record
+from video_features.utils.runner import run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -148,6 +148,6 @@ def test_missing_h5py_is_a_clear_error(monkeypatch, tmp_path, videos):
             raise ImportError("No module named 'h5py'")
         return real(name, *a, **k)
     monkeypatch.setattr(builtins, "__import__", no_h5py)
-    from utils.errors import ConfigError
+    from video_features.utils.errors import ConfigError
     with pytest.raises(ConfigError, match="pip install h5py"):
         _cfg(videos[:1], tmp_path / "x", on_extraction="save_hdf5")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from utils.device import apply_numerics, fp32_precision, is_sticky_device_error
+from video_features.utils.device import apply_numerics, fp32_precision, is_sticky_device_error
 
 
 def test_numerics_policy_is_set_in_one_place_from_tf32():
@@ -16,8 +16,8 @@ def test_numerics_policy_is_set_in_one_place_from_tf32():
 
 
 def test_building_a_worker_applies_the_configured_policy(resnet_weights, make_video):
-    from utils.config import make_config
-    from utils.runner import build_extractor
+    from video_features.utils.config import make_config
+    from video_features.utils.runner import build_extractor
 
     resnet_weights("resnet18")
     video = make_video("dev.mp4", n_frames=2, fps=25.0, width=32, height=32)
@@ -31,7 +31,7 @@ def test_building_a_worker_applies_the_configured_policy(resnet_weights, make_vi
 
 
 def test_vggish_no_longer_toggles_precision_itself():
-    import models.vggish.extractor as vx
+    import video_features.models.vggish.extractor as vx
 
     assert not hasattr(vx, "full_fp32")
 
@@ -55,8 +55,8 @@ def test_sticky_device_errors_are_told_apart():
 def test_precision_bf16_runs_the_network_in_bf16_and_returns_fp32(resnet_weights, make_video):
     import numpy as np
 
-    from utils.config import make_config
-    from utils.runner import build_extractor
+    from video_features.utils.config import make_config
+    from video_features.utils.runner import build_extractor
 
     resnet_weights("resnet18")
     video = make_video("prec.mp4", n_frames=4, fps=25.0, width=64, height=48)

@@ -12,11 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.flow_weights import (PWC_CARD, RAFT_CARD, convert_pwc_state_dict, load_pwc,
+from video_features.models.flow_weights import (PWC_CARD, RAFT_CARD, convert_pwc_state_dict, load_pwc,
                                  load_raft, write_random_checkpoint)
-from models.pwc.net import PWCNet, correlation
-from models.raft.net import RAFT, CorrPyramid, convex_upsample, pad_amounts
-from utils.errors import WeightsError
+from video_features.models.pwc.net import PWCNet, correlation
+from video_features.models.raft.net import RAFT, CorrPyramid, convex_upsample, pad_amounts
+from video_features.utils.errors import WeightsError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -88,8 +88,8 @@ def test_fused_cost_volume_kernel_matches_tensor_ops():
     pytest.importorskip("triton")
     code = """
 import torch
-from models.pwc import correlation_triton as k
-from models.pwc.net import PWCNet, correlation_torch
+from video_features.models.pwc import correlation_triton as k
+from video_features.models.pwc.net import PWCNet, correlation_torch
 from tests.test_flow_nets import frames, naive_pwc_correlation
 assert k.available(torch.zeros(1))
 g = torch.Generator().manual_seed(0)
@@ -107,7 +107,7 @@ net = PWCNet().eval()
 a, b = frames(1, 64, 64)
 with torch.no_grad():
     fused = net.estimate(a, b)
-    import models.pwc.net as pn
+    import video_features.models.pwc.net as pn
     pn._KERNEL[:] = [None]
     ref = net.estimate(a, b)
 torch.testing.assert_close(fused, ref, atol=1e-4, rtol=1e-4)

@@ -9,12 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from models import flow_weights
-from models.flow_out.extractor import (PWCFlowExtractor, RAFTFlowExtractor, flow_size,
+from video_features.models import flow_weights
+from video_features.models.flow_out.extractor import (PWCFlowExtractor, RAFTFlowExtractor, flow_size,
                                        quantise)
-from utils.config import make_config
-from utils.errors import ConfigError, VideoError, WeightsError
-from utils.video import open_frames
+from video_features.utils.config import make_config
+from video_features.utils.errors import ConfigError, VideoError, WeightsError
+from video_features.utils.video import open_frames
 
 CPU = torch.device("cpu")
 EXTRACTORS = {"pwc": PWCFlowExtractor, "raft": RAFTFlowExtractor}
@@ -130,7 +130,7 @@ def test_rows_go_to_disk_not_memory(video):
 
 
 def test_jpg_pairs_in_the_pytorch_i3d_layout(video, tmp_path):
-    from utils.runner import run
+    from video_features.utils.runner import run
 
     frames = decode(video)
     flow = np.array(PWCFlowExtractor(_cfg("pwc", dtype="float32"), CPU).extract(str(video))["pwc"])
@@ -198,7 +198,7 @@ def test_frames_too_small_for_raft_are_a_video_error(make_video):
 
 
 def test_bad_inputs_fail_alone_with_a_reason(make_video, video, tmp_path):
-    from utils.runner import run
+    from video_features.utils.runner import run
 
     one = make_video("flow1.mp4", n_frames=1, width=64, height=48)
     broken = tmp_path / "broken.mp4"

@@ -22,13 +22,13 @@ import pytest
 import torch
 from PIL import Image
 
-from models.i3d.extractor import I3DExtractor, flow_to_i3d, rgb_to_i3d
-from models.i3d.weights import get_card, load_labels
-from models.i3d.weights import write_random_checkpoint as write_i3d
-from models import flow_weights
+from video_features.models.i3d.extractor import I3DExtractor, flow_to_i3d, rgb_to_i3d
+from video_features.models.i3d.weights import get_card, load_labels
+from video_features.models.i3d.weights import write_random_checkpoint as write_i3d
+from video_features.models import flow_weights
 from tests.conftest import run_main
-from utils.config import make_config, parse_args
-from utils.errors import ConfigError, VideoError, WeightsError
+from video_features.utils.config import make_config, parse_args
+from video_features.utils.errors import ConfigError, VideoError, WeightsError
 
 CPU = torch.device("cpu")
 W, H = 64, 48            # source frames; resized to short side 256 -> 341x256
@@ -168,7 +168,7 @@ class _FakeFlow:
 
 @pytest.fixture
 def probe_nets(monkeypatch):
-    monkeypatch.setattr("models.i3d.extractor.load_i3d", lambda *a, **k: _Probe())
+    monkeypatch.setattr("video_features.models.i3d.extractor.load_i3d", lambda *a, **k: _Probe())
     monkeypatch.setattr(flow_weights, "load_pwc", lambda *a, **k: _FakeFlow())
 
 
@@ -360,9 +360,9 @@ def test_too_short_raises_then_pad_gives_one_stack(i3d_weights, video5):
 
 def test_padded_stack_repeats_the_last_element(i3d_weights, video5):
     ex, out = _extract(video5, streams=["rgb"], stack_size=6, tail="pad")
-    from utils.video import open_frames
+    from video_features.utils.video import open_frames
 
-    from utils.pipeline import VideoWork
+    from video_features.utils.pipeline import VideoWork
 
     work = VideoWork(0, str(video5))
     ex.begin(work)

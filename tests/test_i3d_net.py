@@ -13,10 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import utils.weights as uw
-from models.i3d import weights as iw
-from models.i3d.net import I3D
-from utils.errors import WeightsError
+import video_features.utils.weights as uw
+from video_features.models.i3d import weights as iw
+from video_features.models.i3d.net import I3D
+from video_features.utils.errors import WeightsError
 
 
 

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from tests.conftest import run_main
-from utils.config import parse_configs
-from utils.errors import ConfigError
-from utils.runner import run
+from video_features.utils.config import parse_configs
+from video_features.utils.errors import ConfigError
+from video_features.utils.runner import run
 
 TYPES = ("resnet", "r21d", "i3d", "vggish", "null")
 
@@ -35,8 +35,8 @@ def inputs(make_video, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def weights(resnet_weights, hub_checkpoints, tmp_path_factory):
-    from models.r21d.weights import CARD, write_random_checkpoint
-    from models.vggish.weights import write_random_checkpoint as vggish_random
+    from video_features.models.r21d.weights import CARD, write_random_checkpoint
+    from video_features.models.vggish.weights import write_random_checkpoint as vggish_random
 
     resnet_weights("resnet18")
     write_random_checkpoint(hub_checkpoints / CARD.filename)
@@ -144,7 +144,7 @@ def test_command_line_runs_several_types(inputs, weights, tmp_path):
 
 
 def test_one_decode_carries_extraction_total_and_refuses_different_ones():
-    from utils.multi import _common_needs
+    from video_features.utils.multi import _common_needs
 
     def needs(total, fps=None):
         return {"video": True, "audio": None, "extraction_fps": fps, "extraction_total": total,

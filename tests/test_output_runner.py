@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import ROOT, run_main
-from utils.output import OutputWriter
+from video_features.utils.output import OutputWriter
 
 
 def test_same_file_name_in_different_folders_do_not_collide(tmp_path):
@@ -150,8 +150,8 @@ def test_a_dying_worker_costs_only_its_video(tmp_path, make_video, resnet_weight
 
 
 def test_progress_bar_reports_frames_per_second_during_the_run(make_video, resnet_weights, capsys):
-    from utils.config import make_config
-    from utils.runner import run
+    from video_features.utils.config import make_config
+    from video_features.utils.runner import run
 
     resnet_weights("resnet18")
     path = make_video("prog.mp4", n_frames=12, fps=25.0, width=64, height=48)

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from utils.config import make_config
-from utils.pipeline import SLOTS_PER_DECODER, Batcher, DevicePipeline, VideoWork, rows_of
-from utils.runner import build_extractor
+from video_features.utils.config import make_config
+from video_features.utils.pipeline import SLOTS_PER_DECODER, Batcher, DevicePipeline, VideoWork, rows_of
+from video_features.utils.runner import build_extractor
 
 
 class Collect:
@@ -58,7 +58,7 @@ def test_pipeline_equals_one_video_extraction(videos, resnet_weights, hub_checkp
     if ft == "resnet":
         resnet_weights("resnet18")
     elif ft == "r21d":
-        from models.r21d.weights import CARD, write_random_checkpoint
+        from video_features.models.r21d.weights import CARD, write_random_checkpoint
 
         write_random_checkpoint(hub_checkpoints / CARD.filename)
     cfg = make_config(ft, video_paths=[str(v) for v in videos], device="cpu", **options)
@@ -168,8 +168,8 @@ def test_too_little_shared_memory_is_a_clear_error_before_anything_starts(monkey
     import shutil
     from collections import namedtuple
 
-    from utils.errors import FeatureError
-    from utils.pipeline import SLOT_BYTES, DecoderPool
+    from video_features.utils.errors import FeatureError
+    from video_features.utils.pipeline import SLOT_BYTES, DecoderPool
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(64 << 20, 0, 64 << 20))
@@ -183,7 +183,7 @@ def test_too_little_shared_memory_is_a_clear_error_before_anything_starts(monkey
 def test_vggish_on_the_pipeline_equals_one_input_extraction(tmp_path):
     """Audio decoded in the decoder processes and batched across inputs gives the one-input
     result; an input without audio fails alone, with its reason."""
-    from models.vggish.weights import write_random_checkpoint
+    from video_features.models.vggish.weights import write_random_checkpoint
     from tests.test_audio import tone, write_media, write_wav
 
     t = np.arange(int(44100 * 4.1)) / 44100
@@ -211,7 +211,7 @@ def test_vggish_on_the_pipeline_equals_one_input_extraction(tmp_path):
 def test_null_rows_are_sampled_channel_means(videos):
     """The null feature type: one row per frame, the mean R, G, B of every 8th pixel of every
     8th row, computed here from a plain decode."""
-    from utils.video import open_frames
+    from video_features.utils.video import open_frames
 
     cfg = make_config("null", video_paths=[str(videos[2])], device="cpu", batch_size=7)
     results, outputs = _run_pipeline(build_extractor(cfg, "cpu"), videos[2:])
@@ -230,7 +230,7 @@ def test_nvdec_path_and_its_fallback_to_the_cpu(videos, resnet_weights, tmp_path
     import shutil
 
     monkeypatch.syspath_prepend(str(Path(__file__).parent / "fake_nvdec"))
-    from utils.nvdec import unavailable
+    from video_features.utils.nvdec import unavailable
 
     assert unavailable() is None
     resnet_weights("resnet18")
@@ -254,8 +254,8 @@ def test_nvdec_path_and_its_fallback_to_the_cpu(videos, resnet_weights, tmp_path
 def test_nvdec_needs_a_gpu_and_the_library(videos, monkeypatch):
     import builtins
 
-    from utils.errors import ConfigError
-    from utils.nvdec import unavailable
+    from video_features.utils.errors import ConfigError
+    from video_features.utils.nvdec import unavailable
 
     with pytest.raises(ConfigError, match="decoder=nvdec decodes on a GPU"):
         make_config("resnet", video_paths=[str(videos[0])], device="cpu", decoder="nvdec")

@@ -14,12 +14,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.r21d.extractor import R21DExtractor, preprocess, resolve_stacks
-from models.r21d.weights import CARD, card_for, labels, write_random_checkpoint
-from models.registry import get_extractor_class
-from utils.config import make_config, parse_args
-from utils.errors import ConfigError, VideoError, WeightsError
-from utils.transforms import to_device
+from video_features.models.r21d.extractor import R21DExtractor, preprocess, resolve_stacks
+from video_features.models.r21d.weights import CARD, card_for, labels, write_random_checkpoint
+from video_features.models.registry import get_extractor_class
+from video_features.utils.config import make_config, parse_args
+from video_features.utils.errors import ConfigError, VideoError, WeightsError
+from video_features.utils.transforms import to_device
 
 CPU = torch.device("cpu")
 W, H = 64, 48
@@ -132,7 +132,7 @@ class _Probe(torch.nn.Module):
     (20, 16, 2, "pad"),    # overlapping across the 16-frame decoding chunks, padded tail
 ])
 def test_window_counts_timestamps_and_contents(make_video, monkeypatch, n, stack, step, tail):
-    monkeypatch.setattr("models.r21d.extractor.load_r21d", lambda cfg, device: _Probe())
+    monkeypatch.setattr("video_features.models.r21d.extractor.load_r21d", lambda cfg, device: _Probe())
     path = make_video(f"r21d{n}.mp4", n_frames=n, fps=FPS, width=W, height=H)
     _, single = _extract(path, stack_size=1, step_size=1)       # row i: mean of frame i
     frame_mean = single["r21d"][:, 0]
@@ -305,7 +305,7 @@ def test_ig65m_8_matches_independent_videoresnet(ig65m_weights, make_video, caps
 @pytest.mark.parametrize("model,stack,step", [
     ("r2plus1d_18_16_kinetics", 16, 16), (M32, 32, 32), (M8, 8, 8)])
 def test_null_stack_and_step_are_the_models_own(make_video, monkeypatch, model, stack, step):
-    monkeypatch.setattr("models.r21d.extractor.load_r21d", lambda cfg, device: _Probe())
+    monkeypatch.setattr("video_features.models.r21d.extractor.load_r21d", lambda cfg, device: _Probe())
     path = make_video("r21d_defaults.mp4", n_frames=35, fps=FPS, width=W, height=H)
     cfg = make_config("r21d", video_paths=["x"], device="cpu", model_name=model)
     assert (cfg.stack_size, cfg.step_size) == (stack, step)        # configs/r21d.yml: null
@@ -337,7 +337,7 @@ def test_switching_model_name_changes_the_record_and_recomputes(ig65m_weights, m
     """Through the runner: outputs of one IG-65M model are never reused for the other."""
     import json
 
-    from utils.runner import run
+    from video_features.utils.runner import run
 
     video = make_video("r21d_ig9.mp4", n_frames=9, fps=FPS, width=W, height=H)
     out_dir = tmp_path / "out"
@@ -371,7 +371,7 @@ def test_switching_model_name_changes_the_record_and_recomputes(ig65m_weights, m
 
 
 def uw_sha256(path) -> str:
-    from utils.weights import sha256_of
+    from video_features.utils.weights import sha256_of
 
     return sha256_of(path)
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import run_main
-from utils.config import parse_configs
-from utils.errors import ConfigError
-from utils.recipes import describe_recipes, load_recipe, recipe_names
+from video_features.utils.config import parse_configs
+from video_features.utils.errors import ConfigError
+from video_features.utils.recipes import describe_recipes, load_recipe, recipe_names
 
 EXPECTED = {"i3d_thumos14_16x4", "i3d_reference_64x64", "resnet50_1fps", "r21d_24fps", "vggish_096"}
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from utils.config import make_config
-from utils.output import HOST, OutputWriter, remove_abandoned_temps
-from utils.runner import run
+from video_features.utils.config import make_config
+from video_features.utils.output import HOST, OutputWriter, remove_abandoned_temps
+from video_features.utils.runner import run
 
 
 def _cfg(video: Path, out: Path, **kw):
@@ -56,7 +56,7 @@ def test_outputs_made_with_other_options_or_weights_are_not_reused(tmp_path, mak
 
     # other weights under the same name (an explicit checkpoint) are a mismatch as well
     other = tmp_path / "other50.pth"
-    from models.resnet.weights import write_random_checkpoint
+    from video_features.models.resnet.weights import write_random_checkpoint
 
     write_random_checkpoint(other, "resnet50", seed=7)
     s5 = run(_cfg(video, out, model_name="resnet50", extraction_fps=10.0,
@@ -69,7 +69,7 @@ def test_outputs_made_with_other_options_or_weights_are_not_reused(tmp_path, mak
 
 
 def test_a_changed_revision_is_recomputed(tmp_path, make_video, resnet_weights, monkeypatch):
-    from models.resnet.extractor import ResNetExtractor
+    from video_features.models.resnet.extractor import ResNetExtractor
 
     resnet_weights("resnet18")
     video = make_video("rev.mp4", n_frames=4, fps=25.0, width=64, height=48)
@@ -162,7 +162,7 @@ def test_two_writers_of_one_file_keep_each_others_temporary_files(tmp_path):
     ("vggish", dict(postprocess=True), {"postprocess", "keep_priming"}),
 ])
 def test_value_options_cover_what_changes_features(ft, options, expected):
-    from utils.config import value_options
+    from video_features.utils.config import value_options
 
     cfg = make_config(ft, video_paths=["a.mp4"], device="cpu", **options)
     got = value_options(cfg)

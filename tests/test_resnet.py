@@ -7,11 +7,11 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from models.resnet.extractor import ResNetExtractor, preprocess
-from utils.config import make_config
-from utils.errors import VideoError, WeightsError
-from utils.transforms import to_device
-from utils.video import open_frames
+from video_features.models.resnet.extractor import ResNetExtractor, preprocess
+from video_features.utils.config import make_config
+from video_features.utils.errors import VideoError, WeightsError
+from video_features.utils.transforms import to_device
+from video_features.utils.video import open_frames
 
 
 def pil_reference(frame: np.ndarray) -> torch.Tensor:
@@ -105,7 +105,7 @@ def test_missing_weights_name_url_and_cache_path():
 
 
 def test_explicit_checkpoint_path_and_layout_mismatch(tmp_path, make_video):
-    from models.resnet.weights import write_random_checkpoint
+    from video_features.models.resnet.weights import write_random_checkpoint
 
     ck = write_random_checkpoint(tmp_path / "mine.pth", "resnet34")
     ex = ResNetExtractor(_cfg(model_name="resnet34", checkpoint_path=str(ck)), torch.device("cpu"))

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from models.null.extractor import NullExtractor
-from utils.config import make_config
-from utils.windows import SlidingWindows, stack_windows
+from video_features.models.null.extractor import NullExtractor
+from video_features.utils.config import make_config
+from video_features.utils.windows import SlidingWindows, stack_windows
 
 CPU = torch.device("cpu")
 FPS = 25.0
@@ -55,7 +55,7 @@ def test_stack_windows_give_first_and_last_real_frames(size, step, tail):
 
 
 def test_i3d_spans_cover_the_frames_a_stack_reads(video):
-    from models.i3d.extractor import I3DExtractor
+    from video_features.models.i3d.extractor import I3DExtractor
 
     cfg = make_config("i3d", video_paths=["x"], device="cpu", streams=["rgb"], stack_size=4,
                       step_size=4, allow_random_weights=True)
@@ -65,7 +65,7 @@ def test_i3d_spans_cover_the_frames_a_stack_reads(video):
 
 
 def test_flow_pairs_span_two_frames(video):
-    from models.flow_out.extractor import PWCFlowExtractor
+    from video_features.models.flow_out.extractor import PWCFlowExtractor
 
     cfg = make_config("pwc", video_paths=["x"], device="cpu", allow_random_weights=True,
                       extraction_total=4)

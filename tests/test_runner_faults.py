@@ -95,7 +95,7 @@ def test_inline_sticky_error_stops_using_the_device_but_reports_everything(tmp_p
 
 
 def test_an_input_without_any_result_is_reported_as_lost():
-    from utils.runner import Result, Summary, _Progress, _reconcile
+    from video_features.utils.runner import Result, Summary, _Progress, _reconcile
 
     summary = Summary([Result("a.mp4", "done"), Result("c.mp4", "skipped")])
     _reconcile(["a.mp4", "b.mp4", "c.mp4"], summary, _Progress(0, enabled=False))

@@ -22,12 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.s3d.extractor import S3DExtractor, preprocess_reference, preprocess_torchvision
-from models.s3d.net import MIN_FRAMES, temporal_length
-from models.s3d.weights import (REFERENCE_CARD, TORCHVISION_CARD, convert_kylemin, detect_layout,
+from video_features.models.s3d.extractor import S3DExtractor, preprocess_reference, preprocess_torchvision
+from video_features.models.s3d.net import MIN_FRAMES, temporal_length
+from video_features.models.s3d.weights import (REFERENCE_CARD, TORCHVISION_CARD, convert_kylemin, detect_layout,
                                 kylemin_key, labels)
-from utils.config import make_config
-from utils.errors import ConfigError, VideoError, WeightsError
+from video_features.utils.config import make_config
+from video_features.utils.errors import ConfigError, VideoError, WeightsError
 
 CPU = torch.device("cpu")
 FPS = 25.0
@@ -344,7 +344,7 @@ class _Probe(nn.Module):
 
 @pytest.fixture
 def probe(monkeypatch):
-    monkeypatch.setattr("models.s3d.extractor.load_s3d", lambda cfg, device: (_Probe(), "kylemin"))
+    monkeypatch.setattr("video_features.models.s3d.extractor.load_s3d", lambda cfg, device: (_Probe(), "kylemin"))
 
 
 @pytest.mark.parametrize("n,stack,step,tail", [
@@ -422,7 +422,7 @@ def test_missing_weights_name_the_url(tmp_path, monkeypatch):
 # -- the real multi-process pipeline --------------------------------------------------------
 def test_runner_saves_numpy_and_a_short_video_fails_alone(reference_run, video26, make_video,
                                                          tmp_path):
-    from utils.runner import run
+    from video_features.utils.runner import run
 
     short = make_video("s3d_short.mp4", n_frames=8, fps=FPS, width=W, height=H)
     out_dir = tmp_path / "out"

@@ -21,13 +21,13 @@ from PIL import Image
 timm = pytest.importorskip("timm")
 import timm.data  # noqa: E402
 
-from models.timm_image.extractor import TimmExtractor  # noqa: E402
-from models.timm_image.preprocess import preprocess, recipe_from_data_config  # noqa: E402
-from models.timm_image.weights import write_random_hub_weights  # noqa: E402
-from utils.config import make_config  # noqa: E402
-from utils.errors import ConfigError, VideoError, WeightsError  # noqa: E402
-from utils.transforms import to_device  # noqa: E402
-from utils.video import open_frames  # noqa: E402
+from video_features.models.timm_image.extractor import TimmExtractor  # noqa: E402
+from video_features.models.timm_image.preprocess import preprocess, recipe_from_data_config  # noqa: E402
+from video_features.models.timm_image.weights import write_random_hub_weights  # noqa: E402
+from video_features.utils.config import make_config  # noqa: E402
+from video_features.utils.errors import ConfigError, VideoError, WeightsError  # noqa: E402
+from video_features.utils.transforms import to_device  # noqa: E402
+from video_features.utils.video import open_frames  # noqa: E402
 
 CPU = torch.device("cpu")
 RTOL = 1e-4
@@ -280,7 +280,7 @@ def test_defaults_are_filled_with_the_values_used():
 
 
 def test_bad_input_and_no_frames_raise_video_error(tmp_path):
-    from utils.pipeline import VideoWork
+    from video_features.utils.pipeline import VideoWork
 
     ex = TimmExtractor(_cfg(), CPU)
     bad = tmp_path / "bad.mp4"
@@ -293,7 +293,7 @@ def test_bad_input_and_no_frames_raise_video_error(tmp_path):
 
 
 def test_runner_saves_numpy(private_hub, video, tmp_path):
-    from utils.runner import run
+    from video_features.utils.runner import run
 
     out_dir = tmp_path / "out"
     cfg = _cfg(video_paths=[str(video)], on_extraction="save_numpy", output_path=str(out_dir),

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from models.tv_video.extractor import PREPROCESS_FRAMES, TVVideoExtractor, preprocess
-from models.tv_video.weights import (MODEL_NAMES, SPECS, build_torchvision, labels, spec_for,
+from video_features.models.tv_video.extractor import PREPROCESS_FRAMES, TVVideoExtractor, preprocess
+from video_features.models.tv_video.weights import (MODEL_NAMES, SPECS, build_torchvision, labels, spec_for,
                                      write_random_checkpoint)
-from utils.config import make_config
-from utils.errors import ConfigError, VideoError, WeightsError
+from video_features.utils.config import make_config
+from video_features.utils.errors import ConfigError, VideoError, WeightsError
 
 CPU = torch.device("cpu")
 FPS = 15.0
@@ -268,7 +268,7 @@ def test_bad_inputs_raise_video_error(weights, make_video, tmp_path):
 
 
 def test_runner_saves_numpy_and_a_short_video_fails_alone(weights, make_video, tmp_path):
-    from utils.runner import run
+    from video_features.utils.runner import run
 
     weights("r3d_18")
     video = make_video("tv_run.mp4", n_frames=30, fps=30.0, width=W, height=H)

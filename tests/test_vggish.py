@@ -16,16 +16,16 @@ import numpy as np
 import pytest
 import torch
 
-from models.vggish import mel
-from models.vggish.extractor import VGGishExtractor
-from models.vggish.net import PCAQuantizer, VGGish
-from models.vggish.weights import (PCA_CARD, TF_SCOPES, VGGISH_CARD, read_pca_file,
+from video_features.models.vggish import mel
+from video_features.models.vggish.extractor import VGGishExtractor
+from video_features.models.vggish.net import PCAQuantizer, VGGish
+from video_features.models.vggish.weights import (PCA_CARD, TF_SCOPES, VGGISH_CARD, read_pca_file,
                                    state_from_tf_arrays, tf_checkpoint_prefix,
                                    write_random_checkpoint, write_random_pca)
 from tests.test_audio import tone, write_media, write_wav
-from utils.audio import load_audio
-from utils.config import Config
-from utils.errors import ConfigError, VideoError, WeightsError
+from video_features.utils.audio import load_audio
+from video_features.utils.config import Config
+from video_features.utils.errors import ConfigError, VideoError, WeightsError
 
 ROOT = Path(__file__).resolve().parent.parent
 PUBLIC_KEYS = sorted([f"features.{i}.{p}" for i in (0, 3, 6, 8, 11, 13) for p in ("weight", "bias")]
@@ -258,7 +258,7 @@ def test_short_and_silent_inputs(files: dict[str, Path]) -> None:
 
 def test_validate_names_the_option(files: dict[str, Path], tmp_path: Path) -> None:
     VGGishExtractor.validate(make_cfg(checkpoint_path=str(files["ckpt"])))
-    from utils.config import make_config
+    from video_features.utils.config import make_config
 
     for option, value in (("batch_size", 0), ("postprocess", "sometimes")):  # typed by the schema
         with pytest.raises(ConfigError, match=option):
@@ -297,7 +297,7 @@ def test_weights_resolution(files: dict[str, Path], tmp_path: Path,
 
 
 def test_config_defaults_and_make_config(files: dict[str, Path]) -> None:
-    from utils.config import make_config
+    from video_features.utils.config import make_config
 
     cfg = make_config("vggish", video_paths=[str(files["wav"])], device="cpu",
                       checkpoint_path=str(files["ckpt"]))
@@ -439,7 +439,7 @@ def test_tf_parity_end_to_end(files: dict[str, Path], tf_model: dict) -> None:
         assert rel < 1e-4
     # pre-activation embeddings through the same converted weights
     net = VGGish()
-    from models.vggish.weights import convert_tf_checkpoint
+    from video_features.models.vggish.weights import convert_tf_checkpoint
 
     net.load_state_dict(convert_tf_checkpoint(tf_model["v1"]))
     examples = mel.LogMelExamples()(torch.from_numpy(audio))
@@ -449,8 +449,8 @@ def test_tf_parity_end_to_end(files: dict[str, Path], tf_model: dict) -> None:
 
 
 def test_convert_tf_cli(tf_model: dict, tmp_path: Path) -> None:
-    from models.vggish.convert_tf import main
-    from utils.weights import load_state_dict
+    from video_features.models.vggish.convert_tf import main
+    from video_features.utils.weights import load_state_dict
 
     npz = write_random_pca(tmp_path / "vggish_pca_params.npz", seed=3)
     out = tmp_path / "conv" / "vggish.pth"

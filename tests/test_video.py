@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import utils.video
-from utils.errors import VideoError
-from utils.video import open_frames
+import video_features.utils.video
+from video_features.utils.errors import VideoError
+from video_features.utils.video import open_frames
 
 
 def decode_all(path, extraction_fps=None, chunk=7, **kw):

@@ -18,12 +18,12 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from models.registry import get_extractor_class  # noqa: E402
-from models.videomae.extractor import Preprocess, VideoMAEExtractor  # noqa: E402
-from models.videomae.weights import KINETICS_LABELS  # noqa: E402
-from utils.config import make_config  # noqa: E402
-from utils.errors import ConfigError, VideoError, WeightsError  # noqa: E402
-from utils.transforms import to_device  # noqa: E402
+from video_features.models.registry import get_extractor_class  # noqa: E402
+from video_features.models.videomae.extractor import Preprocess, VideoMAEExtractor  # noqa: E402
+from video_features.models.videomae.weights import KINETICS_LABELS  # noqa: E402
+from video_features.utils.config import make_config  # noqa: E402
+from video_features.utils.errors import ConfigError, VideoError, WeightsError  # noqa: E402
+from video_features.utils.transforms import to_device  # noqa: E402
 
 CPU = torch.device("cpu")
 FPS = 25.0
@@ -302,7 +302,7 @@ def test_random_weights_from_the_built_in_table_offline():
     cfg = _cfg(model_name="MCG-NJU/videomae-large-finetuned-kinetics", allow_random_weights=True)
     card, path = VideoMAEExtractor.weights_for(cfg)["videomae"]
     assert path is None and card.num_classes == 400    # the record then says "random"
-    from models.videomae.weights import build_config, resolve
+    from video_features.models.videomae.weights import build_config, resolve
 
     config = build_config(resolve(cfg, random_weights=True))
     assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads,
@@ -363,7 +363,7 @@ def test_defaults_and_registry():
 
 
 def test_runner_saves_numpy(classifier_dir, make_video, tmp_path):
-    from utils.runner import run
+    from video_features.utils.runner import run
 
     videos = [make_video("vmae_run_a.mp4", n_frames=9, fps=FPS, width=W, height=H),
               make_video("vmae_run_b.mp4", n_frames=2, fps=FPS, width=W, height=H)]   # too short

@@ -5,8 +5,8 @@ import dataclasses
 
 import pytest
 
-from utils import weights as uw
-from utils.errors import WeightsError
+from video_features.utils import weights as uw
+from video_features.utils.errors import WeightsError
 
 
 def _card(tmp_path, data: bytes, **kw) -> uw.WeightCard:
@@ -65,22 +65,22 @@ def test_an_explicit_checkpoint_wins_over_allow_random_weights(tmp_path, family)
     """One rule for every family: allow_random_weights never replaces a checkpoint the user named."""
     import torch
 
-    from utils.config import Config
+    from video_features.utils.config import Config
 
     if family == "resnet":
-        from models.resnet.weights import load_resnet, write_random_checkpoint
+        from video_features.models.resnet.weights import load_resnet, write_random_checkpoint
 
         path = write_random_checkpoint(tmp_path / "r18.pth", "resnet18", seed=5)
         cfg = Config({"allow_random_weights": True, "checkpoint_path": str(path)})
         state = load_resnet("resnet18", cfg, torch.device("cpu")).resnet.state_dict()
     elif family == "r21d":
-        from models.r21d.weights import load_r21d, write_random_checkpoint
+        from video_features.models.r21d.weights import load_r21d, write_random_checkpoint
 
         path = write_random_checkpoint(tmp_path / "r21d.pth", seed=5)
         cfg = Config({"allow_random_weights": True, "checkpoint_path": str(path)})
         state = load_r21d(cfg, torch.device("cpu")).net.state_dict()
     elif family == "i3d":
-        from models.i3d import weights as iw
+        from video_features.models.i3d import weights as iw
 
         path = tmp_path / "i3d_rgb.pt"
         torch.save(iw.random_official_state_dict("video_features", "rgb", 400, seed=5), path)
@@ -91,7 +91,7 @@ def test_an_explicit_checkpoint_wins_over_allow_random_weights(tmp_path, family)
         assert not all(torch.equal(rand[k], real[k]) for k in real)
         return
     else:
-        from models.flow_weights import load_pwc, write_random_checkpoint
+        from video_features.models.flow_weights import load_pwc, write_random_checkpoint
 
         path = write_random_checkpoint(tmp_path / "pwc.pt", "pwc", seed=5)
         explicit = load_pwc(str(path), allow_random=True).state_dict()

@@ -30,7 +30,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from utils.errors import VideoError
+from video_features.utils.errors import VideoError
 
 log = logging.getLogger(__name__)
 

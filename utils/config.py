@@ -24,7 +24,7 @@ import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
-from utils.errors import ConfigError
+from video_features.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ class Config(Mapping[str, Any]):
 
 # -- schema helpers --------------------------------------------------------------------------
 def schema_for(feature_type: str) -> type:
-    from models.registry import get_extractor_class
+    from video_features.models.registry import get_extractor_class
 
     return get_extractor_class(feature_type).schema
 
@@ -231,7 +231,7 @@ def _yaml_scalar(text: str) -> Any:
 def canonical_feature_type(name: Any) -> str:
     if not name:
         raise ConfigError("feature_type is required (--feature_type resnet|i3d|r21d|vggish)")
-    from models.registry import feature_types
+    from video_features.models.registry import feature_types
 
     name = ALIASES.get(str(name), str(name))
     if name not in feature_types():
@@ -289,7 +289,7 @@ def typed_words(feature_type: str, words: Mapping[str, str]) -> dict[str, Any]:
 
 
 def build_parser(feature_type: str | None) -> argparse.ArgumentParser:
-    from models.registry import feature_types
+    from video_features.models.registry import feature_types
 
     parser = argparse.ArgumentParser(
         prog="main.py",
@@ -373,7 +373,7 @@ def parse_configs(argv: Iterable[str]) -> list[Config]:
     ft_raw = words.pop("feature_type", None) or known.feature_type or file_values.get("feature_type")
     recipe = words.pop("recipe", None) or known.recipe or file_values.pop("recipe", None)
     if recipe:  # a layer under --config: the file, flags and words override it
-        from utils.recipes import recipe_layer
+        from video_features.utils.recipes import recipe_layer
 
         layer = recipe_layer(recipe, feature_types_of(ft_raw) if ft_raw else None)
         ft_raw = ft_raw or layer["feature_type"]
@@ -521,7 +521,7 @@ def check_fields(cfg: Mapping[str, Any], schema: type) -> None:
 
 def validate(cfg: Config) -> Config:
     """Shared checks, then the feature type's own ``validate``; returns cfg with inputs resolved."""
-    from models.registry import get_extractor_class
+    from video_features.models.registry import get_extractor_class
 
     cls = get_extractor_class(cfg.feature_type)
     check_fields(cfg, cls.schema)
@@ -569,13 +569,13 @@ def validate(cfg: Config) -> Config:
     if cfg.decoder == "nvdec":
         if cfg.device != "cuda":
             raise ConfigError("decoder=nvdec decodes on a GPU: it needs device=cuda")
-        from utils.nvdec import unavailable
+        from video_features.utils.nvdec import unavailable
 
         why = unavailable()
         if why:
             raise ConfigError(f"decoder=nvdec: {why}")
     if cfg.decoders == "auto":
-        from utils.pipeline import default_decoders
+        from video_features.utils.pipeline import default_decoders
 
         n_workers = cfg.cpu_workers if cfg.device == "cpu" else len(ids)
         cfg = cfg.replace(decoders=default_decoders(n_workers))

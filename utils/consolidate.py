@@ -33,8 +33,8 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from utils.output import META_KEY, OutputState, OutputWriter, atomic_write, read_meta
-from utils.record import differences
+from video_features.utils.output import META_KEY, OutputState, OutputWriter, atomic_write, read_meta
+from video_features.utils.record import differences
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def _h5py() -> Any:
     try:
         import h5py
     except ImportError as exc:
-        from utils.errors import ConfigError
+        from video_features.utils.errors import ConfigError
 
         raise ConfigError(f"on_extraction=save_hdf5 needs h5py ({exc}); `pip install h5py`") from None
     return h5py

@@ -21,12 +21,12 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from models.base import Extractor
-from utils.config import Config
-from utils.errors import ConfigError, FeatureError, VideoError
-from utils.pipeline import VideoWork
-from utils.transforms import pick_frames
-from utils.video import SlotSelector
+from video_features.models.base import Extractor
+from video_features.utils.config import Config
+from video_features.utils.errors import ConfigError, FeatureError, VideoError
+from video_features.utils.pipeline import VideoWork
+from video_features.utils.transforms import pick_frames
+from video_features.utils.video import SlotSelector
 
 SEP = "/"
 
@@ -48,7 +48,7 @@ class MultiExtractor(Extractor):
                  build: Any = None) -> None:
         super().__init__(cfgs[0], device)
         if build is None:
-            from utils.runner import build_extractor as build
+            from video_features.utils.runner import build_extractor as build
         self.subs: dict[str, Extractor] = {c.feature_type: build(c, str(device)) for c in cfgs}
         self.writers = dict(writers or {})
         self.cfgs = {c.feature_type: c for c in cfgs}

@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from utils.transforms import pick_frames
-from utils.video import SlotSelector
+from video_features.utils.transforms import pick_frames
+from video_features.utils.video import SlotSelector
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def _open(path: str, gpu: int, buffer: int) -> Any:
 def _frame_rate(path: str, total: int | None = None) -> tuple[float, float | None]:
     """The video stream's average frame rate, read with PyAV as the CPU decoder reads it, and
     the output rate that ``total`` evenly spaced frames take (None without ``total``)."""
-    from utils.video import open_frames
+    from video_features.utils.video import open_frames
 
     with open_frames(path) as src:
         rate = src.native_fps

@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-from utils.record import differences
+from video_features.utils.record import differences
 
 SUFFIX = {"save_numpy": ".npy", "save_pickle": ".pkl"}
 #: modes whose inputs are staged as .npy and then moved into one file (utils/consolidate.py)
@@ -64,7 +64,7 @@ class OutputWriter:
         self.shard_size = shard_size
         self.root = Path(output_path or ".") / feature_type
         if self.consolidated:  # workers stage; the parent moves inputs into the one file
-            from utils.consolidate import staging_root
+            from video_features.utils.consolidate import staging_root
 
             self.root = staging_root(output_path, feature_type)
         self.input_root = Path(input_root or os.getcwd()).expanduser().resolve()
@@ -89,7 +89,7 @@ class OutputWriter:
     def store(self) -> Any:
         """The HDF5 file or the shards (consolidated modes)."""
         if self._store is None:
-            from utils.consolidate import store_for
+            from video_features.utils.consolidate import store_for
 
             self._store = store_for(self)
         return self._store
@@ -122,7 +122,7 @@ class OutputWriter:
             return OutputState("missing", ["outputs are printed, not saved"])
         staged = self._file_state(video_path, keys)
         if self.consolidated and staged.status == "missing":
-            from utils.consolidate import consolidated_state
+            from video_features.utils.consolidate import consolidated_state
 
             return consolidated_state(self, video_path)
         return staged

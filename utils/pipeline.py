@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from utils.errors import FeatureError, VideoError
+from video_features.utils.errors import FeatureError, VideoError
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def _stream_guarded(out: Any, tag: tuple, stream: str, fn: Callable, *args: Any)
 
 def _decode_video(path: str, tag: tuple, slots: list, free: Any, out: Any, needs: dict,
                   chunk_frames: int, threads: int, parent: int) -> None:
-    from utils.video import open_frames
+    from video_features.utils.video import open_frames
 
     with open_frames(path, needs["extraction_fps"], needs["frames_fps"],
                      timestamps=needs["timestamps"], threads=threads,
@@ -121,7 +121,7 @@ AUDIO_BLOCK = 160_000
 def _decode_audio(path: str, tag: tuple, slots: list, free: Any, out: Any, audio: dict,
                   parent: int) -> None:
     """The audio track as float32 mono samples at ``audio['sample_rate']``, in slot-sized parts."""
-    from utils.audio import iter_audio
+    from video_features.utils.audio import iter_audio
 
     per = min(AUDIO_BLOCK, SLOT_BYTES // 4)
     slot = view = None
@@ -160,7 +160,7 @@ def _take_slot(free: Any, parent: int) -> int:
 def _decode_into_slots(src: Any, tag: tuple, slots: list, free: Any, out: Any, chunk_frames: int,
                        parent: int) -> None:
     """Frames of ``src`` straight into shared-memory slots, a chunk per slot."""
-    from utils.video import check_same_size
+    from video_features.utils.video import check_same_size
 
     slot = view = None
     n = per_slot = 0
@@ -418,7 +418,7 @@ class DevicePipeline:
             if needs.get("audio"):
                 log.info("decoder=nvdec: audio is needed too, so the CPU decoders decode everything")
             else:
-                from utils.nvdec import MAX_SESSIONS, NvdecPool
+                from video_features.utils.nvdec import MAX_SESSIONS, NvdecPool
 
                 self.gpu = NvdecPool(min(n_decoders, MAX_SESSIONS), extractor.device, needs,
                                      extractor.chunk_frames(), first_index=n_decoders)
@@ -581,7 +581,7 @@ class DevicePipeline:
             self.batcher.add(work, key, rows_in, ts)
 
     def _fail(self, work: VideoWork, reason: str) -> None:
-        from utils.runner import Result
+        from video_features.utils.runner import Result
 
         work.error = reason
         self.batcher.drop(work)
@@ -590,7 +590,7 @@ class DevicePipeline:
                               seconds=time.perf_counter() - work.t0))
 
     def _finish_ready(self) -> None:
-        from utils.runner import Result
+        from video_features.utils.runner import Result
 
         for work in [w for w in self.works.values() if w.decoded and w.pending == 0]:
             self.works.pop(work.vid)
@@ -624,7 +624,7 @@ class DevicePipeline:
         """Every path through the pipeline, keeping ``max_in_flight`` inputs open at a time. A
         failing batch (a device error) fails the inputs in flight with its reason, and the ones
         not yet submitted as not processed."""
-        from utils.runner import Result, process_failure
+        from video_features.utils.runner import Result, process_failure
 
         pending = collections.deque(paths)
         limit = max_in_flight or self.n_decoders + 1

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from utils.errors import ConfigError
+from video_features.utils.errors import ConfigError
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "configs" / "recipes"
 
@@ -42,7 +42,7 @@ def recipe_names() -> list[str]:
 def load_recipe(spec: str) -> Recipe:
     """``NAME`` or ``NAME@VERSION`` -> the recipe (a version that is not the shipped one is an
     error: the options of older versions are not kept)."""
-    from utils.config import read_yaml
+    from video_features.utils.config import read_yaml
 
     name, _, version = str(spec).partition("@")
     path = RECIPE_DIR / f"{name}.yml"

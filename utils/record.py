@@ -16,13 +16,13 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from utils import __version__
-from utils.config import Config, value_options
+from video_features.utils import __version__
+from video_features.utils.config import Config, value_options
 
 
 @functools.lru_cache(maxsize=64)
 def _digest(path: str, size: int, mtime_ns: int) -> str:
-    from utils.weights import sha256_of
+    from video_features.utils.weights import sha256_of
 
     return sha256_of(path)
 
@@ -48,8 +48,8 @@ def _is_tf_prefix(path: Path) -> bool:
 def checkpoint_identities(cfg: Config) -> dict[str, dict[str, Any]]:
     """role -> identity of every checkpoint ``cfg`` loads. Resolving may download (with a hash
     check) or raise WeightsError naming what is missing, so this runs once, before workers."""
-    from models.registry import get_extractor_class
-    from utils.weights import resolve_checkpoint
+    from video_features.models.registry import get_extractor_class
+    from video_features.utils.weights import resolve_checkpoint
 
     out: dict[str, dict[str, Any]] = {}
     for role, (card, explicit) in get_extractor_class(cfg.feature_type).weights_for(cfg).items():
@@ -65,7 +65,7 @@ def checkpoint_identities(cfg: Config) -> dict[str, dict[str, Any]]:
 
 def run_record(cfg: Config) -> dict[str, Any]:
     """The record every output of this run carries (the part that must match for reuse)."""
-    from models.registry import get_extractor_class
+    from video_features.models.registry import get_extractor_class
 
     record = {"feature_type": cfg.feature_type,
               "revision": get_extractor_class(cfg.feature_type).revision,

@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from typing import Any
 
-from utils.config import Config
-from utils.errors import FeatureError
-from utils.output import OutputWriter
+from video_features.utils.config import Config
+from video_features.utils.errors import FeatureError
+from video_features.utils.output import OutputWriter
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +90,8 @@ def configure_logging(level: str) -> None:
 
 
 def build_extractor(cfg: Config, device: str) -> Any:
-    from models.registry import get_extractor_class
-    from utils.device import prepare_device
+    from video_features.models.registry import get_extractor_class
+    from video_features.utils.device import prepare_device
 
     return get_extractor_class(cfg.feature_type)(cfg, prepare_device(device, cfg.tf32))
 
@@ -101,7 +101,7 @@ def build_worker(cfgs: list[Config], records: list[dict], device: str) -> tuple[
     one-decode combination of several (utils/multi.py)."""
     if len(cfgs) == 1:
         return build_extractor(cfgs[0], device), OutputWriter.from_config(cfgs[0], records[0])
-    from utils.multi import MultiExtractor, MultiWriter
+    from video_features.utils.multi import MultiExtractor, MultiWriter
 
     writers = {c.feature_type: OutputWriter.from_config(c, r) for c, r in zip(cfgs, records)}
     return MultiExtractor(cfgs, device, writers), MultiWriter(writers)
@@ -150,7 +150,7 @@ def process_failure(exc: BaseException, path: str = "") -> Result:
 
 
 def _sticky(exc: BaseException) -> bool:
-    from utils.device import is_sticky_device_error
+    from video_features.utils.device import is_sticky_device_error
 
     return is_sticky_device_error(exc)
 
@@ -171,7 +171,7 @@ def _threads_per_worker(n_cpu_workers: int) -> int:
 def videos_at_once(cfg: Config) -> int:
     """Videos a device decodes at a time: its decoder processes, or its NVDEC sessions."""
     if cfg.get("decoder", "cpu") == "nvdec":
-        from utils.nvdec import MAX_SESSIONS
+        from video_features.utils.nvdec import MAX_SESSIONS
 
         return min(cfg.decoders, MAX_SESSIONS)
     return cfg.decoders
@@ -235,7 +235,7 @@ def _worker_pipeline(extractor: Any, writer: OutputWriter, cfg: Config, conn: An
     pipeline as they arrive; results go back as each input finishes."""
     import torch
 
-    from utils.pipeline import DevicePipeline
+    from video_features.utils.pipeline import DevicePipeline
 
     def send(res: Result) -> None:
         flush()
@@ -309,7 +309,7 @@ class _Progress:
         self.failed += res.status == "failed"
         self.done += res.status == "done"
         if self.consolidating and res.status == "done" and self.done % CONSOLIDATE_EVERY == 0:
-            from utils.consolidate import consolidate
+            from video_features.utils.consolidate import consolidate
 
             for writer in self.consolidating:
                 consolidate(writer, final=False)
@@ -338,7 +338,7 @@ def plan(cfgs: Config | list[Config], records: dict | list[dict]) -> tuple[list[
     """Split inputs into (to do, already settled). Settled: skipped (done under the same record,
     for every feature type), refused (``on_mismatch=refuse`` and made differently) or colliding
     with another input."""
-    from models.registry import get_extractor_class
+    from video_features.models.registry import get_extractor_class
 
     cfgs = as_configs(cfgs)
     records = [records] if isinstance(records, dict) else list(records)
@@ -378,7 +378,7 @@ def plan(cfgs: Config | list[Config], records: dict | list[dict]) -> tuple[list[
 def run(cfg: Config | list[Config]) -> Summary:
     """Extract features for every input of ``cfg`` (or of several feature types' configs, one
     decode for all); never raises for a bad input."""
-    from utils.record import run_record
+    from video_features.utils.record import run_record
 
     cfgs = as_configs(cfg)
     cfg = cfgs[0]
@@ -414,7 +414,7 @@ def run(cfg: Config | list[Config]) -> Summary:
 def _consolidate_all(writers: Any) -> None:
     """Move every staged input into its consolidated file (also those an earlier, killed run
     left staged)."""
-    from utils.consolidate import consolidate
+    from video_features.utils.consolidate import consolidate
 
     for writer in writers:
         if writer.consolidated:
@@ -456,7 +456,7 @@ def _run_inline_pipeline(cfg: Config, extractor: Any, writer: OutputWriter, todo
                          summary: Summary, progress: _Progress) -> None:
     import torch
 
-    from utils.pipeline import DevicePipeline
+    from video_features.utils.pipeline import DevicePipeline
 
     def done(res: Result) -> None:
         summary.results.append(res)

@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from utils.errors import VideoError
+from video_features.utils.errors import VideoError
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from utils.errors import WeightsError
+from video_features.utils.errors import WeightsError
 
 log = logging.getLogger(__name__)
 

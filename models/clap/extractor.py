@@ -25,13 +25,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.base import Extractor
-from models.clap.weights import (DEFAULT_MODEL, SAMPLE_RATE, build, card_for, resolve,
+from video_features.models.base import Extractor
+from video_features.models.clap.weights import (DEFAULT_MODEL, SAMPLE_RATE, build, card_for, resolve,
                                  weights_file_for)
-from utils.config import Config, SharedOptions, option
-from utils.errors import ConfigError, VideoError
-from utils.pipeline import rows_of
-from utils.weights import use_random_weights
+from video_features.utils.config import Config, SharedOptions, option
+from video_features.utils.errors import ConfigError, VideoError
+from video_features.utils.pipeline import rows_of
+from video_features.utils.weights import use_random_weights
 
 log = logging.getLogger(__name__)
 

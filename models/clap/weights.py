@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from models.videomae.weights import _hub_folder, read_state_dict, weights_in
-from utils.errors import ConfigError, WeightsError
-from utils.weights import WeightCard, register_card
+from video_features.models.videomae.weights import _hub_folder, read_state_dict, weights_in
+from video_features.utils.errors import ConfigError, WeightsError
+from video_features.utils.weights import WeightCard, register_card
 
 log = logging.getLogger(__name__)
 

@@ -13,14 +13,14 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from models.base import Extractor
-from models.clip.preprocess import preprocess
-from models.clip.weights import (OPENAI_NAMES, checkpoint_for, kinetics_prompts, load_clip,
+from video_features.models.base import Extractor
+from video_features.models.clip.preprocess import preprocess
+from video_features.models.clip.weights import (OPENAI_NAMES, checkpoint_for, kinetics_prompts, load_clip,
                                  open_clip_module, source_for)
-from utils.config import Config, SharedOptions, option
-from utils.errors import ConfigError, VideoError, WeightsError
-from utils.pipeline import rows_of
-from utils.weights import use_random_weights
+from video_features.utils.config import Config, SharedOptions, option
+from video_features.utils.errors import ConfigError, VideoError, WeightsError
+from video_features.utils.pipeline import rows_of
+from video_features.utils.weights import use_random_weights
 
 
 @dataclasses.dataclass
@@ -65,7 +65,7 @@ class CLIPExtractor(Extractor):
         model = load_clip(self.source, None if random else checkpoint_for(cfg, self.source),
                           random)
         self.recipe = open_clip_module().get_model_preprocess_cfg(model)
-        from models.clip.preprocess import recipe_from_cfg
+        from video_features.models.clip.preprocess import recipe_from_cfg
 
         self.recipe = recipe_from_cfg(self.recipe)
         model = model.to(self.device)

@@ -20,7 +20,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from utils.transforms import short_side_size
+from video_features.utils.transforms import short_side_size
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)

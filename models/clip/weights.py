@@ -27,9 +27,9 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from models.clip.preprocess import ImageRecipe, recipe_from_cfg
-from utils.errors import ConfigError, WeightsError
-from utils.weights import (WeightCard, check_keys, get_card, load_state_dict, register_card,
+from video_features.models.clip.preprocess import ImageRecipe, recipe_from_cfg
+from video_features.utils.errors import ConfigError, WeightsError
+from video_features.utils.weights import (WeightCard, check_keys, get_card, load_state_dict, register_card,
                            resolve_checkpoint, sha256_of)
 
 log = logging.getLogger(__name__)
@@ -236,7 +236,7 @@ def _digest_matches(path: str, size: int, mtime_ns: int, sha256: str) -> bool:
 def _openai_cache_file(card: WeightCard) -> Path | None:
     """A file OpenAI's or open_clip's own loader downloaded (``~/.cache/clip``), used when its
     sha256 is the published one and the torch hub cache has none."""
-    from utils.weights import cache_dir
+    from video_features.utils.weights import cache_dir
 
     if (cache_dir() / card.filename).is_file():
         return None

@@ -28,11 +28,11 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from models import flow_weights
-from models.base import Extractor
-from utils.config import Config, SharedOptions, option
-from utils.errors import ConfigError, VideoError
-from utils.transforms import resize
+from video_features.models import flow_weights
+from video_features.models.base import Extractor
+from video_features.utils.config import Config, SharedOptions, option
+from video_features.utils.errors import ConfigError, VideoError
+from video_features.utils.transforms import resize
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ class FlowExtractor(Extractor):
         return str(path)
 
     def _jpg_target(self, path: str) -> Path:
-        from utils.output import OutputWriter
+        from video_features.utils.output import OutputWriter
 
         writer = OutputWriter.from_config(self.cfg)
         return writer.video_dir(path) / writer.stem(path)

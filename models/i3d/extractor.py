@@ -23,13 +23,13 @@ from typing import List, Optional, Union
 import numpy as np
 import torch
 
-from models.base import Extractor, StackOptions
-from models.i3d.weights import get_card, load_i3d, load_labels
-from utils.config import Config, option
-from utils.errors import ConfigError, VideoError
-from utils.pipeline import rows_of
-from utils.transforms import center_crop, resize_short_side
-from utils.windows import SlidingWindows, stack_windows
+from video_features.models.base import Extractor, StackOptions
+from video_features.models.i3d.weights import get_card, load_i3d, load_labels
+from video_features.utils.config import Config, option
+from video_features.utils.errors import ConfigError, VideoError
+from video_features.utils.pipeline import rows_of
+from video_features.utils.transforms import center_crop, resize_short_side
+from video_features.utils.windows import SlidingWindows, stack_windows
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class I3DExtractor(Extractor):
         out = {s: (get_card(WEIGHTS[cfg.weights][s]), cfg.get(f"checkpoint_path_{s}"))
                for s in cfg.streams}
         if "flow" in cfg.streams:
-            from models import flow_weights
+            from video_features.models import flow_weights
 
             card = flow_weights.PWC_CARD if cfg.flow_type == "pwc" else flow_weights.RAFT_CARD
             out["flow_net"] = (card, cfg.flow_checkpoint_path)
@@ -130,7 +130,7 @@ class I3DExtractor(Extractor):
         #: frame pairs per flow forward pass; None: sized on the first frames (auto)
         self.flow_pairs = None if cfg.flow_batch_size == "auto" else int(cfg.flow_batch_size)
         if "flow" in self.streams:
-            from models import flow_weights
+            from video_features.models import flow_weights
 
             load = flow_weights.load_pwc if cfg.flow_type == "pwc" else flow_weights.load_raft
             self.flow_net = load(cfg.flow_checkpoint_path, allow_random, self.device)

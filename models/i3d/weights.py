@@ -35,10 +35,10 @@ from typing import Mapping
 
 import torch
 
-from models.i3d.net import MIXED_BLOCKS, FEATURE_DIM, I3D
-from utils.errors import WeightsError
-from utils.weights import git_blob_sha1  # noqa: F401  (re-exported for callers of this module)
-from utils.weights import (WeightCard, check_keys, get_card, load_state_dict,
+from video_features.models.i3d.net import MIXED_BLOCKS, FEATURE_DIM, I3D
+from video_features.utils.errors import WeightsError
+from video_features.utils.weights import git_blob_sha1  # noqa: F401  (re-exported for callers of this module)
+from video_features.utils.weights import (WeightCard, check_keys, get_card, load_state_dict,
                            register_card, resolve_checkpoint, use_random_weights)
 
 log = logging.getLogger(__name__)

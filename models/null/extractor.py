@@ -10,10 +10,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from models.base import Extractor
-from utils.config import SharedOptions
-from utils.errors import VideoError
-from utils.pipeline import rows_of
+from video_features.models.base import Extractor
+from video_features.utils.config import SharedOptions
+from video_features.utils.errors import VideoError
+from video_features.utils.pipeline import rows_of
 
 
 class NullExtractor(Extractor):

@@ -1,4 +1,4 @@
 """PWC-Net optical flow (sniklaus/pytorch-pwc layout), used by the I3D flow stream."""
-from models.pwc.net import PWCNet, correlation
+from video_features.models.pwc.net import PWCNet, correlation
 
 __all__ = ["PWCNet", "correlation"]

@@ -58,12 +58,12 @@ _KERNEL: list = []
 
 
 def _fused_kernel():
-    """models.pwc.correlation_triton, or None without Triton (or when turned off); one log line."""
+    """video_features.models.pwc.correlation_triton, or None without Triton (or when turned off); one log line."""
     if not _KERNEL:
         module = None
         if os.environ.get("VIDEO_FEATURES_CORRELATION", "auto") != "torch":
             try:
-                from models.pwc import correlation_triton as module
+                from video_features.models.pwc import correlation_triton as module
             except Exception as exc:  # no Triton (or no GPU toolchain): tensor ops
                 log.info("PWC-Net cost volume: tensor ops (fused kernel unavailable: %s)",
                          str(exc).splitlines()[0] if str(exc) else type(exc).__name__)

@@ -15,14 +15,14 @@ from typing import Optional
 import numpy as np
 import torch
 
-from models.base import Extractor, StackOptions
-from models.r21d.net import MODELS
-from models.r21d.weights import card_for, labels, load_r21d, spec_for
-from utils.config import Config, option
-from utils.errors import VideoError
-from utils.pipeline import rows_of
-from utils.transforms import center_crop, normalize, resize
-from utils.windows import SlidingWindows, stack_windows
+from video_features.models.base import Extractor, StackOptions
+from video_features.models.r21d.net import MODELS
+from video_features.models.r21d.weights import card_for, labels, load_r21d, spec_for
+from video_features.utils.config import Config, option
+from video_features.utils.errors import VideoError
+from video_features.utils.pipeline import rows_of
+from video_features.utils.transforms import center_crop, normalize, resize
+from video_features.utils.windows import SlidingWindows, stack_windows
 
 KINETICS_MEAN = (0.43216, 0.394666, 0.37645)
 KINETICS_STD = (0.22803, 0.22145, 0.216989)

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from models.r21d.net import (MODELS, R2PLUS1D_18, R2PLUS1D_34_8, R2PLUS1D_34_32, R21DFeatures,
+from video_features.models.r21d.net import (MODELS, R2PLUS1D_18, R2PLUS1D_34_8, R2PLUS1D_34_32, R21DFeatures,
                              build_r21d)
-from utils.weights import (WeightCard, get_card, load_checkpoint_into, register_card,
+from video_features.utils.weights import (WeightCard, get_card, load_checkpoint_into, register_card,
                            use_random_weights)
 
 #: the same recipe for every model, as the reference applies it (ig65m-pytorch's own tools use

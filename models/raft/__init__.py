@@ -1,4 +1,4 @@
 """RAFT optical flow (princeton-vl/RAFT layout), used by the I3D flow stream."""
-from models.raft.net import RAFT
+from video_features.models.raft.net import RAFT
 
 __all__ = ["RAFT"]

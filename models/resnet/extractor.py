@@ -6,13 +6,13 @@ import dataclasses
 import numpy as np
 import torch
 
-from models.base import Extractor
-from models.resnet.net import NAMES, feature_dim
-from models.resnet.weights import card_for, labels, load_resnet
-from utils.config import Config, SharedOptions, option
-from utils.errors import VideoError
-from utils.pipeline import rows_of
-from utils.transforms import IMAGENET_MEAN, IMAGENET_STD, center_crop, normalize, resize_short_side
+from video_features.models.base import Extractor
+from video_features.models.resnet.net import NAMES, feature_dim
+from video_features.models.resnet.weights import card_for, labels, load_resnet
+from video_features.utils.config import Config, SharedOptions, option
+from video_features.utils.errors import VideoError
+from video_features.utils.pipeline import rows_of
+from video_features.utils.transforms import IMAGENET_MEAN, IMAGENET_STD, center_crop, normalize, resize_short_side
 
 
 def preprocess(frames_u8: torch.Tensor) -> torch.Tensor:

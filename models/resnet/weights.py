@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from models.resnet.net import NAMES, ResNetFeatures, build_resnet
-from utils.weights import (WeightCard, get_card, load_checkpoint_into, use_random_weights,
+from video_features.models.resnet.net import NAMES, ResNetFeatures, build_resnet
+from video_features.utils.weights import (WeightCard, get_card, load_checkpoint_into, use_random_weights,
                            register_card)
 
 _FILES = {

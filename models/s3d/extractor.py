@@ -24,14 +24,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.base import Extractor, StackOptions
-from models.s3d.net import FEATURE_DIM, MIN_FRAMES
-from models.s3d.weights import FAMILIES, card_for, labels, load_s3d
-from utils.config import Config, option
-from utils.errors import ConfigError, VideoError
-from utils.pipeline import rows_of
-from utils.transforms import normalize
-from utils.windows import SlidingWindows, stack_windows
+from video_features.models.base import Extractor, StackOptions
+from video_features.models.s3d.net import FEATURE_DIM, MIN_FRAMES
+from video_features.models.s3d.weights import FAMILIES, card_for, labels, load_s3d
+from video_features.utils.config import Config, option
+from video_features.utils.errors import ConfigError, VideoError
+from video_features.utils.pipeline import rows_of
+from video_features.utils.transforms import normalize
+from video_features.utils.windows import SlidingWindows, stack_windows
 
 log = logging.getLogger(__name__)
 

@@ -27,9 +27,9 @@ from typing import Mapping
 
 import torch
 
-from models.s3d.net import S3DFeatures, build_s3d
-from utils.errors import WeightsError
-from utils.weights import (WeightCard, load_checkpoint_into, register_card, use_random_weights)
+from video_features.models.s3d.net import S3DFeatures, build_s3d
+from video_features.utils.errors import WeightsError
+from video_features.utils.weights import (WeightCard, load_checkpoint_into, register_card, use_random_weights)
 
 log = logging.getLogger(__name__)
 

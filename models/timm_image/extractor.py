@@ -16,14 +16,14 @@ from typing import Optional
 import numpy as np
 import torch
 
-from models.base import Extractor
-from models.timm_image.preprocess import CROP_MODES, preprocess
-from models.timm_image.weights import (build_model, card_for, class_names, recipe_for,
+from video_features.models.base import Extractor
+from video_features.models.timm_image.preprocess import CROP_MODES, preprocess
+from video_features.models.timm_image.weights import (build_model, card_for, class_names, recipe_for,
                                        source_for, weights_file)
-from utils.config import Config, SharedOptions, option
-from utils.errors import ConfigError, VideoError
-from utils.pipeline import rows_of
-from utils.weights import use_random_weights
+from video_features.utils.config import Config, SharedOptions, option
+from video_features.utils.errors import ConfigError, VideoError
+from video_features.utils.pipeline import rows_of
+from video_features.utils.weights import use_random_weights
 
 log = logging.getLogger(__name__)
 

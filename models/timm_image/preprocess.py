@@ -26,7 +26,7 @@ from typing import Any, Mapping
 
 import torch
 
-from models.clip.preprocess import pil_resize
+from video_features.models.clip.preprocess import pil_resize
 
 #: interpolations models.clip.preprocess resamples exactly as PIL does
 INTERPOLATIONS = ("bicubic", "bilinear")

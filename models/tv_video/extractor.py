@@ -22,14 +22,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.base import Extractor, StackOptions
-from models.tv_video.weights import (DEFAULT_MODEL, MODEL_NAMES, ModelSpec, labels, load_network,
+from video_features.models.base import Extractor, StackOptions
+from video_features.models.tv_video.weights import (DEFAULT_MODEL, MODEL_NAMES, ModelSpec, labels, load_network,
                                      spec_for)
-from utils.config import Config, option
-from utils.errors import ConfigError, VideoError
-from utils.pipeline import rows_of
-from utils.transforms import center_crop, normalize
-from utils.windows import SlidingWindows, stack_windows
+from video_features.utils.config import Config, option
+from video_features.utils.errors import ConfigError, VideoError
+from video_features.utils.pipeline import rows_of
+from video_features.utils.transforms import center_crop, normalize
+from video_features.utils.windows import SlidingWindows, stack_windows
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from models.tv_video.net import TVVideoFeatures
-from utils.weights import WeightCard, load_checkpoint_into, register_card, use_random_weights
+from video_features.models.tv_video.net import TVVideoFeatures
+from video_features.utils.weights import WeightCard, load_checkpoint_into, register_card, use_random_weights
 
 KINETICS_MEAN = (0.43216, 0.394666, 0.37645)
 KINETICS_STD = (0.22803, 0.22145, 0.216989)

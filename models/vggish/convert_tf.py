@@ -1,6 +1,6 @@
 """Convert Google's VGGish TensorFlow checkpoint (and PCA .npz) into the PyTorch port's files.
 
-    python -m models.vggish.convert_tf --ckpt vggish_model.ckpt --out vggish.pth \
+    python -m video_features.models.vggish.convert_tf --ckpt vggish_model.ckpt --out vggish.pth \
         [--pca vggish_pca_params.npz [--pca_out vggish_pca_params.pth]]
 
 The written ``--out`` has exactly the keys of ``vggish-10086976.pth`` and loads with
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from models.vggish.weights import convert_tf_checkpoint, read_pca_file
-from utils.errors import FeatureError
+from video_features.models.vggish.weights import convert_tf_checkpoint, read_pca_file
+from video_features.utils.errors import FeatureError
 
 
 def _save_atomic(obj: object, dest: Path) -> None:
@@ -51,7 +51,7 @@ def convert(ckpt: str, out: str, pca: str | None = None, pca_out: str | None = N
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m models.vggish.convert_tf",
+        prog="python -m video_features.models.vggish.convert_tf",
         description="Convert Google's VGGish TensorFlow checkpoint to the PyTorch port's layout.")
     parser.add_argument("--ckpt", required=True,
                         help="vggish_model.ckpt (TF1) or a TF2 checkpoint prefix/.index file")

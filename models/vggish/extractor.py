@@ -30,14 +30,14 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from models.base import Extractor
-from models.vggish.mel import (EXAMPLE_SECONDS, EXAMPLE_SPAN, HOP, HOP_SECONDS, SAMPLE_RATE,
+from video_features.models.base import Extractor
+from video_features.models.vggish.mel import (EXAMPLE_SECONDS, EXAMPLE_SPAN, HOP, HOP_SECONDS, SAMPLE_RATE,
                                LogMelExamples, num_examples, samples_for)
-from models.vggish.net import PCAQuantizer
-from models.vggish.weights import PCA_CARD, VGGISH_CARD, build_vggish, load_pca, tf_checkpoint_prefix
-from utils.config import SharedOptions, option
-from utils.errors import ConfigError, VideoError
-from utils.pipeline import rows_of
+from video_features.models.vggish.net import PCAQuantizer
+from video_features.models.vggish.weights import PCA_CARD, VGGISH_CARD, build_vggish, load_pca, tf_checkpoint_prefix
+from video_features.utils.config import SharedOptions, option
+from video_features.utils.errors import ConfigError, VideoError
+from video_features.utils.pipeline import rows_of
 
 log = logging.getLogger(__name__)
 

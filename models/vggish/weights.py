@@ -24,8 +24,8 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from utils.errors import WeightsError
-from utils.weights import (WeightCard, check_keys, load_state_dict, use_random_weights,
+from video_features.utils.errors import WeightsError
+from video_features.utils.weights import (WeightCard, check_keys, load_state_dict, use_random_weights,
                            register_card, resolve_checkpoint)
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ def convert_tf_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise WeightsError(
             f"checkpoint_path {str(path)!r} is a TensorFlow checkpoint; reading it needs tensorflow "
             "(pip install tensorflow-cpu), or convert it once with "
-            "'python -m models.vggish.convert_tf --ckpt FILE --out vggish.pth'") from None
+            "'python -m video_features.models.vggish.convert_tf --ckpt FILE --out vggish.pth'") from None
     try:
         reader = tf.train.load_checkpoint(prefix)
         available = reader.get_variable_to_shape_map()
@@ -167,7 +167,7 @@ def build_vggish(cfg: Any) -> tuple[torch.nn.Module, str]:
     """A :class:`~models.vggish.net.VGGish` on the CPU with the weights ``cfg`` selects, loaded
     strictly; returns ``(model, source)``. Real weights are assigned into a model built on the
     meta device, so the 72M parameters are never initialised only to be overwritten."""
-    from models.vggish.net import VGGish
+    from video_features.models.vggish.net import VGGish
 
     state, source = _read_state(cfg)
     if state is None:
@@ -244,7 +244,7 @@ def write_random_checkpoint(path: str | os.PathLike, seed: int = 0) -> Path:
     Weights are He-scaled so that activations neither vanish nor explode through the stack
     (features stay informative for tests); the global RNG is left untouched.
     """
-    from models.vggish.net import VGGish
+    from video_features.models.vggish.net import VGGish
 
     gen = torch.Generator().manual_seed(seed)
     state = {}

@@ -17,16 +17,16 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from models.base import Extractor, StackOptions
-from models.videomae.weights import (DEFAULT_MODEL, KINETICS_LABELS, KNOWN_MODELS, V2_HINT,
+from video_features.models.base import Extractor, StackOptions
+from video_features.models.videomae.weights import (DEFAULT_MODEL, KINETICS_LABELS, KNOWN_MODELS, V2_HINT,
                                      build_config, build_network, card_for, import_transformers,
                                      is_v2_name, processor_for, read_state_dict, resolve,
                                      weights_file_for)
-from utils.config import Config, option
-from utils.errors import ConfigError, VideoError
-from utils.pipeline import rows_of
-from utils.weights import use_random_weights
-from utils.windows import SlidingWindows, stack_windows
+from video_features.utils.config import Config, option
+from video_features.utils.errors import ConfigError, VideoError
+from video_features.utils.pipeline import rows_of
+from video_features.utils.weights import use_random_weights
+from video_features.utils.windows import SlidingWindows, stack_windows
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from utils.errors import ConfigError, WeightsError
-from utils.weights import WeightCard, check_keys, register_card
+from video_features.utils.errors import ConfigError, WeightsError
+from video_features.utils.weights import WeightCard, check_keys, register_card
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,41 @@
+"""The command line (``video-features`` once installed, ``python main.py`` in a checkout):
+parse options, run the extraction, exit with its status.
+
+Exit codes: 0 every input done (or skipped as already done), 1 some input failed,
+2 the run could not start (invalid option, missing weights, no device).
+"""
+from __future__ import annotations
+
+import logging
+import sys
+
+from video_features.utils.config import parse_configs
+from video_features.utils.errors import FeatureError
+from video_features.utils.runner import configure_logging, run
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--list_recipes" in argv:
+        from video_features.utils.recipes import describe_recipes
+
+        print(describe_recipes(), end="")
+        return 0
+    configure_logging("info")
+    try:
+        cfgs = parse_configs(argv)
+        configure_logging(cfgs[0].log_level)
+        summary = run(cfgs)
+    except FeatureError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished outputs are kept; rerun to complete the rest", file=sys.stderr)
+        return 130
+    print(summary.text(), file=sys.stderr)
+    logging.shutdown()
+    return summary.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
