@@ -162,7 +162,10 @@ class OutputWriter:
             outputs[key] = {"file": path.name, "bytes": path.stat().st_size,
                             "shape": list(value.shape), "dtype": value.dtype.str}
             written.append(path)
-        meta = {"input": str(Path(video_path).expanduser().resolve()), "record": self.record,
+        from video_features.utils.video import media_info
+
+        meta = {"input": str(Path(video_path).expanduser().resolve()),
+                "media": media_info(video_path), "record": self.record,
                 "outputs": outputs, "config": self.config, **({"extraction": dict(info)} if info else {})}
         text = json.dumps(meta, indent=1, default=str).encode()
         atomic_write(meta_path, lambda f: f.write(text))

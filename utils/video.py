@@ -495,3 +495,31 @@ def _short(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     text = text.replace(os.getcwd() + os.sep, "")
     return text[:200]
+
+
+def media_info(path: str) -> dict[str, Any]:
+    """What the output record says of its input: file size, container, duration, and each
+    stream's codec and geometry (a frame folder: its image count). Empty when it cannot be read
+    (the input is then failing anyway)."""
+    p = Path(path)
+    try:
+        if p.is_dir():
+            return {"kind": "frame folder", "images": sum(1 for f in p.iterdir() if f.is_file())}
+        import av
+
+        info: dict[str, Any] = {"bytes": p.stat().st_size}
+        with av.open(str(p)) as c:
+            info["container"] = c.format.name
+            if c.duration is not None:
+                info["duration_s"] = round(c.duration / 1_000_000, 3)
+            for s in c.streams.video[:1]:
+                info["video"] = {"codec": s.codec_context.name, "width": s.codec_context.width,
+                                 "height": s.codec_context.height,
+                                 "fps": float(s.average_rate) if s.average_rate else None,
+                                 "frames": s.frames or None}
+            for s in c.streams.audio[:1]:
+                info["audio"] = {"codec": s.codec_context.name, "sample_rate": s.codec_context.sample_rate,
+                                 "channels": s.codec_context.layout.nb_channels}
+        return info
+    except Exception:  # unreadable: the input's own error says why
+        return {}
