@@ -140,7 +140,7 @@ def test_two_writers_of_one_file_keep_each_others_temporary_files(tmp_path):
     folder.mkdir()
     code = (
         "import sys, time, numpy as np; from pathlib import Path; "
-        "from utils.output import atomic_write; "
+        "from video_features.utils.output import atomic_write; "
         "atomic_write(Path(sys.argv[1]), lambda f: (f.write(b'x' * 10), time.sleep(3)))")
     target = folder / "v_resnet.npy"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}

@@ -312,10 +312,10 @@ def test_config_defaults_and_make_config(files: dict[str, Path]) -> None:
 def test_tensorflow_is_never_imported(files: dict[str, Path]) -> None:
     code = (
         "import sys\n"
-        "from utils.config import Config\n"
-        "import models.registry as r\n"
+        "from video_features.utils.config import Config\n"
+        "import video_features.models.registry as r\n"
         "cls = r.get_extractor_class('vggish')\n"
-        "import models.vggish.convert_tf\n"
+        "import video_features.models.vggish.convert_tf\n"
         f"cfg = Config(dict(checkpoint_path={str(files['ckpt'])!r}, batch_size=4))\n"
         f"out = cls(cfg, 'cpu').extract({str(files['wav'])!r})\n"
         "assert out['vggish'].shape == (1, 128)\n"

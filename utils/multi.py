@@ -235,7 +235,7 @@ def _common_needs(needs: Mapping[str, dict]) -> dict:
 
 
 class MultiWriter:
-    """One :class:`utils.output.OutputWriter` per feature type; ``write`` takes
+    """One :class:`video_features.utils.output.OutputWriter` per feature type; ``write`` takes
     ``{feature type: outputs}``."""
 
     def __init__(self, writers: Mapping[str, Any]):

@@ -1,34 +1,50 @@
-"""CLAP checkpoints: the Hugging Face hub cache (or a local folder in transformers' layout), a
-weight card per model, and the feature extractor settings that define the front end.
+"""Where CLAP weights come from: a Hugging Face repo in transformers' layout (through the hub
+cache) or a local folder in the same layout: ``config.json`` (ClapConfig) + ``model.safetensors``
+/ ``pytorch_model.bin``, ``preprocessor_config.json`` (ClapFeatureExtractor) and, for
+``show_pred``, the RoBERTa tokenizer files.
 
-``model_name`` is a hub repo (laion/clap-htsat-unfused, laion/clap-htsat-fused,
-laion/larger_clap_general, laion/larger_clap_music_and_speech, laion/larger_clap_music) or a
-folder holding ``config.json`` + ``model.safetensors`` (and ``preprocessor_config.json``).
-Offline without a cached copy the run stops naming the ``hf download`` command.
+Resolution: ``checkpoint_path`` (a folder, or a weights file with ``model_name`` giving the
+config) -> ``model_name`` as a local folder -> the hub cache -> a download into the hub cache
+(unless offline) -> a one-line :class:`WeightsError` naming ``hf download <repo>``. Random weights
+only with ``allow_random_weights``; they are built from the model's ``config.json`` or, for
+laion/clap-htsat-unfused and laion/clap-htsat-fused, from the built-in configuration below
+(transformers' ClapConfig defaults are that HTSAT-tiny + RoBERTa-base architecture), so that
+benchmarks and smoke tests run offline.
+
+Only the audio tower (``audio_model.*``, ``audio_projection.*`` of the ClapModel checkpoint) is
+built and loaded, strictly; the text tower (``text_model.*``, ``text_projection.*``,
+``logit_scale_a``) only for ``show_pred``.
 """
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from video_features.models.videomae.weights import _hub_folder, read_state_dict, weights_in
+from video_features.models.videomae.weights import (WEIGHT_FILES, hub_cache_dir, offline,
+                                                    read_state_dict, weights_in)
 from video_features.utils.errors import ConfigError, WeightsError
-from video_features.utils.weights import WeightCard, register_card
+from video_features.utils.weights import WeightCard, check_keys, register_card
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "laion/clap-htsat-unfused"
-#: the published LAION CLAP checkpoints in transformers' layout, and whether they fuse
+#: repo id -> enable_fusion; every one takes 10 s clips at 48 kHz (max_length_s 10)
 KNOWN_MODELS = {
     "laion/clap-htsat-unfused": False,
     "laion/clap-htsat-fused": True,
-    "laion/larger_clap_general": False,
-    "laion/larger_clap_music_and_speech": False,
-    "laion/larger_clap_music": False,
+    "laion/larger_clap_general": None,            # None: read from its config.json
+    "laion/larger_clap_music_and_speech": None,
+    "laion/larger_clap_music": None,
 }
-SAMPLE_RATE = 48_000
+#: repos whose architecture is built in (random weights without config.json)
+BUILT_IN = ("laion/clap-htsat-unfused", "laion/clap-htsat-fused")
+MAX_LENGTH_S = 10.0
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                   "special_tokens_map.json")
+SOUND_LABELS = Path(__file__).resolve().parent / "labels" / "sounds.txt"
 
 
 def import_transformers() -> Any:
@@ -42,83 +58,235 @@ def import_transformers() -> Any:
 
 @dataclass(frozen=True)
 class Source:
-    model_id: str
-    folder: Path | None    # config.json and preprocessor_config.json; None: built-in config
-    weights: Path | None   # None: random weights
+    """What one configuration loads: the model's identity and the files found for it."""
+
+    model_id: str               # repo id, or the resolved local folder
+    revision: str | None
+    folder: Path | None         # config.json, preprocessor_config.json, tokenizer files
+    weights: Path | None        # None: random weights
 
 
-def resolve(cfg: Any, random_weights: bool) -> Source:
-    """The files ``cfg`` loads: an explicit checkpoint, a local folder, or the hub cache."""
-    name = cfg.model_name
-    local = Path(name).expanduser()
-    folder = local.resolve() if local.is_dir() else None
+def _local_dir(name: str | None) -> Path | None:
+    if not name:
+        return None
+    p = Path(name).expanduser()
+    return p.resolve() if p.is_dir() else None
+
+
+def fetch_hint(repo: str, revision: str | None) -> str:
+    return (f"fetch it where there is network with `hf download {repo}"
+            f"{' --revision ' + revision if revision else ''}` (hub cache: {hub_cache_dir()}), "
+            "or pass model_name=LOCAL_FOLDER")
+
+
+def _hub_folder(repo: str, revision: str | None, need_weights: bool, need_tokenizer: bool) -> Path:
+    """The hub cache's snapshot of ``repo`` holding what is needed, downloading what is missing
+    unless offline; a one-line WeightsError otherwise."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ConfigError("feature_type clap needs the huggingface_hub package: "
+                          "pip install huggingface_hub") from None
+    cache = hub_cache_dir()
+
+    def complete(folder: Path) -> bool:
+        return ((folder / "config.json").is_file()
+                and (weights_in(folder) is not None or not need_weights)
+                and (not need_tokenizer or (folder / "tokenizer_config.json").is_file()))
+
+    try:
+        folder = Path(snapshot_download(repo, revision=revision, cache_dir=cache,
+                                        local_files_only=True))
+        if complete(folder):
+            return folder
+    except Exception:  # not cached (or partly): download below
+        pass
+    if offline():
+        raise WeightsError(f"clap: {repo} is not (completely) in the Hugging Face cache and "
+                           "downloads are disabled (VIDEO_FEATURES_OFFLINE / HF_HUB_OFFLINE); "
+                           + fetch_hint(repo, revision))
+    try:
+        from huggingface_hub import HfApi
+
+        files = set(HfApi().list_repo_files(repo, revision=revision))
+        weights = next((f for f in WEIGHT_FILES if f in files), None)
+        if "config.json" not in files or (need_weights and weights is None):
+            raise WeightsError(f"clap: {repo} has no config.json with model.safetensors or "
+                               "pytorch_model.bin (not transformers' layout)")
+        wanted = [f for f in ("config.json", "preprocessor_config.json") if f in files]
+        if need_tokenizer:
+            wanted += [f for f in TOKENIZER_FILES if f in files]
+        if need_weights:
+            wanted.append(weights)
+            if weights.endswith(".index.json"):
+                wanted.append(weights.split(".")[0] + "-*")
+        log.info("downloading %s into the Hugging Face cache %s", repo, cache)
+        return Path(snapshot_download(repo, revision=revision, cache_dir=cache,
+                                      allow_patterns=wanted))
+    except WeightsError:
+        raise
+    except Exception as exc:  # no network, unknown repo, gated, ...: the same advice
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        raise WeightsError(f"clap: cannot download {repo} from the Hugging Face hub ({reason}); "
+                           + fetch_hint(repo, revision)) from None
+
+
+def resolve(cfg: Any, random_weights: bool, need_tokenizer: bool = False) -> Source:
+    """Find the files ``cfg`` loads (see the module docstring for the order)."""
+    name, revision = cfg.model_name, cfg.get("revision")
     explicit = cfg.get("checkpoint_path")
-    if folder is not None and not (folder / "config.json").is_file():
-        raise WeightsError(f"model_name {name!r} is a folder without config.json (expected "
-                           "transformers' layout: config.json + model.safetensors)")
     if explicit:
         p = Path(explicit).expanduser()
+        if p.is_dir():
+            w = weights_in(p)
+            if w is None:
+                raise WeightsError(f"checkpoint_path {explicit!r} holds no model.safetensors or "
+                                   "pytorch_model.bin")
+            return Source(str(p.resolve()), None, p.resolve(), w)
         if not p.is_file():
             raise WeightsError(f"checkpoint_path {explicit!r} for clap does not exist")
-        if folder is None and not (random_weights or name in KNOWN_MODELS):
-            folder = _hub_folder(name, None, need_weights=False, label="clap")
-        return Source(str(folder or name), folder, p.resolve())
-    if folder is None:
-        if random_weights and name in KNOWN_MODELS:
-            return Source(name, None, None)
-        folder = _hub_folder(name, None, need_weights=not random_weights, label="clap")
-    weights = None if random_weights else weights_in(folder)
-    if weights is None and not random_weights:
-        raise WeightsError(f"clap: {folder} holds no model.safetensors or pytorch_model.bin")
-    return Source(str(folder) if local.is_dir() else name, folder, weights)
+        folder = _local_dir(name)
+        if folder is None and (name not in BUILT_IN or need_tokenizer):
+            folder = _hub_folder(name, revision, need_weights=False, need_tokenizer=need_tokenizer)
+        return Source(str(folder) if folder else name, revision, folder, p.resolve())
+    folder = _local_dir(name)
+    if folder is not None:
+        if not (folder / "config.json").is_file():
+            raise WeightsError(f"model_name {name!r} is a folder without config.json (expected "
+                               "transformers' layout: config.json + model.safetensors)")
+        w = None if random_weights else weights_in(folder)
+        if w is None and not random_weights:
+            raise WeightsError(f"model_name folder {name!r} holds no model.safetensors or "
+                               "pytorch_model.bin")
+        return Source(str(folder), None, folder, w)
+    if random_weights and name in BUILT_IN and not need_tokenizer:
+        return Source(name, revision, None, None)
+    folder = _hub_folder(name, revision, need_weights=not random_weights,
+                         need_tokenizer=need_tokenizer)
+    return Source(name, revision, folder, None if random_weights else weights_in(folder))
 
 
 def card_for(cfg: Any) -> WeightCard:
-    name = cfg.model_name
-    local = Path(name).expanduser()
-    ident = str(local.resolve()) if local.is_dir() else name
+    """The card identifying the model (repo id + revision, or the local folder); the record
+    beside each output adds the sha256 of the weights file actually used."""
+    name, revision = cfg.model_name, cfg.get("revision")
+    local = _local_dir(name)
+    ident = str(local) if local else name + (f"@{revision}" if revision else "")
+    url = local.as_uri() if local else (f"https://huggingface.co/{name}"
+                                        + (f"/tree/{revision}" if revision else ""))
     return register_card(WeightCard(
         name=f"clap:{ident}",
-        url=local.resolve().as_uri() if local.is_dir() else f"https://huggingface.co/{name}",
-        sha256="",  # the hub checks its downloads; the record holds the used file's sha256
-        filename="config.json + model.safetensors (or pytorch_model.bin), Hugging Face layout",
-        layout="transformers ClapModel state dict (audio_model.audio_encoder.patch_embed.*, "
-               "audio_model.audio_encoder.layers.N.blocks.M.*, audio_projection.linear1/2.*, "
-               "text_model.*, text_projection.*, logit_scale_a / logit_scale_t)",
-        preprocessing="48 kHz mono; the repo's ClapFeatureExtractor: 1024-point periodic Hann "
-                      "STFT, hop 480, power, 64 mel bands 0-14 kHz (htk for fused models, slaney "
-                      "otherwise), 10 log10, windows of max_length_s repeat-padded",
+        url=url,
+        sha256="",  # the hub checks its own downloads; the record holds the file's sha256
+        filename="config.json + model.safetensors (or pytorch_model.bin) + "
+                 "preprocessor_config.json, Hugging Face layout",
+        layout="transformers ClapModel state dict: audio_model.audio_encoder.* (HTSAT: "
+               "patch_embed.*, layers.N.blocks.M.attention.self.*, batch_norm.*, norm.*; "
+               "patch_embed.fusion_model.* + mel_conv2d.* when fused), audio_projection."
+               "linear1/2.*, text_model.* (RoBERTa), text_projection.*, logit_scale_a/t",
+        preprocessing="the repo's ClapFeatureExtractor (preprocessor_config.json): 48 kHz mono, "
+                      "windows repeat-padded to max_length_s (10 s), reflect-padded 1024-point "
+                      "periodic Hann STFT hop 480, power, 64 mel bands (htk for "
+                      "truncation=fusion, slaney otherwise), 10 log10; run in torch on the device",
         extra={"model_id": ident},
     ))
 
 
 def weights_file_for(cfg: Any) -> str | None:
+    """The weights file ``cfg`` loads (resolving / downloading it), or None for random weights."""
     if cfg.allow_random_weights and not cfg.get("checkpoint_path"):
-        return None
-    src = resolve(cfg, random_weights=False)
-    return str(src.weights) if src.weights else None
+        return None  # the rule of use_random_weights, without its log line (logged at load)
+    return str(resolve(cfg, random_weights=False).weights)
 
 
-def build(src: Source) -> tuple[Any, Any]:
-    """(ClapModel in eval mode, ClapFeatureExtractor) of the source; weights loaded strictly."""
+def build_config(src: Source) -> Any:
+    """ClapConfig from the source's config.json or, for the built-in repos, the built-in one."""
     tf = import_transformers()
     if src.folder is not None:
-        config = tf.ClapConfig.from_pretrained(str(src.folder), local_files_only=True)
-    else:  # random weights of a known model: transformers' default CLAP (HTSAT-tiny, 512-d)
-        config = tf.ClapConfig()
-        config.audio_config.enable_fusion = KNOWN_MODELS.get(src.model_id, False)
-    fused = bool(config.audio_config.enable_fusion)
+        path = src.folder / "config.json"
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise WeightsError(f"cannot read {path}: {exc}") from None
+        if str(raw.get("model_type", "")).lower() != "clap":
+            raise ConfigError(f"{src.model_id}: model_type {raw.get('model_type')!r} is not clap "
+                              "(a ClapModel config.json is expected)")
+        return tf.ClapConfig.from_pretrained(str(src.folder), local_files_only=True)
+    fused = KNOWN_MODELS[src.model_id]
+    # transformers' defaults are the HTSAT-tiny audio tower + RoBERTa-base text tower of these
+    return tf.ClapConfig(audio_config={"enable_fusion": bool(fused)})
+
+
+def feature_extractor_for(src: Source, config: Any) -> Any:
+    """The repo's ClapFeatureExtractor; without preprocessor_config.json, LAION's settings
+    (50-14000 Hz, repeatpad; fusion truncation for fused models, rand_trunc otherwise)."""
+    tf = import_transformers()
     if src.folder is not None and (src.folder / "preprocessor_config.json").is_file():
-        fe = tf.ClapFeatureExtractor.from_pretrained(str(src.folder), local_files_only=True)
-    else:
-        fe = tf.ClapFeatureExtractor(truncation="fusion" if fused else "rand_trunc")
-    model = tf.ClapModel(config)
-    if src.weights is not None:
-        state = read_state_dict(src.weights)
-        state.pop("text_model.embeddings.position_ids", None)  # a buffer older files carry
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.endswith("position_ids")]
-        if missing or unexpected:
-            raise WeightsError(f"{src.weights} does not fit ClapModel ({src.model_id}): missing "
-                               f"{missing[:3]}, unexpected {unexpected[:3]}")
-    return model.eval(), fe
+        return tf.ClapFeatureExtractor.from_pretrained(str(src.folder), local_files_only=True)
+    fused = bool(config.audio_config.enable_fusion)
+    values = dict(frequency_min=50, frequency_max=14000, padding="repeatpad",
+                  truncation="fusion" if fused else "rand_trunc")
+    if src.folder is not None:
+        log.info("%s: no preprocessor_config.json; using LAION CLAP's front end %s",
+                 src.model_id, values)
+    return tf.ClapFeatureExtractor(**values)
+
+
+def _part(state: dict, prefixes: tuple[str, ...]) -> dict:
+    return {k: v for k, v in state.items() if k.startswith(prefixes)}
+
+
+def _load_strict(net: Any, state: dict, what: str, fill: tuple[str, ...]) -> None:
+    """Strict load; buffers whose names end in ``fill`` (counters, index tables that the module
+    computes itself) are taken from the module where a checkpoint lacks them."""
+    expected = net.state_dict()
+    for key, value in expected.items():
+        if key.endswith(fill) and key not in state:
+            state[key] = value
+    check_keys(state, expected, what)
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise WeightsError(f"{what}: {str(exc).splitlines()[0]}") from None
+
+
+def build_audio_tower(config: Any, state: dict | None) -> Any:
+    """ClapAudioModelWithProjection (audio_model + audio_projection, the ClapModel's own key
+    names) with the checkpoint's audio keys loaded strictly; random weights for ``state=None``."""
+    tf = import_transformers()
+    net = tf.ClapAudioModelWithProjection(config.audio_config)
+    if state is not None:
+        _load_strict(net, _part(state, ("audio_model.", "audio_projection.")),
+                     "clap audio tower", ("num_batches_tracked", "relative_position_index"))
+    return net.eval()
+
+
+def build_text_tower(config: Any, state: dict | None) -> tuple[Any, float]:
+    """ClapTextModelWithProjection and the audio logit scale (``exp(logit_scale_a)``)."""
+    import math
+
+    tf = import_transformers()
+    net = tf.ClapTextModelWithProjection(config.text_config)
+    scale = math.log(config.logit_scale_init_value)
+    if state is not None:
+        _load_strict(net, _part(state, ("text_model.", "text_projection.")), "clap text tower",
+                     ("position_ids", "token_type_ids"))
+        if "logit_scale_a" in state:
+            scale = float(state["logit_scale_a"])
+    return net.eval(), math.exp(scale)
+
+
+def tokenizer_for(src: Source) -> Any:
+    """The repo's tokenizer (RoBERTa's byte-level BPE), needed for show_pred's texts."""
+    tf = import_transformers()
+    if src.folder is None or not (src.folder / "tokenizer_config.json").is_file():
+        hint = fetch_hint(src.model_id, src.revision) if src.folder is None else \
+            f"put the tokenizer files ({', '.join(TOKENIZER_FILES)}) into {src.folder}"
+        raise WeightsError(f"show_pred: the tokenizer of {src.model_id} is not available; {hint}")
+    return tf.AutoTokenizer.from_pretrained(str(src.folder), local_files_only=True)
+
+
+__all__ = ["BUILT_IN", "DEFAULT_MODEL", "KNOWN_MODELS", "MAX_LENGTH_S", "SOUND_LABELS", "Source",
+           "build_audio_tower", "build_config", "build_text_tower", "card_for",
+           "feature_extractor_for", "import_transformers", "read_state_dict", "resolve",
+           "tokenizer_for", "weights_file_for"]
