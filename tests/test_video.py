@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import video_features.utils.video
+import video_features.utils.video as video_module
 from video_features.utils.errors import VideoError
 from video_features.utils.video import open_frames
 
@@ -141,7 +141,7 @@ def _write_faststart(path, n_frames=50):
 
 def _without_index_entries(monkeypatch):
     """Act as a PyAV without ``Stream.index_entries``: the seek probe checks instead."""
-    monkeypatch.setattr(utils.video, "_index_entries", lambda stream: None)
+    monkeypatch.setattr(video_module, "_index_entries", lambda stream: None)
 
 
 def _plain_decode(path):
@@ -312,7 +312,7 @@ def test_slot_selection_in_chunks_equals_frame_by_frame(out_fps):
     times, end = np.array([float(t) for t in exact]), float(exact_end)
 
     def run(sizes):
-        sel, got, at = utils.video.SlotSelector(out_fps), [], 0
+        sel, got, at = video_module.SlotSelector(out_fps), [], 0
         for n in sizes:
             picks, slots = sel.push(times[at:at + n])
             got += [(at + p, s) for p, s in zip(picks, slots)]  # -1 -> the frame before ``at``

@@ -1,19 +1,31 @@
-"""``feature_type=clap``: the audio track -> CLAP audio embeddings, one per window.
+"""``feature_type=clap``: the audio track -> LAION CLAP audio embeddings (transformers' ClapModel),
+one ``(512,)`` row per window of ``window_s`` seconds, a window every ``hop_s``.
 
-The track is decoded at 48 kHz mono (the pipeline's decoder processes, resampled as for VGGish)
-and cut into windows of ``window_s`` seconds every ``hop_s``; a last, shorter stretch of at least
-``min_window_s`` makes one more window. Each window goes through the model's own front end, as
-its ClapFeatureExtractor computes it but in torch on the device and batched: repeat-padding to
-``max_length_s`` (10 s) when shorter, a 1024-point periodic Hann STFT with hop 480 (centred,
-reflect padding), power, the extractor's 64-band mel bank (htk for fused models, slaney
-otherwise), ``10 log10`` with a 1e-10 floor. Windows never exceed ``max_length_s``, so no random
-crop or random fusion chunk is ever taken: every window is marked "not longer" (the
-ClapFeatureExtractor itself marks one random sample of such a batch "longer" for fused models,
-which would make a row depend on its batch).
+Decoder processes decode the track and resample it to the model's 48 kHz mono
+(:func:`utils.audio.iter_audio`: int16 / 32768, channel mean, resampy ``kaiser_best``, as for
+VGGish) and hand it over in shared memory. Here each complete window is cut out and padded to the
+model's ``max_length_s`` (10 s) the way its ClapFeatureExtractor pads a shorter clip
+(``repeatpad``); after the last complete window, the rest of the track makes one more window when
+it holds at least ``min_window_s`` (default 1 s), padded the same way, and is dropped otherwise.
+An input with less audio than that is an error ("too short").
 
-Output ``clap``: ``(Ta, 512)`` float32, ``ClapModel.get_audio_features``: the projected audio
-embedding, L2-normalised as transformers returns it. ``timestamps_ms``: ``(Ta, 2)`` start and
-end of each window's audio.
+Windows of several inputs are batched; the log-mel front end (:mod:`models.clap.frontend`, the
+feature extractor's STFT, filter bank and dB in torch) and the audio tower run on the device.
+A window is never longer than ``max_length_s``, so the extractor's random paths (``rand_trunc``'s
+random crop, ``fusion``'s three random chunks) are never taken: its output for a window is
+deterministic. Fused models get the mel four times over, as the extractor stacks it, and the
+``is_longer`` flag of every window from ``fused_longer``: false (default) marks windows of at
+most 10 s "not longer", the flag's meaning; true runs the fusion branch on each, which is what
+ClapFeatureExtractor + ``get_audio_features`` give for one clip processed alone (for a batch
+the extractor marks one random clip "longer", which would make a row depend on its batch).
+
+Output ``clap``: float32 ``(Ta, 512)``, ``ClapModel.get_audio_features``' pooled output: the
+projected audio embedding, L2-NORMALISED (transformers 4.x and 5.x both normalise it; LAION's
+``get_audio_embedding`` too). ``timestamps_ms``: ``(Ta, 2)``, start and end of the audio each
+row covers (a padded last window ends where the audio ends); none with
+``timestamps_form=reference``, as for vggish. ``show_pred``: zero-shot top-5 of ``pred_texts``
+(default: common sound classes as "the sound of {class}"), softmax of cosine similarity times
+the model's ``exp(logit_scale_a)``, as ClapModel's ``logits_per_audio``.
 """
 from __future__ import annotations
 
@@ -23,11 +35,14 @@ from typing import Any, List, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from video_features.models.base import Extractor
-from video_features.models.clap.weights import (DEFAULT_MODEL, SAMPLE_RATE, build, card_for, resolve,
-                                 weights_file_for)
+from video_features.models.clap.frontend import ClapLogMel
+from video_features.models.clap.weights import (BUILT_IN, DEFAULT_MODEL, KNOWN_MODELS, MAX_LENGTH_S,
+                                                SOUND_LABELS, build_audio_tower, build_config,
+                                                build_text_tower, card_for, feature_extractor_for,
+                                                import_transformers, read_state_dict, resolve,
+                                                tokenizer_for, weights_file_for)
 from video_features.utils.config import Config, SharedOptions, option
 from video_features.utils.errors import ConfigError, VideoError
 from video_features.utils.pipeline import rows_of
@@ -35,178 +50,207 @@ from video_features.utils.weights import use_random_weights
 
 log = logging.getLogger(__name__)
 
-#: show_pred's default prompts: common AudioSet classes as "the sound of {class}"
-SOUND_CLASSES = (
-    "speech", "a man speaking", "a woman speaking", "a child speaking", "conversation",
-    "laughter", "crying", "singing", "music", "a guitar", "a piano", "drums", "a violin",
-    "applause", "cheering", "footsteps", "a dog barking", "a cat meowing", "birds singing",
-    "a rooster", "a car engine", "traffic", "a car horn", "a siren", "a train", "an airplane",
-    "a helicopter", "a motorcycle", "rain", "wind", "thunder", "water flowing", "the sea",
-    "fire crackling", "a door closing", "knocking", "a bell ringing", "a telephone ringing",
-    "typing on a keyboard", "an explosion", "gunshots", "glass breaking", "silence",
-)
+#: the minimum last window where min_window_s is null (and window_s is longer)
+MIN_WINDOW_S = 1.0
 
 
 @dataclasses.dataclass
 class CLAPOptions(SharedOptions):
     model_name: str = option(
-        "Hugging Face repo of a LAION CLAP model in transformers' layout (laion/clap-htsat-"
-        "unfused, laion/clap-htsat-fused, laion/larger_clap_general, ...) or a local folder",
-        changes_values=True)
-    window_s: float = option("seconds of audio per embedding, at most the model's max_length_s "
-                             "(10); shorter windows are repeat-padded as the model's front end "
-                             "pads", changes_values=True)
-    hop_s: Optional[float] = option("seconds between window starts (null: window_s, back to "
-                                    "back)", changes_values=True)
-    min_window_s: float = option("a last window shorter than window_s is kept when it holds at "
-                                 "least this many seconds", changes_values=True)
+        f"Hugging Face repo id ({DEFAULT_MODEL}, laion/clap-htsat-fused, "
+        "laion/larger_clap_general, laion/larger_clap_music_and_speech, laion/larger_clap_music) "
+        "or a local folder in transformers' layout (config.json, model.safetensors, "
+        "preprocessor_config.json)", changes_values=True)
+    revision: Optional[str] = option("hub revision (branch, tag or commit) of model_name; "
+                                     "null: main", changes_values=True)
+    window_s: float = option(
+        "seconds of audio per row, at most the model's max_length_s (10); a shorter window is "
+        "repeat-padded to 10 s as the model's feature extractor pads a short clip",
+        above=0, changes_values=True)
+    hop_s: Optional[float] = option("seconds between window starts; null: window_s (back to "
+                                    "back)", above=0, changes_values=True)
+    min_window_s: Optional[float] = option(
+        "the audio after the last complete window makes one more (padded) window when it lasts "
+        "at least this long, and is dropped otherwise; audio shorter than this is an error; "
+        f"null: {MIN_WINDOW_S:g} s, or window_s if that is shorter", above=0, changes_values=True)
+    fused_longer: bool = option(
+        "fused models (laion/clap-htsat-fused): true marks every window is_longer, running the "
+        "fusion branch as transformers does for one clip processed alone; false marks windows "
+        "of at most 10 s not longer. Ignored by unfused models", changes_values=True)
     pred_texts: Optional[List[str]] = option(
         "show_pred: texts to rank for each window (zero-shot); null: common sound classes as "
         "'the sound of {class}'")
 
 
+def window_rule(cfg: Config) -> tuple[float, float, float]:
+    """(window_s, hop_s, min_window_s) with the nulls resolved."""
+    window = float(cfg.window_s)
+    hop = float(cfg.get("hop_s") or window)
+    minimum = cfg.get("min_window_s")
+    return window, hop, float(min(MIN_WINDOW_S, window) if minimum is None else minimum)
+
+
 class CLAPExtractor(Extractor):
-    output_keys = ("clap", "timestamps_ms")
     schema = CLAPOptions
     auto_batch_size = {"cpu": 4, "cuda": 64}
     frame_seam = True
 
     @classmethod
-    def validate(cls, cfg: Config) -> None:
-        window, hop = cfg.window_s, cfg.get("hop_s")
-        if not (0 < window <= 10):
-            raise ConfigError(f"option window_s must be in (0, 10] seconds, got {window!r}")
-        if hop is not None and not hop > 0:
-            raise ConfigError(f"option hop_s must be > 0 seconds, got {hop!r}")
-        if not (0 < cfg.min_window_s <= window):
-            raise ConfigError(f"option min_window_s must be in (0, window_s], got {cfg.min_window_s!r}")
+    def output_keys_for(cls, cfg: Any) -> tuple[str, ...]:
+        return ("clap",) if cfg.get("timestamps_form") == "reference" else ("clap", "timestamps_ms")
+
+    @classmethod
+    def validate(cls, cfg: Config) -> Config:
+        if not cfg.model_name:
+            raise ConfigError("option model_name is empty: give a Hugging Face repo id or a folder")
+        window, hop, minimum = window_rule(cfg)
+        if window > MAX_LENGTH_S and cfg.model_name in KNOWN_MODELS:
+            raise ConfigError(f"option window_s={window:g}: {cfg.model_name} takes at most "
+                              f"{MAX_LENGTH_S:g} s (its max_length_s)")
+        if minimum > window:
+            raise ConfigError(f"option min_window_s={minimum:g} is longer than window_s={window:g}")
+        texts = cfg.get("pred_texts")
+        if texts is not None and (not texts or not all(isinstance(t, str) and t.strip()
+                                                       for t in texts)):
+            raise ConfigError("option pred_texts: give one or more non-empty texts (or null)")
+        if cfg.get("fused_longer") and KNOWN_MODELS.get(cfg.model_name) is False:
+            raise ConfigError(f"option fused_longer: {cfg.model_name} is not a fused model")
+        return cfg.replace(hop_s=hop, min_window_s=minimum)
 
     @classmethod
     def weights_for(cls, cfg: Config) -> dict:
         return {"clap": (card_for(cfg), weights_file_for(cfg))}
 
     def __init__(self, cfg: Config, device: torch.device) -> None:
-        self.validate(cfg)
+        cfg = self.validate(cfg)
         super().__init__(cfg, device)
+        import_transformers()
+        self.output_keys = self.output_keys_for(cfg)
         random = use_random_weights(cfg.allow_random_weights, cfg.get("checkpoint_path"),
                                     f"clap {cfg.model_name}")
-        src = resolve(cfg, random_weights=random)
-        model, fe = build(src)
-        self.model = model.to(self.device)
-        self.fused = bool(model.config.audio_config.enable_fusion)
-        if fe.sampling_rate != SAMPLE_RATE:
-            raise ConfigError(f"clap {cfg.model_name}: its front end expects {fe.sampling_rate} Hz")
-        self.max_samples = int(fe.max_length_s * SAMPLE_RATE)
-        if cfg.window_s > fe.max_length_s:
-            raise ConfigError(f"option window_s={cfg.window_s:g}: {cfg.model_name} takes at most "
-                              f"{fe.max_length_s} s")
-        bank = fe.mel_filters if self.fused else fe.mel_filters_slaney
-        self.mel_bank = torch.from_numpy(np.asarray(bank, np.float64)).to(self.device)
-        self.fft, self.hop_length = int(fe.fft_window_size), int(fe.hop_length)
-        self.stft_window = torch.hann_window(self.fft, periodic=True, dtype=torch.float64,
-                                             device=self.device)
-        self.window = int(round(cfg.window_s * SAMPLE_RATE))
-        self.hop = int(round((cfg.get("hop_s") or cfg.window_s) * SAMPLE_RATE))
-        self.min_window = int(round(cfg.min_window_s * SAMPLE_RATE))
-        self.text_emb = self.texts = None
+        src = resolve(cfg, random_weights=random, need_tokenizer=bool(cfg.show_pred))
+        config = build_config(src)
+        fe = feature_extractor_for(src, config)
+        self.fused = bool(config.audio_config.enable_fusion)
+        if (fe.truncation == "fusion") != self.fused:
+            raise ConfigError(f"clap {src.model_id}: preprocessor_config.json has truncation="
+                              f"{fe.truncation!r}, which does not fit enable_fusion={self.fused} "
+                              "of config.json (fusion goes with fused models)")
+        if cfg.fused_longer and not self.fused:
+            raise ConfigError(f"option fused_longer: {src.model_id} is not a fused model")
+        self.sample_rate = int(fe.sampling_rate)
+        window_s, hop_s, min_s = window_rule(cfg)
+        if window_s > fe.max_length_s:
+            raise ConfigError(f"option window_s={window_s:g}: {src.model_id} takes at most "
+                              f"{fe.max_length_s:g} s (its max_length_s)")
+        self.window = int(round(window_s * self.sample_rate))
+        self.hop = int(round(hop_s * self.sample_rate))
+        self.min_window = max(1, int(round(min_s * self.sample_rate)))
+        # float64 as the extractor's NumPy on CPUs and CUDA; devices without it get float32
+        dtype = torch.float64 if self.device.type in ("cpu", "cuda") else torch.float32
+        self.frontend = ClapLogMel.from_feature_extractor(fe, dtype).to(self.device)
+        state = None if src.weights is None else read_state_dict(src.weights)
+        self.audio = build_audio_tower(config, state).to(self.device)
+        self.labels: list[str] = []
         if cfg.show_pred:
-            self.texts, self.text_emb = self._text_embeddings(src)
+            self._prepare_texts(config, state, src)
+        log.info("clap %s (%s): %g s windows every %g s, %d-d embeddings", src.model_id,
+                 "fused" if self.fused else "unfused", window_s, hop_s, config.projection_dim)
 
-    def _text_embeddings(self, src: Any) -> tuple[list[str], torch.Tensor]:
-        from transformers import AutoTokenizer
-
-        texts = list(self.cfg.get("pred_texts") or [f"the sound of {c}" for c in SOUND_CLASSES])
-        try:
-            folder = src.folder
-            if folder is None or not any((folder / f).is_file() for f in
-                                         ("tokenizer.json", "vocab.json", "tokenizer_config.json")):
-                raise FileNotFoundError("no tokenizer files")
-            tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-        except Exception as exc:
-            raise ConfigError(f"show_pred for clap needs the model's tokenizer files in "
-                              f"{src.folder or src.model_id} ({type(exc).__name__})") from None
-        enc = tok(texts, padding=True, return_tensors="pt").to(self.device)
+    def _prepare_texts(self, config: Any, state: dict | None, src: Any) -> None:
+        """Normalised embeddings of the texts show_pred ranks; the text tower is then freed."""
+        if self.cfg.get("pred_texts"):
+            self.labels = list(self.cfg.pred_texts)
+            prompts = self.labels
+        else:
+            self.labels = SOUND_LABELS.read_text().split("\n")
+            self.labels = [s for s in self.labels if s.strip()]
+            prompts = [f"the sound of {s}" for s in self.labels]
+        tokenizer = tokenizer_for(src)
+        text, self.logit_scale = build_text_tower(config, state)
+        text = text.to(self.device)
+        enc = tokenizer(prompts, padding=True, return_tensors="pt").to(self.device)
         with torch.inference_mode():
-            emb = self.model.get_text_features(**enc)
-        emb = getattr(emb, "pooler_output", emb)
-        return texts, F.normalize(emb, dim=-1)
+            emb = text(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).text_embeds
+        self.text_feats = torch.nn.functional.normalize(emb.double(), dim=-1)
 
     def frame_needs(self) -> dict:
-        return {"video": False, "audio": {"sample_rate": SAMPLE_RATE, "keep_priming": False}}
+        return {"video": False, "audio": {"sample_rate": self.sample_rate, "keep_priming": False}}
 
-    def begin(self, work: Any) -> None:
+    def begin(self, work) -> None:
         work.state = _Track(torch.zeros(0, dtype=torch.float32, device=self.device))
 
-    # -- audio -> windows -> log-mel inputs ----------------------------------------------------
-    def log_mel(self, windows: torch.Tensor) -> torch.Tensor:
-        """(B, samples) windows -> (B, 1 or 4, frames, 64) model inputs."""
-        x = windows.to(torch.float64)
-        n = x.shape[1]
-        if n < self.max_samples:  # repeatpad: whole repeats, then zeros up to max_length
-            x = x.repeat(1, self.max_samples // n)
-            x = F.pad(x, (0, self.max_samples - x.shape[1]))
-        x = F.pad(x[:, None], (self.fft // 2, self.fft // 2), mode="reflect")[:, 0]
-        frames = x.unfold(-1, self.fft, self.hop_length)
-        power = torch.fft.rfft(frames * self.stft_window).abs().pow(2)
-        mel = 10.0 * torch.log10((power @ self.mel_bank).clamp_min(1e-10))
-        mel = mel.to(torch.float32)[:, None]
-        return mel.expand(-1, 4, -1, -1).contiguous() if self.fused else mel
-
-    def _windows(self, st: "_Track", last: bool) -> list:
-        p = st.pending
-        n = 0 if len(p) < self.window else (len(p) - self.window) // self.hop + 1
-        items = []
-        if n:
-            wins = p[:(n - 1) * self.hop + self.window].unfold(0, self.window, self.hop)
-            starts = (st.windows + np.arange(n)) * self.hop
-            items.append(("clap", self.log_mel(wins),
-                          np.stack([starts, starts + self.window], 1) * 1000.0 / SAMPLE_RATE))
-            st.windows += n
-            st.skip = max(0, n * self.hop - len(p))  # hop > window: samples no window reads
-            st.pending = p = p[n * self.hop:].clone()
-        if last and self.min_window <= len(p) < self.window and (
-                st.windows == 0 or len(p) > self.window - self.hop):  # not all inside the last
-            start = st.windows * self.hop
-            items.append(("clap", self.log_mel(p[None]),
-                          np.array([[start, start + len(p)]]) * 1000.0 / SAMPLE_RATE))
-            st.windows += 1
-        self.count_frames(sum(len(i[2]) for i in items))
-        return items
-
-    def add_audio(self, work: Any, samples: np.ndarray) -> list:
+    def add_audio(self, work, samples: np.ndarray) -> list:
+        """Samples -> the windows they complete; the samples later windows need stay in
+        ``work.state`` (less than one window, whatever the track's length)."""
         st = work.state
         x = torch.from_numpy(samples)
         x = x.to(self.device) if self.device.type != "cpu" else x.clone()  # the buffer is reused
-        st.samples += len(samples)
-        if st.skip:
-            k = min(st.skip, len(x))
-            x, st.skip = x[k:], st.skip - k
+        st.samples += len(x)
         st.pending = torch.cat([st.pending, x]) if len(st.pending) else x
-        return self._windows(st, last=False)
+        starts = []
+        while st.next_start + self.window <= st.samples:
+            starts.append(st.next_start)
+            st.next_start += self.hop
+        items = self._items(st, starts, self.window) if starts else []
+        # keep from the next window's start on (beyond the track's end when hop_s > window_s)
+        keep_from = min(st.next_start, st.samples)
+        st.pending = st.pending[keep_from - st.pending_start:].clone()
+        st.pending_start = keep_from
+        return items
 
-    def end_audio(self, work: Any) -> list:
-        return self._windows(work.state, last=True)
+    def end_audio(self, work) -> list:
+        st = work.state
+        rest = st.samples - st.next_start
+        if rest < self.min_window:
+            return []
+        return self._items(st, [st.next_start], rest)
+
+    def _items(self, st: "_Track", starts: list[int], length: int) -> list:
+        """Windows of ``length`` samples at absolute ``starts`` -> padded to max_length_s."""
+        offsets = [s - st.pending_start for s in starts]
+        windows = torch.stack([st.pending[o:o + length] for o in offsets])
+        first = np.asarray(starts, np.float64)
+        stamps = np.stack([first, first + length], 1) * (1000.0 / self.sample_rate)
+        self.count_frames(len(starts))
+        return [("clap", self.frontend.pad(windows), stamps)]
 
     @torch.inference_mode()
     def forward(self, key: str, batch: torch.Tensor) -> torch.Tensor:
-        longer = torch.zeros((len(batch), 1), dtype=torch.bool, device=batch.device)
-        out = self.model.get_audio_features(input_features=batch, is_longer=longer)
-        return getattr(out, "pooler_output", out)
+        """(B, max samples) padded windows -> (B, D) L2-normalised embeddings, as
+        ``ClapModel.get_audio_features`` computes them from the extractor's features."""
+        with torch.autocast(self.device.type, enabled=False):  # the front end stays float64
+            feats = self.frontend(batch)
+        longer = torch.full((len(batch), 1), bool(self.fused and self.cfg.fused_longer),
+                            dtype=torch.bool, device=batch.device)
+        emb = self.audio(input_features=feats, is_longer=longer).audio_embeds
+        return torch.nn.functional.normalize(emb, dim=-1)
 
-    def finish(self, work: Any) -> dict[str, np.ndarray]:
+    @torch.inference_mode()
+    def finish(self, work) -> dict[str, np.ndarray]:
         feats, stamps = rows_of(work, "clap")
         if feats is None:
-            raise VideoError(f"too short: {work.state.samples / SAMPLE_RATE:.3f} s of audio, a "
-                             f"window needs at least min_window_s={self.cfg.min_window_s:g} s")
-        if self.text_emb is not None:
-            sims = feats.float() @ self.text_emb.T
-            self.print_predictions(f"{work.path} window", torch.softmax(sims * 100.0, -1), self.texts)
-        return {"clap": feats.float().cpu().numpy(), "timestamps_ms": stamps}
+            st = work.state
+            raise VideoError(f"too short: {st.samples / self.sample_rate:.3f} s of audio, less "
+                             f"than min_window_s={self.min_window / self.sample_rate:g} s")
+        if self.cfg.show_pred:
+            sims = feats.to(self.text_feats.device, torch.float64) @ self.text_feats.T
+            self.print_predictions(f"{work.path} window", torch.softmax(self.logit_scale * sims, -1),
+                                   self.labels)
+        out = {"clap": feats.float().cpu().numpy()}
+        if "timestamps_ms" in self.output_keys:
+            out["timestamps_ms"] = stamps
+        return out
 
 
 @dataclasses.dataclass
 class _Track:
+    """Per-input state: the samples from ``pending_start`` on, counts so far."""
+
     pending: torch.Tensor
-    samples: int = 0
-    windows: int = 0
-    skip: int = 0
+    pending_start: int = 0      # absolute index of pending[0]
+    samples: int = 0            # samples received
+    next_start: int = 0         # absolute start of the next window
+
+
+__all__ = ["BUILT_IN", "CLAPExtractor", "CLAPOptions", "window_rule"]

@@ -89,21 +89,27 @@ def _hub_folder(repo: str, revision: str | None, need_weights: bool, need_tokeni
                           "pip install huggingface_hub") from None
     cache = hub_cache_dir()
 
-    def complete(folder: Path) -> bool:
-        return ((folder / "config.json").is_file()
-                and (weights_in(folder) is not None or not need_weights)
-                and (not need_tokenizer or (folder / "tokenizer_config.json").is_file()))
+    def missing(folder: Path) -> str:
+        if not (folder / "config.json").is_file():
+            return "config.json"
+        if need_weights and weights_in(folder) is None:
+            return "the weights (model.safetensors)"
+        if need_tokenizer and not (folder / "tokenizer_config.json").is_file():
+            return "the tokenizer files (show_pred)"
+        return ""
 
+    lacks = "the repo"
     try:
         folder = Path(snapshot_download(repo, revision=revision, cache_dir=cache,
                                         local_files_only=True))
-        if complete(folder):
+        lacks = missing(folder)
+        if not lacks:
             return folder
     except Exception:  # not cached (or partly): download below
         pass
     if offline():
-        raise WeightsError(f"clap: {repo} is not (completely) in the Hugging Face cache and "
-                           "downloads are disabled (VIDEO_FEATURES_OFFLINE / HF_HUB_OFFLINE); "
+        raise WeightsError(f"clap: the Hugging Face cache lacks {lacks} of {repo} and downloads "
+                           "are disabled (VIDEO_FEATURES_OFFLINE / HF_HUB_OFFLINE); "
                            + fetch_hint(repo, revision))
     try:
         from huggingface_hub import HfApi
