@@ -38,7 +38,7 @@ import torch
 
 from video_features.models.base import Extractor
 from video_features.models.clap.frontend import ClapLogMel
-from video_features.models.clap.weights import (BUILT_IN, DEFAULT_MODEL, KNOWN_MODELS, MAX_LENGTH_S,
+from video_features.models.clap.weights import (DEFAULT_MODEL, KNOWN_MODELS, MAX_LENGTH_S,
                                                 SOUND_LABELS, build_audio_tower, build_config,
                                                 build_text_tower, card_for, feature_extractor_for,
                                                 import_transformers, read_state_dict, resolve,
@@ -163,8 +163,7 @@ class CLAPExtractor(Extractor):
             self.labels = list(self.cfg.pred_texts)
             prompts = self.labels
         else:
-            self.labels = SOUND_LABELS.read_text().split("\n")
-            self.labels = [s for s in self.labels if s.strip()]
+            self.labels = [s for s in SOUND_LABELS.read_text().splitlines() if s.strip()]
             prompts = [f"the sound of {s}" for s in self.labels]
         tokenizer = tokenizer_for(src)
         text, self.logit_scale = build_text_tower(config, state)
@@ -253,4 +252,4 @@ class _Track:
     next_start: int = 0         # absolute start of the next window
 
 
-__all__ = ["BUILT_IN", "CLAPExtractor", "CLAPOptions", "window_rule"]
+__all__ = ["CLAPExtractor", "CLAPOptions", "window_rule"]
