@@ -18,13 +18,24 @@ import torch
 
 from video_features.utils.config import Config, SharedOptions, option
 from video_features.utils.errors import FeatureError, VideoError
+from video_features.utils.transforms import CROPS, n_views
 from video_features.utils.windows import TAILS
 from video_features.utils.weights import WeightCard
 
 
 @dataclasses.dataclass
-class StackOptions(SharedOptions):
-    """Options of the clip models (i3d, r21d)."""
+class CropOptions(SharedOptions):
+    """Options of every feature type that crops frames for an image or video network."""
+
+    crops: str = option(
+        "center: the feature type's centre crop (rows T x D); 5 / 10: torchvision's FiveCrop / "
+        "TenCrop views (corners, centre; and of the flipped frame), run as a batch dimension "
+        "and saved as T x crops x D", choices=tuple(CROPS), changes_values=True)
+
+
+@dataclasses.dataclass
+class StackOptions(CropOptions):
+    """Options of the clip models (i3d, r21d, s3d, tv_video, videomae)."""
 
     stack_size: int = option("frames per stack (clip); an i3d stack reads stack_size + 1 frames "
                              "(flow needs pairs)", at_least=1, changes_values=True)
@@ -50,6 +61,8 @@ class Extractor(abc.ABC):
     def __init__(self, cfg: Config, device: torch.device) -> None:
         self.cfg = cfg
         self.device = torch.device(device)
+        #: crops per frame or stack (the ``crops`` option; 1 for types without it)
+        self.views = n_views(cfg.get("crops"))
         #: frames decoded for the current video; the runner reads it for frames/s
         self.frames_read = 0
         #: called with each count as frames are read (the runner's live progress), or None
@@ -189,10 +202,27 @@ class Extractor(abc.ABC):
         return precision_context(self.device, self.cfg.get("precision", "fp32"))
 
     def run_batch(self, key: str, batch: torch.Tensor) -> torch.Tensor:
-        """``forward`` at the configured precision; rows come back as fp32."""
+        """``forward`` at the configured precision; rows come back as fp32.
+
+        With several crops an item holds its views on the axis before ``(C, H, W)``
+        (:func:`utils.transforms.crop_views`): ``(B, V, C, H, W)`` frames or ``(B, T, V, C, H,
+        W)`` stacks. They go through ``forward`` as ``B * V`` items, so the crops of a frame or
+        stack share one pass, and come back as rows ``(B, V, ...)``."""
         with self.autocast():
-            rows = self.forward(key, batch)
+            if self.views > 1:
+                by_view = batch.movedim(batch.dim() - 4, 1)
+                rows = self.forward(key, by_view.flatten(0, 1)).unflatten(0, by_view.shape[:2])
+            else:
+                rows = self.forward(key, batch)
         return rows.float() if rows.is_floating_point() else rows
+
+    def over_views(self, predict: Callable[[torch.Tensor], torch.Tensor],
+                   rows: torch.Tensor) -> torch.Tensor:
+        """``predict`` (rows -> class probabilities) of every view, averaged over the crops of
+        each row, as multi-crop testing scores a frame or stack (``show_pred``)."""
+        if self.views == 1:
+            return predict(rows)
+        return predict(rows.flatten(0, 1)).unflatten(0, rows.shape[:2]).mean(1)
 
     def keep_rows(self, work: Any, key: str, rows: Any, stamps: np.ndarray) -> None:
         """A block of rows of ``key`` for ``work``, back from a batch, in order. By default they

@@ -121,3 +121,35 @@ def test_bad_video_raises_video_error(tmp_path, resnet_weights):
     bad.write_text("nope")
     with pytest.raises(VideoError):
         ex.extract(str(bad))
+
+
+@pytest.mark.parametrize("crops", ["5", "10"])
+def test_crops_equal_torchvision_five_and_ten_crop_per_pil_frame(make_video, resnet_weights, crops):
+    """crops=5/10: rows N x V x D equal torchvision's model on its FiveCrop / TenCrop of each
+    PIL-resized frame; view 4 (the centre) is the crops=center row."""
+    import torchvision
+
+    resnet_weights("resnet18")
+    path = make_video("crops.mp4", n_frames=4, fps=25.0, width=96, height=60)  # 409x256: odd margin
+    ex = ResNetExtractor(_cfg(crops=crops, batch_size=3), torch.device("cpu"))
+    out = ex.extract(str(path))
+    views = int(crops)
+    assert out["resnet"].shape == (4, views, 512)
+    center = ResNetExtractor(_cfg(), torch.device("cpu")).extract(str(path))["resnet"]
+    np.testing.assert_allclose(out["resnet"][:, 4], center, rtol=0, atol=1e-5 * np.abs(center).max())
+    np.testing.assert_array_equal(out["timestamps_ms"], np.arange(4) * 40.0)
+
+    net = torchvision.models.resnet18()
+    net.load_state_dict(torch.load(resnet_weights("resnet18"), weights_only=True))
+    net.fc = torch.nn.Identity()
+    net.eval()
+    crop = T.FiveCrop(224) if views == 5 else T.TenCrop(224)
+    tail = T.Compose([T.ToTensor(), T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+    with open_frames(str(path)) as src:
+        frames = np.concatenate([c.frames for c in src.chunks(4)])
+    with torch.no_grad():
+        ref = torch.stack([net(torch.stack([tail(v) for v in crop(T.Resize(256)(Image.fromarray(f)))]))
+                           for f in frames]).numpy()
+    np.testing.assert_allclose(out["resnet"], ref, rtol=0.02, atol=0.02 * np.abs(ref).max())
+    # the views are distinct crops, not copies of one
+    assert not np.allclose(out["resnet"][:, 0], out["resnet"][:, 1])

@@ -76,8 +76,9 @@ class SharedOptions:
         "inputs are mirrored under output_path relative to this folder (default: the current "
         "folder; inputs outside it keep their absolute path)")
     batch_size: Union[int, str] = option(
-        "frames (frame-wise models) or stacks (clip models) per forward pass; auto: the feature "
-        "type's default for the device (small on CPU, where big batches run slower; large on GPU)")
+        "frames (frame-wise models) or stacks (clip models) per forward pass, each with its "
+        "crops; auto: the feature type's default for the device (small on CPU, where big batches "
+        "run slower; large on GPU), divided by the number of crops")
     decoder: str = option(
         "cpu: PyAV in decoder processes; nvdec: the GPU's video decoder (PyNvVideoCodec, "
         "device=cuda), frames stay on the GPU; a video NVDEC cannot decode falls back to the CPU",
@@ -583,7 +584,11 @@ def validate(cfg: Config) -> Config:
     if isinstance(cfg.decoders, bool) or not isinstance(cfg.decoders, int) or cfg.decoders < 1:
         raise ConfigError(f"option decoders must be auto or an integer >= 1, got {cfg.decoders!r}")
     if cfg.batch_size == "auto":
-        cfg = cfg.replace(batch_size=cls.auto_batch_size[cfg.device])
+        # with crops, each frame or stack is several network inputs: keep the network's batch
+        from video_features.utils.transforms import n_views
+
+        auto = cls.auto_batch_size[cfg.device] // n_views(cfg.get("crops"))
+        cfg = cfg.replace(batch_size=max(1, auto))
     if isinstance(cfg.batch_size, bool) or not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
         raise ConfigError(f"option batch_size must be auto or an integer >= 1, got {cfg.batch_size!r}")
     cfg = cfg.replace(video_paths=unique)

@@ -7,6 +7,8 @@ levels (see :func:`resize` for how exact that is).
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -99,3 +101,41 @@ def normalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) 
     m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
     s = torch.tensor(std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
     return (x - m) / s
+
+
+#: values of the ``crops`` option, and the views each yields per frame or stack
+CROPS = {"center": 1, "5": 5, "10": 10}
+
+
+def n_views(crops: str | None) -> int:
+    """Views per frame or stack under ``crops`` (1 for types without the option)."""
+    return CROPS[str(crops or "center")]
+
+
+def crop_views(x: torch.Tensor, size: int | tuple[int, int], crops: str,
+               center: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The ``crops`` of every image of ``x`` (..., C, H, W).
+
+    ``center``: ``center(x)``, the feature type's own centre crop, shape unchanged. ``5`` and
+    ``10``: ``(..., V, C, h, w)``, views stacked before the channels, in the order of
+    torchvision's FiveCrop (top-left, top-right, bottom-left, bottom-right, centre) and TenCrop
+    (those five, then the same five of the horizontally flipped image). The centre view is
+    ``center``'s, so view 4 is exactly the ``center`` output. A side shorter than the crop is
+    kept whole (as ``center`` keeps it, see s3d).
+    """
+    if crops == "center":
+        return center(x)
+    th, tw = (size, size) if isinstance(size, int) else size
+    h, w = x.shape[-2:]
+    th, tw = min(th, h), min(tw, w)
+
+    def five(img: torch.Tensor) -> list[torch.Tensor]:
+        return [img[..., :th, :tw], img[..., :th, w - tw:], img[..., h - th:, :tw],
+                img[..., h - th:, w - tw:], center(img)]
+
+    views = five(x)
+    if crops == "10":
+        views += five(x.flip(-1))
+    elif crops != "5":
+        raise ValueError(f"crops must be one of {', '.join(CROPS)}, got {crops!r}")
+    return torch.stack(views, dim=-4)

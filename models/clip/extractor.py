@@ -13,18 +13,18 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from video_features.models.base import Extractor
+from video_features.models.base import CropOptions, Extractor
 from video_features.models.clip.preprocess import preprocess
 from video_features.models.clip.weights import (OPENAI_NAMES, checkpoint_for, kinetics_prompts, load_clip,
                                  open_clip_module, source_for)
-from video_features.utils.config import Config, SharedOptions, option
+from video_features.utils.config import Config, option
 from video_features.utils.errors import ConfigError, VideoError, WeightsError
 from video_features.utils.pipeline import rows_of
 from video_features.utils.weights import use_random_weights
 
 
 @dataclasses.dataclass
-class CLIPOptions(SharedOptions):
+class CLIPOptions(CropOptions):
     model_name: str = option(
         "OpenAI CLIP (pretrained=openai): " + " | ".join(OPENAI_NAMES) + "; or an open_clip "
         "architecture with its pretrained tag (ViT-B-32, ViT-B-16-SigLIP, ViT-B-16-SigLIP2, ...). "
@@ -68,6 +68,9 @@ class CLIPExtractor(Extractor):
         from video_features.models.clip.preprocess import recipe_from_cfg
 
         self.recipe = recipe_from_cfg(self.recipe)
+        if self.views > 1 and self.recipe.resize_mode != "shortest":
+            raise ConfigError(f"crops={cfg.crops}: {cfg.model_name} squashes frames to its input "
+                              "size, so there is nothing to crop")
         model = model.to(self.device)
         if cfg.show_pred:
             self._prepare_texts(model)
@@ -102,7 +105,7 @@ class CLIPExtractor(Extractor):
         return self.cfg.batch_size
 
     def add_frames(self, work, frames: torch.Tensor, stamps: np.ndarray) -> list:
-        return [("clip", preprocess(frames, self.recipe), stamps)]
+        return [("clip", preprocess(frames, self.recipe, self.cfg.crops), stamps)]
 
     @torch.inference_mode()
     def forward(self, key: str, batch: torch.Tensor) -> torch.Tensor:
@@ -122,6 +125,7 @@ class CLIPExtractor(Extractor):
         if feats is None:
             raise VideoError("no frames to extract features from")
         if self.cfg.show_pred:
-            self.print_predictions(f"{work.path} frame", self.zero_shot(feats), self.labels)
+            self.print_predictions(f"{work.path} frame", self.over_views(self.zero_shot, feats),
+                                   self.labels)
         return {"clip": feats.float().cpu().numpy(), "fps": np.array(work.fps, dtype=np.float64),
                 "timestamps_ms": self.row_times(work, stamps)}

@@ -20,7 +20,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from video_features.utils.transforms import short_side_size
+from video_features.utils.transforms import crop_views, short_side_size
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -164,9 +164,11 @@ def recipe_from_cfg(cfg: dict) -> ImageRecipe:
                        interpolation, cfg.get("resize_mode") or "shortest")
 
 
-def preprocess(frames_u8: torch.Tensor, recipe: ImageRecipe) -> torch.Tensor:
+def preprocess(frames_u8: torch.Tensor, recipe: ImageRecipe, crops: str = "center") -> torch.Tensor:
     """(N, 3, H, W) uint8 -> (N, 3, size) float32 network input, equal to torchvision's
-    ``Resize`` + ``CenterCrop`` + ``ToTensor`` + ``Normalize`` on each frame as a PIL image."""
+    ``Resize`` + ``CenterCrop`` + ``ToTensor`` + ``Normalize`` on each frame as a PIL image;
+    with 5 / 10 crops, its FiveCrop / TenCrop in place of the centre crop: ``(N, V, 3, size)``
+    (only the ``shortest`` resize leaves anything to crop)."""
     h, w = frames_u8.shape[-2:]
     th, tw = recipe.size
     if recipe.resize_mode == "squash":
@@ -183,7 +185,11 @@ def preprocess(frames_u8: torch.Tensor, recipe: ImageRecipe) -> torch.Tensor:
             raise ValueError(f"resized frame {hw} smaller than the crop {recipe.size}")
         # (open_clip's ResizeKeepRatio is always bicubic)
         interpolation = recipe.interpolation if th == tw else "bicubic"
-        x = pil_resize(frames_u8, hw, interpolation, slice(top, top + th), slice(left, left + tw))
+        if crops == "center":  # only the crop's pixels are computed
+            x = pil_resize(frames_u8, hw, interpolation, slice(top, top + th), slice(left, left + tw))
+        else:
+            x = crop_views(pil_resize(frames_u8, hw, interpolation), (th, tw), crops,
+                           lambda y: y[..., top:top + th, left:left + tw])
     else:
         raise ValueError(f"resize_mode {recipe.resize_mode!r} is not supported")
     x = x / 255.0

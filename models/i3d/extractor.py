@@ -28,7 +28,7 @@ from video_features.models.i3d.weights import get_card, load_i3d, load_labels
 from video_features.utils.config import Config, option
 from video_features.utils.errors import ConfigError, VideoError
 from video_features.utils.pipeline import rows_of
-from video_features.utils.transforms import center_crop, resize_short_side
+from video_features.utils.transforms import center_crop, crop_views, resize_short_side
 from video_features.utils.windows import SlidingWindows, stack_windows
 
 log = logging.getLogger(__name__)
@@ -160,7 +160,7 @@ class I3DExtractor(Extractor):
                 log.warning("optical flow ran out of GPU memory: %d frame pairs per batch from now on",
                             self.flow_pairs)
                 continue
-            flow[group] = flow_to_i3d(center_crop(f, 224, offset="floor"))
+            flow[group] = flow_to_i3d(self.crop(f))
             at += len(group)
 
     def auto_flow_pairs(self, h: int, w: int) -> int:
@@ -176,6 +176,12 @@ class I3DExtractor(Extractor):
         log.info("flow_batch_size auto: %d frame pairs of %dx%d (%.0f MB free on %s)",
                  max(1, min(64, pairs)), w, h, free / 2**20, self.device)
         return max(1, min(64, pairs))
+
+    def crop(self, x: torch.Tensor) -> torch.Tensor:
+        """Resized frames or flow fields -> the network's 224 x 224 crops: the reference's
+        centre crop at ``(H - 224) // 2``, or the ``crops`` views around it. A flow field is
+        cropped and flipped as an image, as TenCrop treats the released flow JPEGs."""
+        return crop_views(x, 224, self.cfg.crops, lambda y: center_crop(y, 224, offset="floor"))
 
     def chunk_frames(self) -> int:
         return max(self.cfg.stack_size, 8)
@@ -199,10 +205,11 @@ class I3DExtractor(Extractor):
         out = {}
         for stream in self.streams:
             if stream == "rgb":
-                out["rgb"] = rgb_to_i3d(center_crop(seq[:n], 224, offset="floor"))
+                out["rgb"] = rgb_to_i3d(self.crop(seq[:n]))
                 continue
             # flow only for elements some stack uses (step_size > stack_size skips some)
-            flow = torch.zeros((n, 2, 224, 224), device=self.device)
+            views = () if self.views == 1 else (self.views,)
+            flow = torch.zeros((n, *views, 2, 224, 224), device=self.device)
             idx = torch.arange(state.index, state.index + n)
             need = ((idx % cfg.step_size) < cfg.stack_size).nonzero().flatten()
             self._flow_into(flow, seq, need.to(self.device))
@@ -227,6 +234,12 @@ class I3DExtractor(Extractor):
         net = self.nets[key]
         return net.feature_maps(x) if self.cfg.spatial else net.features(x)
 
+    def _predict(self, net: torch.nn.Module, feats: torch.Tensor) -> torch.Tensor:
+        pooled = net._avg_pool(feats).mean(dim=(2, 3, 4)) if self.cfg.spatial else feats
+        logits = net.classify(pooled)
+        # Charades is multi-label (sigmoid); Kinetics single-label (softmax)
+        return torch.sigmoid(logits) if net.num_classes == 157 else torch.softmax(logits, -1)
+
     def finish(self, work) -> dict[str, np.ndarray]:
         cfg = self.cfg
         result: dict[str, np.ndarray] = {}
@@ -237,11 +250,7 @@ class I3DExtractor(Extractor):
                 raise VideoError(f"too short: a stack needs stack_size + 1 = {cfg.stack_size + 1} "
                                  f"frames, the video has {work.frames} at {work.fps:g} fps")
             if cfg.show_pred:
-                net = self.nets[s]
-                pooled = net._avg_pool(feats).mean(dim=(2, 3, 4)) if cfg.spatial else feats
-                logits = net.classify(pooled)
-                # Charades is multi-label (sigmoid); Kinetics single-label (softmax)
-                probs = torch.sigmoid(logits) if net.num_classes == 157 else torch.softmax(logits, -1)
+                probs = self.over_views(lambda f, net=self.nets[s]: self._predict(net, f), feats)
                 self.print_predictions(f"{work.path} {s} stack", probs, self.labels[s])
             result[s] = feats.float().cpu().numpy()
         result["fps"] = np.array(work.fps, dtype=np.float64)

@@ -21,20 +21,21 @@ from video_features.models.r21d.weights import card_for, labels, load_r21d, spec
 from video_features.utils.config import Config, option
 from video_features.utils.errors import VideoError
 from video_features.utils.pipeline import rows_of
-from video_features.utils.transforms import center_crop, normalize, resize
+from video_features.utils.transforms import center_crop, crop_views, normalize, resize
 from video_features.utils.windows import SlidingWindows, stack_windows
 
 KINETICS_MEAN = (0.43216, 0.394666, 0.37645)
 KINETICS_STD = (0.22803, 0.22145, 0.216989)
 
 
-def preprocess(frames_u8: torch.Tensor) -> torch.Tensor:
+def preprocess(frames_u8: torch.Tensor, crops: str = "center") -> torch.Tensor:
     """(N, 3, H, W) uint8 -> (N, 3, 112, 112): /255, bilinear (no antialias) to 128x171,
-    normalise, centre crop with torchvision's rounding (the reference recipe)."""
+    normalise, centre crop with torchvision's rounding (the reference recipe); 5 / 10 crops:
+    ``(N, V, 3, 112, 112)``, see :func:`utils.transforms.crop_views`."""
     x = frames_u8.float() / 255.0
     x = resize(x, (128, 171), antialias=False, round_to_uint8=False)
     x = normalize(x, KINETICS_MEAN, KINETICS_STD)
-    return center_crop(x, 112, offset="round")
+    return crop_views(x, 112, crops, lambda y: center_crop(y, 112, offset="round"))
 
 
 @dataclasses.dataclass
@@ -92,7 +93,7 @@ class R21DExtractor(Extractor):
         return [("r21d", *stacked)] if stacked else []
 
     def add_frames(self, work, frames: torch.Tensor, stamps: np.ndarray) -> list:
-        return self._stacks(work.state.push(preprocess(frames), stamps))
+        return self._stacks(work.state.push(preprocess(frames, self.cfg.crops), stamps))
 
     def end_frames(self, work, end_s: float | None = None) -> list:
         return self._stacks(work.state.finish())
@@ -109,7 +110,7 @@ class R21DExtractor(Extractor):
             raise VideoError(f"too short: fewer than stack_size={cfg.stack_size} frames "
                              f"({work.frames} at {work.fps:g} fps)")
         if cfg.show_pred:
-            self.print_predictions(f"{work.path} stack", torch.softmax(self.net.head(feats), -1),
-                                   self.labels)
+            probs = self.over_views(lambda f: torch.softmax(self.net.head(f), -1), feats)
+            self.print_predictions(f"{work.path} stack", probs, self.labels)
         return {"r21d": feats.float().cpu().numpy(), "fps": np.array(work.fps, dtype=np.float64),
                 "timestamps_ms": self.row_times(work, stamps)}

@@ -6,24 +6,27 @@ import dataclasses
 import numpy as np
 import torch
 
-from video_features.models.base import Extractor
+from video_features.models.base import CropOptions, Extractor
 from video_features.models.resnet.net import NAMES, feature_dim
 from video_features.models.resnet.weights import card_for, labels, load_resnet
-from video_features.utils.config import Config, SharedOptions, option
+from video_features.utils.config import Config, option
 from video_features.utils.errors import VideoError
 from video_features.utils.pipeline import rows_of
-from video_features.utils.transforms import IMAGENET_MEAN, IMAGENET_STD, center_crop, normalize, resize_short_side
+from video_features.utils.transforms import (IMAGENET_MEAN, IMAGENET_STD, center_crop, crop_views,
+                                             normalize, resize_short_side)
 
 
-def preprocess(frames_u8: torch.Tensor) -> torch.Tensor:
-    """(N, 3, H, W) uint8 -> network input, equal to torchvision's ImageNet transform per PIL frame."""
+def preprocess(frames_u8: torch.Tensor, crops: str = "center") -> torch.Tensor:
+    """(N, 3, H, W) uint8 -> network input, equal to torchvision's ImageNet transform per PIL
+    frame; with 5 / 10 crops ``(N, V, 3, 224, 224)``, its FiveCrop / TenCrop in place of the
+    centre crop."""
     x = resize_short_side(frames_u8, 256, antialias=True)
-    x = center_crop(x, 224, offset="round")
+    x = crop_views(x, 224, crops, lambda y: center_crop(y, 224, offset="round"))
     return normalize(x / 255.0, IMAGENET_MEAN, IMAGENET_STD)
 
 
 @dataclasses.dataclass
-class ResNetOptions(SharedOptions):
+class ResNetOptions(CropOptions):
     model_name: str = option("resnet18 | resnet34 | resnet50 | resnet101 | resnet152 "
                              "(ImageNet-1k IMAGENET1K_V1 weights)", choices=NAMES,
                              changes_values=True)
@@ -49,7 +52,7 @@ class ResNetExtractor(Extractor):
         return self.cfg.batch_size
 
     def add_frames(self, work, frames: torch.Tensor, stamps: np.ndarray) -> list:
-        return [("resnet", preprocess(frames), stamps)]
+        return [("resnet", preprocess(frames, self.cfg.crops), stamps)]
 
     @torch.inference_mode()
     def forward(self, key: str, batch: torch.Tensor) -> torch.Tensor:
@@ -61,9 +64,9 @@ class ResNetExtractor(Extractor):
         if feats is None:
             raise VideoError("no frames to extract features from")
         if self.cfg.show_pred:
-            self.print_predictions(f"{work.path} frame", torch.softmax(self.net.head(feats), -1),
-                                   self.labels)
+            probs = self.over_views(lambda f: torch.softmax(self.net.head(f), -1), feats)
+            self.print_predictions(f"{work.path} frame", probs, self.labels)
         out = feats.float().cpu().numpy()
-        assert out.shape[1] == feature_dim(self.cfg.model_name)
+        assert out.shape[-1] == feature_dim(self.cfg.model_name)
         return {"resnet": out, "fps": np.array(work.fps, dtype=np.float64),
                 "timestamps_ms": self.row_times(work, stamps)}

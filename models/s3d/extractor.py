@@ -30,7 +30,7 @@ from video_features.models.s3d.weights import FAMILIES, card_for, labels, load_s
 from video_features.utils.config import Config, option
 from video_features.utils.errors import ConfigError, VideoError
 from video_features.utils.pipeline import rows_of
-from video_features.utils.transforms import normalize
+from video_features.utils.transforms import crop_views, normalize
 from video_features.utils.windows import SlidingWindows, stack_windows
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,8 @@ def _center(x: torch.Tensor, size: int) -> torch.Tensor:
     return x[..., top:top + size, left:left + size]
 
 
-def preprocess_reference(frames_u8: torch.Tensor, symmetric: bool = False) -> torch.Tensor:
+def preprocess_reference(frames_u8: torch.Tensor, symmetric: bool = False,
+                         crops: str = "center") -> torch.Tensor:
     """(N, 3, H, W) uint8 -> (N, 3, 224, 224) in [0, 1] ([-1, 1] with ``symmetric``), the
     reference recipe: divide first, then resize with the scale factor itself (not the ratio of
     the rounded sizes) mapping output to input pixels."""
@@ -59,17 +60,17 @@ def preprocess_reference(frames_u8: torch.Tensor, symmetric: bool = False) -> to
     scale = float(CROP) / min(x.shape[-2:])
     x = F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False,
                       recompute_scale_factor=False)
-    x = _center(x, CROP)
+    x = crop_views(x, CROP, crops, lambda y: _center(y, CROP))
     return x * 2.0 - 1.0 if symmetric else x
 
 
-def preprocess_torchvision(frames_u8: torch.Tensor) -> torch.Tensor:
+def preprocess_torchvision(frames_u8: torch.Tensor, crops: str = "center") -> torch.Tensor:
     """(N, 3, H, W) uint8 -> (N, 3, 224, 224), as torchvision's VideoClassification transform:
     resize the uint8 frames to 256x256 (float bilinear, rounded back to whole levels), crop,
     / 255, normalise."""
     x = F.interpolate(frames_u8.float(), size=TV_RESIZE, mode="bilinear", align_corners=False,
                       antialias=False).round_().clamp_(0, 255)
-    x = _center(x, CROP) / 255.0
+    x = crop_views(x, CROP, crops, lambda y: _center(y, CROP)) / 255.0
     return normalize(x, KINETICS_MEAN, KINETICS_STD)
 
 
@@ -129,8 +130,9 @@ class S3DExtractor(Extractor):
     def preprocess(self, frames_u8: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) uint8 -> (N, 3, 224, 224) network input of this run's weight family."""
         if self.layout == "torchvision":
-            return preprocess_torchvision(frames_u8)
-        return preprocess_reference(frames_u8, symmetric=self.cfg.input_range == "symmetric")
+            return preprocess_torchvision(frames_u8, self.cfg.crops)
+        return preprocess_reference(frames_u8, symmetric=self.cfg.input_range == "symmetric",
+                                    crops=self.cfg.crops)
 
     def chunk_frames(self) -> int:
         # frames are converted to float at full size before the resize (the reference's
@@ -172,8 +174,8 @@ class S3DExtractor(Extractor):
             raise VideoError(f"too short: fewer than stack_size={cfg.stack_size} frames "
                              f"({work.frames}{fps})")
         if cfg.show_pred:
-            self.print_predictions(f"{work.path} stack", torch.softmax(self.net.head(feats), -1),
-                                   self.labels)
+            probs = self.over_views(lambda f: torch.softmax(self.net.head(f), -1), feats)
+            self.print_predictions(f"{work.path} stack", probs, self.labels)
         out = feats.float().cpu().numpy()
-        assert out.shape[1] == FEATURE_DIM
+        assert out.shape[-1] == FEATURE_DIM
         return {"s3d": out, "fps": np.array(work.fps, dtype=np.float64), "timestamps_ms": self.row_times(work, stamps)}

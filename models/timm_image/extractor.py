@@ -16,11 +16,11 @@ from typing import Optional
 import numpy as np
 import torch
 
-from video_features.models.base import Extractor
+from video_features.models.base import CropOptions, Extractor
 from video_features.models.timm_image.preprocess import CROP_MODES, preprocess
 from video_features.models.timm_image.weights import (build_model, card_for, class_names, recipe_for,
                                        source_for, weights_file)
-from video_features.utils.config import Config, SharedOptions, option
+from video_features.utils.config import Config, option
 from video_features.utils.errors import ConfigError, VideoError
 from video_features.utils.pipeline import rows_of
 from video_features.utils.weights import use_random_weights
@@ -32,7 +32,7 @@ TOP_K = 5
 
 
 @dataclasses.dataclass
-class TimmOptions(SharedOptions):
+class TimmOptions(CropOptions):
     model_name: str = option(
         "a timm model, architecture.pretrained_tag (vit_base_patch16_224.augreg_in21k, "
         "convnext_base.fb_in22k_ft_in1k, vit_base_patch16_siglip_224.v2_webli, ...) or an "
@@ -84,6 +84,10 @@ class TimmExtractor(Extractor):
 
         self.recipe = recipe_for(source, timm.data.resolve_model_data_config(self.model),
                                  cfg.get("crop_pct"), cfg.get("crop_mode"))
+        if self.views > 1 and self.recipe.crop_mode == "squash" and self.recipe.scale == self.recipe.size:
+            raise ConfigError(f"crops={cfg.crops}: timm {source.name} squashes frames to its "
+                              "input size (crop_pct 1), so there is nothing to crop; set crop_pct "
+                              "below 1 or crop_mode=center")
         self.show_pred = bool(cfg.show_pred)
         self.labels = class_names(self.model) if self.show_pred else []
         log.info("timm %s: %s", source.name, self.recipe.describe())
@@ -92,7 +96,7 @@ class TimmExtractor(Extractor):
         return self.cfg.batch_size
 
     def add_frames(self, work, frames: torch.Tensor, stamps: np.ndarray) -> list:
-        return [("timm", preprocess(frames, self.recipe), stamps)]
+        return [("timm", preprocess(frames, self.recipe, self.cfg.crops), stamps)]
 
     @torch.inference_mode()
     def forward(self, key: str, batch: torch.Tensor) -> torch.Tensor:
@@ -121,7 +125,9 @@ class TimmExtractor(Extractor):
             raise VideoError("no frames to extract features from")
         if self.show_pred:
             k = min(TOP_K, len(self.labels))
-            self._print_top(f"{work.path} frame", feats[:, :2 * k])
-            feats = feats[:, 2 * k:]
+            # only the top-k of each view travel with the rows: with crops, the centre view's
+            top = feats[:, :2 * k] if self.views == 1 else feats[:, 4, :2 * k]
+            self._print_top(f"{work.path} frame", top)
+            feats = feats[..., 2 * k:]
         return {"timm": feats.float().cpu().numpy(), "fps": np.array(work.fps, dtype=np.float64),
                 "timestamps_ms": self.row_times(work, stamps)}

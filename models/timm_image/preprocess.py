@@ -27,6 +27,7 @@ from typing import Any, Mapping
 import torch
 
 from video_features.models.clip.preprocess import pil_resize
+from video_features.utils.transforms import crop_views
 
 #: interpolations models.clip.preprocess resamples exactly as PIL does
 INTERPOLATIONS = ("bicubic", "bilinear")
@@ -107,26 +108,37 @@ def recipe_from_data_config(cfg: Mapping[str, Any]) -> TimmRecipe:
                       _triple(cfg["mean"]), _triple(cfg["std"]))
 
 
-def preprocess(frames_u8: torch.Tensor, recipe: TimmRecipe) -> torch.Tensor:
+def preprocess(frames_u8: torch.Tensor, recipe: TimmRecipe, crops: str = "center") -> torch.Tensor:
     """(N, 3, H, W) uint8 -> (N, 3, h, w) float32 network input, equal to timm's eval transform
-    on each frame as a PIL image."""
+    on each frame as a PIL image; with 5 / 10 crops, torchvision's FiveCrop / TenCrop of the
+    resized (padded) frame in place of the centre crop: ``(N, V, 3, h, w)``."""
     h, w = frames_u8.shape[-2:]
     th, tw = recipe.size
     hw, pad, top, left = recipe.plan(h, w)
-    if not any(pad):
+    if crops != "center":
+        x = _padded(pil_resize(frames_u8, hw, recipe.interpolation), recipe, pad)
+        x = crop_views(x, (th, tw), crops, lambda y: y[..., top:top + th, left:left + tw])
+    elif not any(pad):  # only the crop's pixels are computed
         x = pil_resize(frames_u8, hw, recipe.interpolation, slice(top, top + th),
                        slice(left, left + tw))
     else:   # rare (an upscaled border / tiny frame): pad the whole resized frame, then crop
-        x = pil_resize(frames_u8, hw, recipe.interpolation)
-        fill = torch.tensor(recipe.fill(), dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-        out = fill.expand(x.shape[0], -1, hw[0] + pad[1] + pad[3], hw[1] + pad[0] + pad[2])
-        out = out.clone()
-        out[..., pad[1]:pad[1] + hw[0], pad[0]:pad[0] + hw[1]] = x
-        x = out[..., top:top + th, left:left + tw]
+        x = _padded(pil_resize(frames_u8, hw, recipe.interpolation), recipe, pad)
+        x = x[..., top:top + th, left:left + tw]
     x = x / 255.0                          # ToTensor
     mean = torch.tensor(recipe.mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
     std = torch.tensor(recipe.std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
     return ((x - mean) / std).contiguous()  # Normalize
+
+
+def _padded(x: torch.Tensor, recipe: TimmRecipe, pad: tuple[int, int, int, int]) -> torch.Tensor:
+    """The resized frames ``x`` with ``pad`` (left, top, right, bottom) of the recipe's fill."""
+    if not any(pad):
+        return x
+    fill = torch.tensor(recipe.fill(), dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    h, w = x.shape[-2:]
+    out = fill.expand(x.shape[0], -1, h + pad[1] + pad[3], w + pad[0] + pad[2]).clone()
+    out[..., pad[1]:pad[1] + h, pad[0]:pad[0] + w] = x
+    return out
 
 
 __all__ = ["CROP_MODES", "INTERPOLATIONS", "TimmRecipe", "preprocess", "recipe_from_data_config"]

@@ -28,7 +28,7 @@ from video_features.models.tv_video.weights import (DEFAULT_MODEL, MODEL_NAMES, 
 from video_features.utils.config import Config, option
 from video_features.utils.errors import ConfigError, VideoError
 from video_features.utils.pipeline import rows_of
-from video_features.utils.transforms import center_crop, normalize
+from video_features.utils.transforms import center_crop, crop_views, normalize
 from video_features.utils.windows import SlidingWindows, stack_windows
 
 log = logging.getLogger(__name__)
@@ -47,8 +47,9 @@ def resized_size(h: int, w: int, resize: tuple[int, ...]) -> tuple[int, int]:
     return (n, int(n * w / h)) if h <= w else (int(n * h / w), n)
 
 
-def preprocess(frames_u8: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
-    """(N, 3, H, W) uint8 -> (N, 3, crop, crop) float32, the Weights entry's transform."""
+def preprocess(frames_u8: torch.Tensor, spec: ModelSpec, crops: str = "center") -> torch.Tensor:
+    """(N, 3, H, W) uint8 -> (N, 3, crop, crop) float32, the Weights entry's transform (5 / 10
+    crops: ``(N, V, 3, crop, crop)``, see :func:`utils.transforms.crop_views`)."""
     h, w = frames_u8.shape[-2:]
     size = resized_size(h, w, spec.resize)
     out = []
@@ -57,7 +58,8 @@ def preprocess(frames_u8: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
         x = F.interpolate(part.float(), size=size, mode="bilinear", align_corners=False,
                           antialias=False).round_()
         # every spec resizes to at least its crop, so torchvision's zero padding never applies
-        x = center_crop(x, spec.crop, offset="round") / 255.0
+        x = crop_views(x, spec.crop, crops, lambda y: center_crop(y, spec.crop, offset="round"))
+        x = x / 255.0
         out.append(normalize(x, spec.mean, spec.std))
     return out[0] if len(out) == 1 else torch.cat(out)
 
@@ -134,7 +136,7 @@ class TVVideoExtractor(Extractor):
         return [("tv_video", *stacked)] if stacked else []
 
     def add_frames(self, work: Any, frames: torch.Tensor, stamps: np.ndarray) -> list:
-        return self._stacks(work.state.push(preprocess(frames, self.spec), stamps))
+        return self._stacks(work.state.push(preprocess(frames, self.spec, self.cfg.crops), stamps))
 
     def end_frames(self, work: Any, end_s: float | None = None) -> list:
         return self._stacks(work.state.finish())
@@ -151,9 +153,9 @@ class TVVideoExtractor(Extractor):
             raise VideoError(f"too short: fewer than stack_size={self.cfg.stack_size} frames "
                              f"({work.frames}{fps})")
         if self.cfg.show_pred:
-            self.print_predictions(f"{work.path} {self.spec.name} clip",
-                                   torch.softmax(self.net.head(feats), -1), self.labels)
+            probs = self.over_views(lambda f: torch.softmax(self.net.head(f), -1), feats)
+            self.print_predictions(f"{work.path} {self.spec.name} clip", probs, self.labels)
         out = feats.float().cpu().numpy()
-        assert out.shape[1] == self.spec.feature_dim
+        assert out.shape[-1] == self.spec.feature_dim
         return {"tv_video": out, "fps": np.array(work.fps, dtype=np.float64),
                 "timestamps_ms": self.row_times(work, stamps)}

@@ -26,6 +26,7 @@ from video_features.utils.config import Config, option
 from video_features.utils.errors import ConfigError, VideoError
 from video_features.utils.pipeline import rows_of
 from video_features.utils.weights import use_random_weights
+from video_features.utils.transforms import crop_views
 from video_features.utils.windows import SlidingWindows, stack_windows
 
 log = logging.getLogger(__name__)
@@ -110,8 +111,9 @@ class Preprocess:
         n = self.resize[1]  # shorter side -> n, longer truncated (transformers' rule)
         return (n, int(n * w / h)) if h <= w else (int(n * h / w), n)
 
-    def __call__(self, frames: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) uint8 -> (N, 3, h, w) float32, as the processor computes it."""
+    def __call__(self, frames: torch.Tensor, crops: str = "center") -> torch.Tensor:
+        """(N, 3, H, W) uint8 -> (N, 3, h, w) float32, as the processor computes it; 5 / 10
+        crops in place of its centre crop: ``(N, V, 3, h, w)`` (utils.transforms.crop_views)."""
         from torchvision.transforms.v2 import InterpolationMode
         from torchvision.transforms.v2 import functional as tvF
 
@@ -131,7 +133,7 @@ class Preprocess:
                 x = tvF.pad(x, pad, fill=0)
                 h, w = x.shape[-2:]
             top, left = int((h - ch) / 2.0), int((w - cw) / 2.0)
-            x = x[..., top:top + ch, left:left + cw]
+            x = crop_views(x, (ch, cw), crops, lambda y: y[..., top:top + ch, left:left + cw])
         x = x.to(torch.float32)
         if self.mean is not None:
             mean = torch.tensor(self.mean, device=x.device)
@@ -202,6 +204,9 @@ class VideoMAEExtractor(Extractor):
             raise ConfigError(f"videomae: the processor of {src.model_id} neither crops nor "
                               "resizes to a fixed size; the model needs "
                               f"{size[0]}x{size[1]} frames")
+        if self.views > 1 and not self.preprocess.crop:
+            raise ConfigError(f"crops={cfg.crops}: the processor of {src.model_id} resizes "
+                              "frames to the model's input size, so there is nothing to crop")
         if self.preprocess.out_size(0, 0) != size:
             raise ConfigError(f"videomae: the processor of {src.model_id} gives "
                               f"{self.preprocess.out_size(0, 0)} frames, the model takes {size}")
@@ -236,7 +241,7 @@ class VideoMAEExtractor(Extractor):
         return [("videomae", *stacked)] if stacked else []
 
     def add_frames(self, work, frames: torch.Tensor, stamps: np.ndarray) -> list:
-        return self._stacks(work.state.push(self.preprocess(frames), stamps))
+        return self._stacks(work.state.push(self.preprocess(frames, self.cfg.crops), stamps))
 
     def end_frames(self, work, end_s: float | None = None) -> list:
         return self._stacks(work.state.finish())
@@ -255,9 +260,11 @@ class VideoMAEExtractor(Extractor):
             raise VideoError(f"too short: fewer than stack_size={self.stack} frames "
                              f"({work.frames} at {work.fps:g} fps)")
         if self.cfg.show_pred and self.fc_norm is not None:
-            x = feats.to(self.device)
-            x = x if self.pooling == "fc_norm" else self.fc_norm(x)
-            self.print_predictions(f"{work.path} clip", torch.softmax(self.classifier(x), -1),
-                                   self.labels)
+            def predict(x: torch.Tensor) -> torch.Tensor:
+                x = x.to(self.device)
+                x = x if self.pooling == "fc_norm" else self.fc_norm(x)
+                return torch.softmax(self.classifier(x), -1)
+
+            self.print_predictions(f"{work.path} clip", self.over_views(predict, feats), self.labels)
         return {"videomae": feats.float().cpu().numpy(),
                 "fps": np.array(work.fps, dtype=np.float64), "timestamps_ms": self.row_times(work, stamps)}
