@@ -529,3 +529,67 @@ def test_main_saves_numpy_files(base_run, video9, tmp_path):
     np.testing.assert_allclose(np.load(folder / "clip_timestamps_ms.npy"), [[0.0, 200.0]])
     features_close(rgb[0], ref["rgb"][0], 1e-5)
     features_close(flow[0], ref["flow"][0], 1e-4)
+
+
+# -- crops ---------------------------------------------------------------------------------------
+class _ColumnProbe(_Probe):
+    """Like _Probe, but each element's number weights the columns unequally, so a crop and its
+    mirror image give different numbers."""
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:   # (B, C, T, H, W)
+        col = torch.linspace(0.0, 1.0, x.shape[-1])
+        m = (x * col).mean(dim=(1, 3, 4))
+        return torch.nn.functional.pad(m, (0, 1024 - m.shape[1]))
+
+
+def _views(img: torch.Tensor, crops: str) -> list[torch.Tensor]:
+    """torchvision's FiveCrop / TenCrop of (C, H, W), written out from their definition."""
+    from torchvision.transforms.v2 import functional as TF
+
+    views = TF.five_crop(img, [224, 224]) if crops == "5" else TF.ten_crop(img, [224, 224])
+    return list(views)
+
+
+@pytest.mark.parametrize("crops", ["5", "10"])
+def test_crops_are_torchvision_views_of_both_streams(make_video, monkeypatch, crops):
+    """Every element of each stream, per view, against an independent re-computation: PIL
+    resize, the flow stand-in on the resized frames, torchvision's five_crop / ten_crop (the
+    flow field cropped and flipped as an image), the I3D input mapping."""
+    monkeypatch.setattr("video_features.models.i3d.extractor.load_i3d", lambda *a, **k: _ColumnProbe())
+    monkeypatch.setattr(flow_weights, "load_pwc", lambda *a, **k: _FakeFlow())
+    path = make_video("i3d9.mp4", n_frames=9, fps=FPS, width=W, height=H)
+    ex, out = _extract(path, stack_size=1, step_size=1, crops=crops)
+    views = int(crops)
+    assert ex.cfg.batch_size == 2           # explicit batch sizes count stacks, not views
+    resized = [torch.from_numpy(np.array(pil_resize_short_256(f))).permute(2, 0, 1).float()
+               for f in decode_rgb(path)]
+    col = torch.linspace(0.0, 1.0, 224)
+    for s in ("rgb", "flow"):
+        assert out[s].shape == (8, views, 1024)
+        for i in range(8):
+            if s == "rgb":
+                elem = rgb_to_i3d(resized[i])
+                want = [float((v * col).mean()) for v in _views(elem, crops)]
+            else:
+                flow = (resized[i + 1] - resized[i])[:2] * 0.25
+                want = [float((flow_to_i3d(v) * col).mean()) for v in _views(flow, crops)]
+            np.testing.assert_allclose(out[s][i, :, 0], want, rtol=0, atol=2e-3)
+        assert not np.allclose(out[s][:, 0, 0], out[s][:, 1, 0])
+        if views == 10:  # the mirrored views are not the plain ones
+            assert not np.allclose(out[s][:, :5, 0], out[s][:, 5:, 0])
+    # the centre view is the single-crop element
+    _, center = _extract(path, stack_size=1, step_size=1)
+    for s in ("rgb", "flow"):
+        np.testing.assert_allclose(out[s][:, 4], center[s], rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(out["timestamps_ms"], center["timestamps_ms"])
+
+
+def test_crops_with_real_networks_and_spatial_maps(i3d_weights, video9):
+    """Real I3D nets: view 4 equals the crops=center features; spatial maps keep the views."""
+    _, center = _extract(video9)
+    _, out = _extract(video9, crops="5")
+    for s in ("rgb", "flow"):
+        assert out[s].shape == (2, 5, 1024)
+        features_close(out[s][:, 4], center[s], 1e-5)
+    _, maps = _extract(video9, crops="10", streams=["rgb"], spatial=True)
+    assert maps["rgb"].shape[:3] == (2, 10, 1024) and maps["rgb"].shape[-2:] == (7, 7)

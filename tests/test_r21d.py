@@ -397,3 +397,30 @@ def test_missing_ig65m_weights_name_the_release_url(tmp_path, monkeypatch):
     msg = str(ei.value)
     assert IG65M_URL + "r2plus1d_34_clip32_ft_kinetics_from_ig65m-ade133f1.pth" in msg
     assert "hub/checkpoints/r2plus1d_34_clip32_ft_kinetics_from_ig65m-ade133f1.pth" in msg
+
+
+def test_ten_crops_match_torchvision_ten_crop_of_the_reference_input(r21d_weights, video20):
+    """crops=10: each view equals torchvision's r2plus1d_18 on its TenCrop of the reference
+    recipe's 128x171 frames, the crops of a clip in one pass; view 4 is the crops=center row."""
+    import torchvision
+    from torchvision.transforms.v2 import functional as TF
+
+    ex, out = _extract(video20, stack_size=8, step_size=8, crops="10", batch_size=1)
+    assert out["r21d"].shape == (2, 10, 512)
+    _, center = _extract(video20, stack_size=8, step_size=8)
+    np.testing.assert_allclose(out["r21d"][:, 4], center["r21d"], rtol=0,
+                               atol=1e-5 * np.abs(center["r21d"]).max())
+
+    net = torchvision.models.video.r2plus1d_18(weights=None)
+    net.load_state_dict(torch.load(r21d_weights, weights_only=True))
+    net.fc = torch.nn.Identity()
+    net.eval()
+    x = torch.from_numpy(decode_rgb(video20)[:16]).permute(0, 3, 1, 2).float() / 255.0
+    x = F.interpolate(x, size=(128, 171), mode="bilinear", align_corners=False)
+    x = (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    views = torch.stack(TF.ten_crop(x, [112, 112]), 1)                 # (16, 10, 3, 112, 112)
+    clips = views.reshape(2, 8, 10, 3, 112, 112).permute(0, 2, 3, 1, 4, 5)  # (clip, view, C, T, H, W)
+    with torch.no_grad():
+        want = net(clips.reshape(20, 3, 8, 112, 112)).reshape(2, 10, 512).numpy()
+    np.testing.assert_allclose(out["r21d"], want, rtol=0, atol=1e-5 * np.abs(want).max())
+    assert np.abs(want[:, 0] - want[:, 5]).max() > 1e-2 * np.abs(want).max()  # flips differ

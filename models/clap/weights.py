@@ -3,10 +3,11 @@ cache) or a local folder in the same layout: ``config.json`` (ClapConfig) + ``mo
 / ``pytorch_model.bin``, ``preprocessor_config.json`` (ClapFeatureExtractor) and, for
 ``show_pred``, the RoBERTa tokenizer files.
 
-Resolution: ``checkpoint_path`` (a folder, or a weights file with ``model_name`` giving the
-config) -> ``model_name`` as a local folder -> the hub cache -> a download into the hub cache
-(unless offline) -> a one-line :class:`WeightsError` naming ``hf download <repo>``. Random weights
-only with ``allow_random_weights``; they are built from the model's ``config.json`` or, for
+Resolution (:mod:`video_features.utils.hf_hub`, shared with videomae): ``checkpoint_path`` (a
+folder, or a weights file with ``model_name`` giving the config) -> ``model_name`` as a local
+folder -> the hub cache -> a download into the hub cache (unless offline) -> a one-line
+:class:`WeightsError` naming ``hf download <repo>``. Random weights only with
+``allow_random_weights``; they are built from the model's ``config.json`` or, for
 laion/clap-htsat-unfused and laion/clap-htsat-fused, from the built-in configuration below
 (transformers' ClapConfig defaults are that HTSAT-tiny + RoBERTa-base architecture), so that
 benchmarks and smoke tests run offline.
@@ -19,13 +20,13 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from video_features.models.videomae.weights import (WEIGHT_FILES, hub_cache_dir, offline,
-                                                    read_state_dict, weights_in)
+from video_features.models.videomae.weights import read_state_dict
+from video_features.utils import hf_hub
 from video_features.utils.errors import ConfigError, WeightsError
+from video_features.utils.hf_hub import ExtraFiles, Source, fetch_hint, local_dir
 from video_features.utils.weights import WeightCard, check_keys, register_card
 
 log = logging.getLogger(__name__)
@@ -56,127 +57,24 @@ def import_transformers() -> Any:
     return transformers
 
 
-@dataclass(frozen=True)
-class Source:
-    """What one configuration loads: the model's identity and the files found for it."""
-
-    model_id: str               # repo id, or the resolved local folder
-    revision: str | None
-    folder: Path | None         # config.json, preprocessor_config.json, tokenizer files
-    weights: Path | None        # None: random weights
-
-
-def _local_dir(name: str | None) -> Path | None:
-    if not name:
-        return None
-    p = Path(name).expanduser()
-    return p.resolve() if p.is_dir() else None
-
-
-def fetch_hint(repo: str, revision: str | None) -> str:
-    return (f"fetch it where there is network with `hf download {repo}"
-            f"{' --revision ' + revision if revision else ''}` (hub cache: {hub_cache_dir()}), "
-            "or pass model_name=LOCAL_FOLDER")
-
-
-def _hub_folder(repo: str, revision: str | None, need_weights: bool, need_tokenizer: bool) -> Path:
-    """The hub cache's snapshot of ``repo`` holding what is needed, downloading what is missing
-    unless offline; a one-line WeightsError otherwise."""
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise ConfigError("feature_type clap needs the huggingface_hub package: "
-                          "pip install huggingface_hub") from None
-    cache = hub_cache_dir()
-
-    def missing(folder: Path) -> str:
-        if not (folder / "config.json").is_file():
-            return "config.json"
-        if need_weights and weights_in(folder) is None:
-            return "the weights (model.safetensors)"
-        if need_tokenizer and not (folder / "tokenizer_config.json").is_file():
-            return "the tokenizer files (show_pred)"
-        return ""
-
-    lacks = "the repo"
-    try:
-        folder = Path(snapshot_download(repo, revision=revision, cache_dir=cache,
-                                        local_files_only=True))
-        lacks = missing(folder)
-        if not lacks:
-            return folder
-    except Exception:  # not cached (or partly): download below
-        pass
-    if offline():
-        raise WeightsError(f"clap: the Hugging Face cache lacks {lacks} of {repo} and downloads "
-                           "are disabled (VIDEO_FEATURES_OFFLINE / HF_HUB_OFFLINE); "
-                           + fetch_hint(repo, revision))
-    try:
-        from huggingface_hub import HfApi
-
-        files = set(HfApi().list_repo_files(repo, revision=revision))
-        weights = next((f for f in WEIGHT_FILES if f in files), None)
-        if "config.json" not in files or (need_weights and weights is None):
-            raise WeightsError(f"clap: {repo} has no config.json with model.safetensors or "
-                               "pytorch_model.bin (not transformers' layout)")
-        wanted = [f for f in ("config.json", "preprocessor_config.json") if f in files]
-        if need_tokenizer:
-            wanted += [f for f in TOKENIZER_FILES if f in files]
-        if need_weights:
-            wanted.append(weights)
-            if weights.endswith(".index.json"):
-                wanted.append(weights.split(".")[0] + "-*")
-        log.info("downloading %s into the Hugging Face cache %s", repo, cache)
-        return Path(snapshot_download(repo, revision=revision, cache_dir=cache,
-                                      allow_patterns=wanted))
-    except WeightsError:
-        raise
-    except Exception as exc:  # no network, unknown repo, gated, ...: the same advice
-        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        raise WeightsError(f"clap: cannot download {repo} from the Hugging Face hub ({reason}); "
-                           + fetch_hint(repo, revision)) from None
+#: what show_pred's texts need beyond the audio model: the RoBERTa tokenizer
+TOKENIZER = ExtraFiles(TOKENIZER_FILES, "tokenizer_config.json", "the tokenizer files (show_pred)")
 
 
 def resolve(cfg: Any, random_weights: bool, need_tokenizer: bool = False) -> Source:
-    """Find the files ``cfg`` loads (see the module docstring for the order)."""
-    name, revision = cfg.model_name, cfg.get("revision")
-    explicit = cfg.get("checkpoint_path")
-    if explicit:
-        p = Path(explicit).expanduser()
-        if p.is_dir():
-            w = weights_in(p)
-            if w is None:
-                raise WeightsError(f"checkpoint_path {explicit!r} holds no model.safetensors or "
-                                   "pytorch_model.bin")
-            return Source(str(p.resolve()), None, p.resolve(), w)
-        if not p.is_file():
-            raise WeightsError(f"checkpoint_path {explicit!r} for clap does not exist")
-        folder = _local_dir(name)
-        if folder is None and (name not in BUILT_IN or need_tokenizer):
-            folder = _hub_folder(name, revision, need_weights=False, need_tokenizer=need_tokenizer)
-        return Source(str(folder) if folder else name, revision, folder, p.resolve())
-    folder = _local_dir(name)
-    if folder is not None:
-        if not (folder / "config.json").is_file():
-            raise WeightsError(f"model_name {name!r} is a folder without config.json (expected "
-                               "transformers' layout: config.json + model.safetensors)")
-        w = None if random_weights else weights_in(folder)
-        if w is None and not random_weights:
-            raise WeightsError(f"model_name folder {name!r} holds no model.safetensors or "
-                               "pytorch_model.bin")
-        return Source(str(folder), None, folder, w)
-    if random_weights and name in BUILT_IN and not need_tokenizer:
-        return Source(name, revision, None, None)
-    folder = _hub_folder(name, revision, need_weights=not random_weights,
-                         need_tokenizer=need_tokenizer)
-    return Source(name, revision, folder, None if random_weights else weights_in(folder))
+    """Find the files ``cfg`` loads (see the module docstring for the order); the built-in
+    configs do without the hub unless the tokenizer is needed too."""
+    return hf_hub.resolve(cfg, random_weights, label="clap",
+                          built_in=() if need_tokenizer else BUILT_IN,
+                          extra=TOKENIZER if need_tokenizer else None,
+                          offline_text=hf_hub.CACHE_LACKS)
 
 
 def card_for(cfg: Any) -> WeightCard:
     """The card identifying the model (repo id + revision, or the local folder); the record
     beside each output adds the sha256 of the weights file actually used."""
     name, revision = cfg.model_name, cfg.get("revision")
-    local = _local_dir(name)
+    local = local_dir(name)
     ident = str(local) if local else name + (f"@{revision}" if revision else "")
     url = local.as_uri() if local else (f"https://huggingface.co/{name}"
                                         + (f"/tree/{revision}" if revision else ""))

@@ -26,8 +26,8 @@ from typing import Any, Mapping
 from torch import nn
 
 from video_features.models.timm_image.preprocess import TimmRecipe, recipe_from_data_config
-from video_features.models.videomae.weights import hub_cache_dir, offline
 from video_features.utils.errors import ConfigError, WeightsError
+from video_features.utils.hf_hub import hub_cache_dir, offline
 from video_features.utils.weights import WeightCard, register_card, resolve_checkpoint
 
 log = logging.getLogger(__name__)

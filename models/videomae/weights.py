@@ -2,9 +2,10 @@
 in the same layout (``config.json`` + ``model.safetensors`` / ``pytorch_model.bin``, optionally
 ``preprocessor_config.json``).
 
-Resolution: an explicit ``checkpoint_path`` (folder or weights file) -> ``model_name`` as a local
-folder -> the hub cache -> a download into the hub cache (unless offline) -> a one-line
-:class:`WeightsError` naming the repo id and the command that fetches it. Random weights only
+Resolution (:mod:`video_features.utils.hf_hub`, shared with clap): an explicit ``checkpoint_path``
+(folder or weights file) -> ``model_name`` as a local folder -> the hub cache -> a download into
+the hub cache (unless offline) -> a one-line :class:`WeightsError` naming the repo id and the
+command that fetches it. Random weights only
 with ``allow_random_weights`` (:func:`utils.weights.use_random_weights`); they are built from the
 model's ``config.json``, or for the MCG-NJU repos from the built-in table below, so that
 benchmarks and smoke tests run offline.
@@ -13,21 +14,18 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from video_features.utils import hf_hub
 from video_features.utils.errors import ConfigError, WeightsError
+from video_features.utils.hf_hub import Source, local_dir
 from video_features.utils.weights import WeightCard, check_keys, register_card
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "MCG-NJU/videomae-base-finetuned-kinetics"
 KINETICS_LABELS = Path(__file__).resolve().parent.parent / "i3d" / "labels" / "kinetics400.txt"
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
-OFFLINE_WORDS = ("1", "true", "yes", "on")
 
 # Architectures of the MCG-NJU conversions (transformers' convert_videomae_to_pytorch.py); every
 # other field keeps VideoMAEConfig's default (224 px, patch 16, 16 frames, tubelet 2, qv bias).
@@ -81,136 +79,17 @@ def is_v2_name(name: str) -> bool:
     return "videomaev2" in name.lower().replace("-", "").replace("_", "")
 
 
-def offline() -> bool:
-    return any(os.environ.get(k, "").lower() in OFFLINE_WORDS
-               for k in ("VIDEO_FEATURES_OFFLINE", "HF_HUB_OFFLINE"))
-
-
-def hub_cache_dir() -> str:
-    """The Hugging Face hub cache (HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub),
-    read when called so that a changed environment is honoured."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return os.environ["HF_HUB_CACHE"]
-    if os.environ.get("HF_HOME"):
-        return os.path.join(os.environ["HF_HOME"], "hub")
-    from huggingface_hub import constants
-
-    return constants.HF_HUB_CACHE
-
-
-@dataclass(frozen=True)
-class Source:
-    """What one configuration loads: the identity of the model and the files found for it."""
-
-    model_id: str               # repo id, or the resolved local folder
-    revision: str | None
-    folder: Path | None         # where config.json (and maybe the processor config) live
-    weights: Path | None        # None: random weights
-
-
-def _local_dir(name: str | None) -> Path | None:
-    if not name:
-        return None
-    p = Path(name).expanduser()
-    return p.resolve() if p.is_dir() else None
-
-
-def weights_in(folder: Path) -> Path | None:
-    """The weights file of a folder in Hugging Face layout (safetensors preferred)."""
-    for fname in WEIGHT_FILES:
-        if (folder / fname).is_file():
-            return folder / fname
-    return None
-
-
-def _hub_folder(repo: str, revision: str | None, need_weights: bool = True,
-                label: str = "videomae") -> Path:
-    """The hub cache's snapshot folder of ``repo`` with its config (and weights, where needed),
-    downloading what is missing unless offline; WeightsError (one line) otherwise."""
-    cache = hub_cache_dir()
-    fetch = (f"fetch it where there is network with `hf download {repo}"
-             f"{' --revision ' + revision if revision else ''}` (hub cache: {cache}), "
-             "or pass model_name=LOCAL_FOLDER")
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise ConfigError(f"feature_type {label} needs the huggingface_hub package: "
-                          "pip install huggingface_hub") from None
-    try:
-        folder = Path(snapshot_download(repo, revision=revision, cache_dir=cache,
-                                        local_files_only=True))
-        if (folder / "config.json").is_file() and (weights_in(folder) or not need_weights):
-            return folder
-    except Exception:  # not cached (or partly): download below
-        pass
-    if offline():
-        raise WeightsError(f"{label}: weights of {repo} are not in the Hugging Face cache and "
-                           "downloads are disabled (VIDEO_FEATURES_OFFLINE / HF_HUB_OFFLINE); "
-                           + fetch)
-    try:
-        from huggingface_hub import HfApi
-
-        files = set(HfApi().list_repo_files(repo, revision=revision))
-        wanted = [f for f in ("config.json", "preprocessor_config.json") if f in files]
-        weights = next((f for f in WEIGHT_FILES if f in files), None)
-        if "config.json" not in wanted or (weights is None and need_weights):
-            raise WeightsError(f"{label}: {repo} has no config.json with model.safetensors or "
-                               "pytorch_model.bin (not transformers' layout)")
-        patterns = wanted + ([weights] if need_weights else [])
-        if need_weights and weights.endswith(".index.json"):
-            patterns.append(weights.split(".")[0] + "-*")
-        log.info("downloading %s into the Hugging Face cache %s", repo, cache)
-        return Path(snapshot_download(repo, revision=revision, cache_dir=cache,
-                                      allow_patterns=patterns))
-    except WeightsError:
-        raise
-    except Exception as exc:  # no network, unknown repo, gated, ...: the same advice
-        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        raise WeightsError(f"{label}: cannot download {repo} from the Hugging Face hub "
-                           f"({reason}); {fetch}") from None
-
-
 def resolve(cfg: Any, random_weights: bool) -> Source:
     """Find the files ``cfg`` loads. With ``random_weights`` no weights file is needed, only a
     config: a local folder's, the built-in table's (known repos), or the hub's."""
-    name = cfg.model_name
-    revision = cfg.get("revision")
-    explicit = cfg.get("checkpoint_path")
-    if explicit:
-        p = Path(explicit).expanduser()
-        if p.is_dir():
-            w = weights_in(p)
-            if w is None:
-                raise WeightsError(f"checkpoint_path {explicit!r} holds no model.safetensors or "
-                                   "pytorch_model.bin")
-            return Source(str(p.resolve()), None, p.resolve(), w)
-        if not p.is_file():
-            raise WeightsError(f"checkpoint_path {explicit!r} for videomae does not exist")
-        folder = _local_dir(name)
-        if folder is None and name not in KNOWN_MODELS:
-            folder = _hub_folder(name, revision, need_weights=False)
-        return Source(folder and str(folder) or name, revision, folder, p.resolve())
-    folder = _local_dir(name)
-    if folder is not None:
-        if not (folder / "config.json").is_file():
-            raise WeightsError(f"model_name {name!r} is a folder without config.json (expected "
-                               "transformers' layout: config.json + model.safetensors)")
-        w = None if random_weights else weights_in(folder)
-        if w is None and not random_weights:
-            raise WeightsError(f"model_name folder {name!r} holds no model.safetensors or "
-                               "pytorch_model.bin")
-        return Source(str(folder), None, folder, w)
-    if random_weights and name in KNOWN_MODELS:
-        return Source(name, revision, None, None)
-    folder = _hub_folder(name, revision, need_weights=not random_weights)
-    return Source(name, revision, folder, None if random_weights else weights_in(folder))
+    return hf_hub.resolve(cfg, random_weights, label="videomae", built_in=KNOWN_MODELS)
 
 
 def card_for(cfg: Any) -> WeightCard:
     """The card that identifies the model (repo id + revision, or the local folder); the record
     beside each output adds the sha256 of the weights file actually used."""
     name, revision = cfg.model_name, cfg.get("revision")
-    local = _local_dir(name)
+    local = local_dir(name)
     ident = str(local) if local else name + (f"@{revision}" if revision else "")
     url = local.as_uri() if local else (f"https://huggingface.co/{name}"
                                         + (f"/tree/{revision}" if revision else ""))
