@@ -293,3 +293,33 @@ def test_cuda_matches_cpu(vitb32, video):
     half = CLIPExtractor(_cfg(device="cuda", precision="fp16"),
                          torch.device("cuda")).extract(str(video))["clip"]
     assert max_rel(half, cpu) < 2e-2
+
+
+@pytest.mark.parametrize("crops", ["5", "10"])
+@pytest.mark.parametrize("size", [(320, 240), (250, 188)])
+def test_crops_equal_open_clip_transform_with_ten_crop(make_video, size, crops):
+    from tests.crop_checks import with_crops
+
+    w, h = size
+    frames = decode(make_video(f"clippp{w}x{h}.mp4", n_frames=3, width=w, height=h))
+    pcfg = {**open_clip.get_pretrained_cfg("ViT-B-32", "openai"), "size": 224}
+    upstream = open_clip.image_transform(224, is_train=False, mean=pcfg["mean"], std=pcfg["std"],
+                                         resize_mode=pcfg["resize_mode"],
+                                         interpolation=pcfg["interpolation"])
+    ref = torch.stack([with_crops(upstream, crops)(Image.fromarray(f)) for f in frames])
+    ours = preprocess(to_device(frames, CPU), recipe_from_cfg(pcfg), crops)
+    assert ours.shape == ref.shape == (3, int(crops), 3, 224, 224)
+    assert (ours - ref).abs().max().item() < 1e-6
+    torch.testing.assert_close(ours[:, 4], preprocess(to_device(frames, CPU), recipe_from_cfg(pcfg)),
+                               rtol=0, atol=0)
+
+
+def test_crops_run_every_view_and_squashing_models_refuse_them(vitb32, video):
+    from tests.crop_checks import check_views
+
+    out = CLIPExtractor(_cfg(crops="5"), CPU).extract(str(video))
+    center = CLIPExtractor(_cfg(), CPU).extract(str(video))
+    check_views(out["clip"], center["clip"], 5)
+    with pytest.raises(ConfigError, match="crops=10: ViT-B-16-SigLIP squashes"):
+        CLIPExtractor(_cfg(model_name="ViT-B-16-SigLIP", pretrained="webli", crops="10",
+                           allow_random_weights=True), CPU)

@@ -9,7 +9,8 @@ from video_features.utils.config import parse_configs
 from video_features.utils.errors import ConfigError
 from video_features.utils.recipes import describe_recipes, load_recipe, recipe_names
 
-EXPECTED = {"i3d_thumos14_16x4", "i3d_reference_64x64", "resnet50_1fps", "r21d_24fps", "vggish_096"}
+EXPECTED = {"i3d_thumos14_16x4", "i3d_reference_64x64", "resnet50_1fps", "r21d_24fps", "vggish_096",
+            "i3d_rtfm_10crop"}
 
 
 def test_the_recipes_the_field_asks_for_are_shipped():

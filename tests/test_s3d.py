@@ -438,3 +438,16 @@ def test_runner_saves_numpy_and_a_short_video_fails_alone(reference_run, video26
                                atol=1e-5 * np.abs(single["s3d"]).max())
     np.testing.assert_array_equal(files["s3d26_timestamps_ms.npy"], single["timestamps_ms"])
     assert float(files["s3d26_fps.npy"]) == FPS
+
+
+@pytest.mark.parametrize("layout", ["kylemin", "torchvision"])
+def test_crops_are_views_of_each_layouts_frames(make_video, monkeypatch, layout):
+    from tests.crop_checks import check_views
+
+    monkeypatch.setattr("video_features.models.s3d.extractor.load_s3d",
+                        lambda cfg, device: (_Probe(), layout))
+    path = make_video("s3d30.mp4", n_frames=30, fps=FPS, width=W, height=H)
+    runs = {crops: S3DExtractor(_cfg(stack_size=13, step_size=13, crops=crops), CPU).extract(str(path))
+            for crops in ("center", "10")}
+    check_views(runs["10"]["s3d"], runs["center"]["s3d"], 10, mirror_equal=True)
+    np.testing.assert_array_equal(runs["10"]["timestamps_ms"], runs["center"]["timestamps_ms"])

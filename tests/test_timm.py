@@ -321,3 +321,29 @@ def test_cuda_matches_cpu(video):
     cpu = TimmExtractor(_cfg(), CPU).extract(str(video))["timm"]
     gpu = TimmExtractor(_cfg(device="cuda", tf32=False), torch.device("cuda")).extract(str(video))
     assert max_rel(gpu["timm"], cpu) < 1e-4
+
+
+@pytest.mark.parametrize("crops", ["5", "10"])
+@pytest.mark.parametrize("hw", [(72, 96), (61, 113)])
+@pytest.mark.parametrize("which", ["bicubic-center-0.95", "bilinear-squash-0.9", "nonsquare-center-0.9"])
+def test_crops_equal_timm_eval_transform_with_ten_crop(which, hw, crops):
+    from tests.crop_checks import with_crops
+
+    data = DATA_CONFIGS[which]
+    frames = (np.random.default_rng(hw[0]).random((2, *hw, 3)) * 255).astype(np.uint8)
+    upstream = with_crops(timm.data.create_transform(**data, is_training=False), crops)
+    ref = torch.stack([upstream(Image.fromarray(f)) for f in frames])
+    ours = preprocess(to_device(frames, CPU), recipe_from_data_config(data), crops)
+    assert ours.shape == ref.shape == (2, int(crops), 3, *data["input_size"][1:])
+    assert (ours - ref).abs().max().item() < 1e-6
+
+
+def test_crops_run_every_view_and_a_squash_to_size_refuses_them(private_hub, video, capsys):
+    from tests.crop_checks import check_views
+
+    out = TimmExtractor(_cfg(crops="10", show_pred=True), CPU).extract(str(video))
+    center = TimmExtractor(_cfg(), CPU).extract(str(video))
+    check_views(out["timm"], center["timm"], 10)
+    assert len([ln for ln in capsys.readouterr().out.splitlines() if "frame #" in ln]) == 5
+    with pytest.raises(ConfigError, match="crops=5: .*nothing to crop"):
+        TimmExtractor(_cfg(crops="5", crop_mode="squash", crop_pct=1.0), CPU)

@@ -287,3 +287,28 @@ def test_runner_saves_numpy_and_a_short_video_fails_alone(weights, make_video, t
     np.testing.assert_allclose(files["tv_run_tv_video.npy"], direct["tv_video"], rtol=0,
                                atol=1e-5 * np.abs(direct["tv_video"]).max())
     np.testing.assert_array_equal(files["tv_run_timestamps_ms.npy"], direct["timestamps_ms"])
+
+
+class _Probe(torch.nn.Module):
+    """The "feature" of a clip: the mean of each of its frames (one number per frame, zero-padded
+    to the model's feature size)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:    # (B, C, T, H, W)
+        m = x.mean(dim=(1, 3, 4))
+        return torch.nn.functional.pad(m, (0, self.dim - m.shape[1]))
+
+
+@pytest.mark.parametrize("name", ["r3d_18", "swin3d_t"])
+def test_crops_are_views_of_the_weights_transform(make_video, monkeypatch, name):
+    from tests.crop_checks import check_views
+
+    monkeypatch.setattr("video_features.models.tv_video.extractor.load_network",
+                        lambda cfg, device: _Probe(spec_for(name).feature_dim))
+    path = make_video("tv_crops.mp4", n_frames=20, fps=FPS, width=W, height=H)
+    runs = {crops: TVVideoExtractor(_cfg(model_name=name, stack_size=8, crops=crops), CPU)
+            .extract(str(path)) for crops in ("center", "10")}
+    check_views(runs["10"]["tv_video"], runs["center"]["tv_video"], 10, mirror_equal=True)

@@ -400,3 +400,19 @@ def test_cuda_matches_the_cpu(classifier_dir, video9):
     gpu = ex.extract(str(video9))
     np.testing.assert_allclose(gpu["timestamps_ms"], cpu["timestamps_ms"])
     assert np.abs(gpu["videomae"] - cpu["videomae"]).max() <= 1e-2 * np.abs(cpu["videomae"]).max()
+
+
+@pytest.mark.parametrize("crops", ["5", "10"])
+def test_crops_run_every_view_through_the_model(classifier_dir, video9, crops):
+    from tests.crop_checks import check_views
+
+    ex, out = _extract(video9, model_name=str(classifier_dir), crops=crops)
+    _, center = _extract(video9, model_name=str(classifier_dir))
+    check_views(out["videomae"], center["videomae"], int(crops))
+
+
+def test_crops_refused_when_the_processor_leaves_nothing_to_crop(make_video, tmp_path):
+    folder = write_tiny_model(tmp_path / "squash", processor=dict(
+        size={"height": 64, "width": 64}, do_center_crop=False))
+    with pytest.raises(ConfigError, match="crops=5: .*nothing to crop"):
+        VideoMAEExtractor(_cfg(model_name=str(folder), crops="5"), CPU)
