@@ -1,6 +1,7 @@
-"""Consolidated outputs: save_hdf5 (one file, a group per input) and save_webdataset (tar
-shards), against the save_numpy layout of the same run; resuming, recomputing on other options,
-inputs a killed run left staged, two runs sharing one output folder, and dtype=float16."""
+"""Consolidated outputs: save_hdf5 (one file, a group per input), save_webdataset (tar shards)
+and save_parquet (a folder of part files, a row per input), against the save_numpy layout of the
+same run; resuming, recomputing on other options, inputs a killed run left staged, two runs
+sharing one output folder, and dtype=float16."""
 from __future__ import annotations
 
 import io
@@ -12,10 +13,12 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from video_features.utils.config import make_config
-from video_features.utils.consolidate import read_hdf5
+from video_features.utils.consolidate import ParquetStore, read_hdf5, read_parquet
 from video_features.utils.output import OutputWriter
 from video_features.utils.record import run_record
 from video_features.utils.runner import run
@@ -151,3 +154,149 @@ def test_missing_h5py_is_a_clear_error(monkeypatch, tmp_path, videos):
     from video_features.utils.errors import ConfigError
     with pytest.raises(ConfigError, match="pip install h5py"):
         _cfg(videos[:1], tmp_path / "x", on_extraction="save_hdf5")
+
+
+def _parquet_rows(folder: Path) -> dict[str, dict]:
+    """name -> row of the folder read as one table; no input has two rows."""
+    rows = pq.read_table(folder).to_pylist()
+    names = [r["name"] for r in rows]
+    assert len(names) == len(set(names)), names
+    return {r["name"]: r for r in rows}
+
+
+def _array(row: dict, key: str, dtype: np.dtype) -> np.ndarray:
+    """The documented way back from a row to the saved array."""
+    return np.asarray(row[key], dtype).reshape(row[f"{key}_shape"])
+
+
+def _value_types(folder: Path) -> dict[str, np.dtype]:
+    schema = pq.read_table(folder).schema
+    return {k: np.dtype(schema.field(k).type.value_type.to_pandas_dtype())
+            for k in ("null", "fps", "timestamps_ms")}
+
+
+def test_parquet_holds_what_save_numpy_writes_and_replaces_rows(videos, tmp_path):
+    expect = _numpy_outputs(videos, tmp_path)
+    out = tmp_path / "pq"
+    assert run(_cfg(videos, out, on_extraction="save_parquet")).count("done") == 3
+    folder = out / "null.parquet"
+    assert sorted(p.name for p in folder.iterdir()) == ["part-000000.parquet"]
+    types = _value_types(folder)
+    assert types == {"null": np.float32, "fps": np.float64, "timestamps_ms": np.float64}
+    rows = _parquet_rows(folder)
+    assert set(rows) == set(expect)
+    for name, arrays in expect.items():
+        assert json.loads(rows[name]["meta"])["record"]["feature_type"] == "null"
+        for key, value in arrays.items():
+            got = _array(rows[name], key, types[key])
+            assert got.dtype == value.dtype and got.shape == value.shape
+            np.testing.assert_array_equal(got, value)
+    helper = read_parquet(folder)
+    for name, arrays in expect.items():
+        for key, value in arrays.items():
+            assert helper[name][key].dtype == value.dtype
+            np.testing.assert_array_equal(helper[name][key], value)
+    staging = out / "null" / ".staging"
+    assert not list(staging.rglob("*.npy")) and not list(staging.rglob("*_meta.json"))
+    # a second run finds every row and writes nothing
+    again = run(_cfg(videos, out, on_extraction="save_parquet"))
+    assert again.count("skipped") == 3 and again.count("done") == 0
+    assert sorted(p.name for p in folder.iterdir()) == ["part-000000.parquet"]
+    # another frame rate: recomputed, its old row leaves the part that held it
+    assert run(_cfg(videos[:1], out, on_extraction="save_parquet", extraction_fps=10)).count("done") == 1
+    assert sorted(p.name for p in folder.iterdir()) == ["part-000000.parquet", "part-000001.parquet"]
+    assert pq.read_table(folder / "part-000000.parquet").num_rows == 2
+    rows = _parquet_rows(folder)
+    assert set(rows) == set(expect)
+    name = f"{Path(videos[0]).parent.name}/{Path(videos[0]).stem}"
+    assert len(_array(rows[name], "null", np.float32)) != len(expect[name]["null"])
+    for other in set(expect) - {name}:
+        np.testing.assert_array_equal(_array(rows[other], "null", np.float32), expect[other]["null"])
+    # the replacing row is found done by a run with its options
+    assert run(_cfg(videos[:1], out, on_extraction="save_parquet", extraction_fps=10)).count("skipped") == 1
+
+
+def test_parquet_consolidates_inputs_a_killed_run_left_staged(videos, tmp_path):
+    out = tmp_path / "pq"
+    cfg = _cfg(videos, out, on_extraction="save_parquet")
+    writer = OutputWriter.from_config(cfg, run_record(cfg))
+    feats = {"null": np.ones((3, 3), np.float32), "fps": np.array(25.0),
+             "timestamps_ms": np.arange(3.0) * 40}
+    writer.write(str(videos[0]), feats)  # staged, never moved: the run was killed
+    summary = run(cfg)
+    assert summary.count("skipped") == 1 and summary.count("done") == 2
+    rows = _parquet_rows(out / "null.parquet")
+    name = f"{Path(videos[0]).parent.name}/{Path(videos[0]).stem}"
+    np.testing.assert_array_equal(_array(rows[name], "null", np.float32), feats["null"])
+    assert len(rows) == 3 and not list((out / "null" / ".staging").rglob("*.npy"))
+
+
+def test_parquet_kill_while_replacing_a_row_loses_nothing(videos, tmp_path, monkeypatch):
+    out = tmp_path / "pq"
+    assert run(_cfg(videos, out, on_extraction="save_parquet")).count("done") == 3
+    name = f"{Path(videos[0]).parent.name}/{Path(videos[0]).stem}"
+    before = len(_parquet_rows(out / "null.parquet")[name]["null"])
+
+    def killed(*args, **kwargs):
+        raise RuntimeError("killed before the new part was renamed into place")
+    # other options replace videos[0]'s row; the run dies after its old row was removed
+    monkeypatch.setattr(ParquetStore, "_new_part", killed)
+    fps10 = _cfg(videos[:1], out, on_extraction="save_parquet", extraction_fps=10)
+    with pytest.raises(RuntimeError, match="killed"):
+        run(fps10)
+    rows = _parquet_rows(out / "null.parquet")
+    assert name not in rows and len(rows) == 2  # its old row is gone, its new one not yet in
+    assert list((out / "null" / ".staging").rglob("*_meta.json"))  # still staged
+    monkeypatch.undo()
+    summary = run(fps10)
+    assert summary.count("skipped") == 1 and summary.count("done") == 0  # moved, not recomputed
+    rows = _parquet_rows(out / "null.parquet")
+    assert len(rows) == 3 and len(rows[name]["null"]) != before
+    assert not list((out / "null" / ".staging").rglob("*_meta.json"))
+
+
+def test_parquet_float16_features_keep_float64_times(videos, tmp_path):
+    expect = _numpy_outputs(videos, tmp_path)
+    out = tmp_path / "half"
+    folder = out / "null.parquet"
+    assert run(_cfg(videos, out, on_extraction="save_parquet", dtype="float16")).count("done") == 3
+    assert _value_types(folder) == {"null": np.float16, "fps": np.float64, "timestamps_ms": np.float64}
+    rows = _parquet_rows(folder)
+    for name, arrays in expect.items():
+        got = _array(rows[name], "null", np.float16)
+        assert got.dtype == np.float16 and got.shape == arrays["null"].shape
+        np.testing.assert_array_equal(got, arrays["null"].astype(np.float16))
+        np.testing.assert_array_equal(_array(rows[name], "timestamps_ms", np.float64),
+                                      arrays["timestamps_ms"])
+    # float32 outputs are not float16 ones: recomputed; the column widens to hold both
+    assert run(_cfg(videos[:1], out, on_extraction="save_parquet")).count("done") == 1
+    assert _value_types(folder)["null"] == np.float32
+    rows = _parquet_rows(folder)
+    assert len(rows) == 3
+    name = f"{Path(videos[0]).parent.name}/{Path(videos[0]).stem}"
+    for other, arrays in expect.items():
+        saved = arrays["null"] if other == name else arrays["null"].astype(np.float16)
+        np.testing.assert_array_equal(_array(rows[other], "null", np.float32), saved)
+        dtype = json.loads(rows[other]["meta"])["outputs"]["null"]["dtype"]
+        assert dtype == ("<f4" if other == name else "<f2")
+
+
+def test_missing_pyarrow_is_a_clear_error(monkeypatch, tmp_path, videos):
+    import builtins
+
+    from video_features.utils.errors import ConfigError
+
+    real = builtins.__import__
+
+    def no_pyarrow(name, *a, **k):
+        if name == "pyarrow" or name.startswith("pyarrow."):
+            raise ImportError("No module named 'pyarrow'")
+        return real(name, *a, **k)
+    with monkeypatch.context() as m:
+        m.setattr(builtins, "__import__", no_pyarrow)
+        with pytest.raises(ConfigError, match="pip install pyarrow") as err:
+            _cfg(videos[:1], tmp_path / "x", on_extraction="save_parquet")
+    assert "\n" not in str(err.value)
+    monkeypatch.setattr(pa, "__version__", "15.0.2")  # no float16 in Parquet
+    with pytest.raises(ConfigError, match="pyarrow>=16"):
+        _cfg(videos[:1], tmp_path / "x", on_extraction="save_parquet")

@@ -65,8 +65,9 @@ class SharedOptions:
     cpu_workers: int = option("number of worker processes when device=cpu", at_least=1)
     on_extraction: str = option(
         "print | save_numpy | save_pickle | save_hdf5 (one <feature_type>.h5, a group per input) "
-        "| save_webdataset (tar shards of shard_size inputs)",
-        choices=("print", "save_numpy", "save_pickle", "save_hdf5", "save_webdataset"))
+        "| save_webdataset (tar shards of shard_size inputs) | save_parquet (<feature_type>.parquet/ "
+        "folder of part files, a row per input; needs pyarrow)",
+        choices=("print", "save_numpy", "save_pickle", "save_hdf5", "save_webdataset", "save_parquet"))
     output_path: str = option("root folder of saved features (see README: output layout)")
     shard_size: int = option("on_extraction=save_webdataset: inputs per tar shard", at_least=1)
     dtype: str = option("saved feature arrays: float32, or float16 (half the size; fps and "
@@ -544,6 +545,10 @@ def validate(cfg: Config) -> Config:
             import h5py  # noqa: F401  (checked before any work, not after it)
         except ImportError as exc:
             raise ConfigError(f"on_extraction=save_hdf5 needs h5py ({exc}): pip install h5py") from None
+    if cfg.on_extraction == "save_parquet":
+        from video_features.utils.consolidate import pyarrow_modules
+
+        pyarrow_modules()  # checked before any work, not after it
     if cfg.input_root is not None and not Path(cfg.input_root).expanduser().is_dir():
         raise ConfigError(f"input_root {cfg.input_root!r} is not an existing folder")
     if cfg.device == "auto":

@@ -34,7 +34,7 @@ from video_features.utils.record import differences
 
 SUFFIX = {"save_numpy": ".npy", "save_pickle": ".pkl"}
 #: modes whose inputs are staged as .npy and then moved into one file (utils/consolidate.py)
-CONSOLIDATED = ("save_hdf5", "save_webdataset")
+CONSOLIDATED = ("save_hdf5", "save_webdataset", "save_parquet")
 #: outputs that are not features: kept as they are whatever ``dtype`` says
 TIME_KEYS = ("fps", "timestamps_ms")
 META_KEY = "meta"

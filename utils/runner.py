@@ -40,7 +40,8 @@ log = logging.getLogger(__name__)
 MAX_RESPAWNS_PER_DEVICE = 3
 #: tries of an input whose worker died or hung while holding it
 MAX_ATTEMPTS = 2
-#: finished inputs between moves into a consolidated output (save_hdf5 / save_webdataset)
+#: finished inputs between moves into a consolidated output (save_hdf5 / save_webdataset /
+#: save_parquet)
 CONSOLIDATE_EVERY = 64
 
 
