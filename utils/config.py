@@ -125,6 +125,9 @@ class SharedOptions:
     worker_timeout: float = option(
         "seconds a worker process may go without any progress on an input before it is "
         "declared hung, killed and replaced (0: never)", at_least=0)
+    shard: Optional[str] = option(
+        "i/N: only this run's share of the inputs (every N-th of the de-duplicated list, from "
+        "position i), for job arrays on the same list; the N shards together are the full run")
     log_level: str = option("debug | info | warning | error",
                             choices=("debug", "info", "warning", "error"))
     progress: Union[bool, str] = option("show a progress bar (auto: only on a terminal)",
@@ -333,7 +336,7 @@ def _add_option(group: Any, key: str, tp: Any, default: Any, text: str) -> None:
 RUN_OPTIONS = ("video_paths", "file_with_video_paths", "device", "device_ids", "cpu_workers",
                "on_extraction", "output_path", "input_root", "decoders", "overwrite",
                "on_mismatch", "worker_timeout", "log_level", "progress", "frames_fps", "timestamps",
-               "decoder")
+               "decoder", "shard")
 
 
 def feature_types_of(raw: Any) -> list[str]:
@@ -522,6 +525,18 @@ def check_fields(cfg: Mapping[str, Any], schema: type) -> None:
                     raise ConfigError(f"option {key} must be > {meta['above']:g}, got {v!r}")
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"i/N"`` -> ``(i, N)`` with ``0 <= i < N``; ConfigError naming the option otherwise."""
+    parts = str(text).split("/")
+    try:
+        index, count = (int(p) for p in parts)
+    except ValueError:
+        index, count = -1, 0
+    if len(parts) != 2 or count < 1 or not 0 <= index < count:
+        raise ConfigError(f"option shard {text!r} must be i/N with 0 <= i < N (e.g. 0/4 ... 3/4)")
+    return index, count
+
+
 def validate(cfg: Config) -> Config:
     """Shared checks, then the feature type's own ``validate``; returns cfg with inputs resolved."""
     from video_features.models.registry import get_extractor_class
@@ -535,6 +550,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("no inputs: give --video_paths or --file_with_video_paths")
     seen: set[str] = set()
     unique = [p for p in paths if not (p in seen or seen.add(p))]
+    if cfg.get("shard") is not None:
+        index, count = parse_shard(cfg.shard)
+        unique = unique[index::count]
     if cfg.get("extraction_fps") and cfg.get("extraction_total"):
         raise ConfigError("extraction_fps and extraction_total are mutually exclusive: give one "
                           "(a rate, or a number of frames per video)")
