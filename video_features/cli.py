@@ -16,6 +16,10 @@ from video_features.utils.runner import configure_logging, run
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["finetune"]:
+        from video_features.finetune import main as finetune
+
+        return finetune(argv[1:])
     if "--list_recipes" in argv:
         from video_features.utils.recipes import describe_recipes
 

@@ -228,6 +228,19 @@ class I3D(nn.Module):
         w = self.logits.weight.reshape(self.num_classes, FEATURE_DIM)
         return F.linear(self.dropout(features), w, self.logits.bias)
 
+    def time_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits per remaining time step ``(B, num_classes, t - 1)``: the pooled maps through
+        the classifier (dropout included), what pytorch-i3d trains on Charades with."""
+        maps = self.feature_maps(x, pool=True)
+        return self.logits(self.dropout(maps)).flatten(2)
+
+    def replace_logits(self, num_classes: int) -> None:
+        """A new, freshly initialised classifier for ``num_classes`` (fine-tuning on other
+        classes), as pytorch-i3d's ``replace_logits``."""
+        self.num_classes = int(num_classes)
+        self.logits = nn.Conv3d(FEATURE_DIM, self.num_classes, (1, 1, 1), bias=True).to(
+            self.logits.weight.device)
+
     def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Both outputs from one pass (features for saving, logits for ``--show_pred``)."""
         f = self.features(x)

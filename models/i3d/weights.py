@@ -261,6 +261,41 @@ def convert_state_dict(state: Mapping[str, torch.Tensor], family: str = "auto",
     return out
 
 
+def export_state_dict(weights: Mapping[str, torch.Tensor], family: str) -> "OrderedDict[str, torch.Tensor]":
+    """The inverse of :func:`convert_state_dict`: an :class:`I3D` state dict -> the public
+    ``family`` layout (keys and order of the publisher's file), so a fine-tuned network is saved
+    as a checkpoint the extractor (and the original code) loads."""
+    if family not in LAYOUTS:
+        raise WeightsError(f"unknown I3D checkpoint layout {family!r}; known: {', '.join(LAYOUTS)}")
+    w = {k: v.detach().cpu() for k, v in weights.items()}
+    num_classes, in_channels = w["logits.weight"].shape[0], w["conv3d_1a_7x7.conv.weight"].shape[1]
+    units: dict[str, dict[str, torch.Tensor]] = {}
+    for name in ("conv3d_1a_7x7", "conv3d_2b_1x1", "conv3d_2c_3x3"):
+        units[name] = {k[len(name) + 1:]: v for k, v in w.items() if k.startswith(name + ".")}
+    for block, (_, (c0, c1a, _, c2a, _, _)) in MIXED_BLOCKS.items():
+        stem = {k[len(block) + 6:]: v for k, v in w.items() if k.startswith(f"{block}.stem.")}
+        for i, branch in enumerate(("b0", "b1a", "b2a")):
+            lo = (0, c0, c0 + c1a)[i]
+            hi = lo + (c0, c1a, c2a)[i]
+            units[f"{block}/{branch}"] = {k: v.clone() if k.endswith(_NBT) else v[lo:hi].clone()
+                                          for k, v in stem.items()}
+        for b in ("b1b", "b2b", "b3b"):
+            units[f"{block}/{b}"] = {k[len(block) + len(b) + 2:]: v for k, v in w.items()
+                                     if k.startswith(f"{block}.{b}.")}
+    out: OrderedDict[str, torch.Tensor] = OrderedDict()
+    logits = _logits_prefix(family)
+    for key in official_layout(family, in_channels, num_classes, num_batches_tracked=True):
+        if key.startswith(logits + "."):
+            out[key] = w["logits." + key.rsplit(".", 1)[1]]
+            continue
+        prefix, leaf = key.rsplit(".", 1)
+        unit = next(u for u, _, _, _ in _units(in_channels)
+                    if prefix in _official_prefix(u, family))
+        part = "conv" if prefix == _official_prefix(unit, family)[0] else "bn"
+        out[key] = units[unit][f"{part}.{leaf}"]
+    return out
+
+
 # -- random checkpoints in the official layouts (tests, benchmarks) --------------------------
 def random_official_state_dict(family: str, stream: str = "rgb", num_classes: int = 400,
                                num_batches_tracked: bool | None = None,
