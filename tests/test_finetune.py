@@ -270,3 +270,66 @@ def test_command_line_errors_name_the_problem(data, tmp_path):
     assert res.returncode == 2 and "needs video_root" in res.stderr
     res = run_main("finetune", "lr=fast", "device=cpu")
     assert res.returncode == 2 and "lr" in res.stderr
+
+
+def test_two_processes_under_torchrun(data, tmp_path):
+    """DistributedDataParallel on the CPU (gloo): each process trains on its share of every
+    batch, one evaluates and writes the checkpoints."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    out = tmp_path / "ddp"
+    args = [f"{k}={v}" for k, v in dict(
+        data_format="generic", train_annotations=data["train"], test_annotations=data["test"],
+        checkpoint_path=data["start"], fps=FPS, clip_frames=12, side_size=40, crop_size=32,
+        batch_size=2, accumulate=2, max_steps=2, eval_every=2, max_eval_videos=1,
+        output_dir=out, num_workers=0, device="cpu", progress=False).items()]
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          str(ROOT / "main.py"), "finetune", *args], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 0, res.stderr[-2000:]
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [2] and log[0]["videos"] == 1     # written once
+    assert (out / "best_rgb.pt").is_file() and (out / "state.pt").is_file()
+
+
+@pytest.fixture(scope="module")
+def charades_frames(data, tmp_path_factory):
+    """The generated train videos as Charades frame folders (``ID/ID-000001.jpg``), their
+    x/y flow JPEGs (``ID/ID-000001x.jpg``), and a CSV in Charades' columns."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("charades")
+    rows = []
+    rng = np.random.default_rng(5)
+    for line in data["train"].read_text().splitlines()[1:5]:
+        name, cls, start, end = line.split(",")
+        vid = Path(name).stem.upper()
+        (root / "rgb" / vid).mkdir(parents=True)
+        (root / "flow" / vid).mkdir(parents=True)
+        with av.open(str(data["train"].parent / name)) as c:
+            for i, frame in enumerate(c.decode(video=0), start=1):
+                frame.to_image().save(root / "rgb" / vid / f"{vid}-{i:06d}.jpg", quality=95)
+                for axis in "xy":
+                    level = rng.integers(100, 156, (40, 48)).astype(np.uint8)
+                    Image.fromarray(level).save(root / "flow" / vid / f"{vid}-{i:06d}{axis}.jpg")
+        rows.append(f'{vid},S,K,5,5,Yes,"s",o,"d","c{int(cls):03d} {start} {end}",3.0')
+    (root / "train.csv").write_text(CHARADES_HEADER + "\n" + "\n".join(rows) + "\n")
+    return root
+
+
+@pytest.mark.parametrize("stream", ["rgb", "flow"])
+def test_charades_frame_folders_and_jpeg_flow(data, charades_frames, tmp_path, stream):
+    root = charades_frames
+    extra = dict(stream="flow", flow_source="jpg", flow_root=root / "flow",
+                 checkpoint_path=write_random_checkpoint(tmp_path / "f.pt", "pytorch_i3d", "flow", 400)) \
+        if stream == "flow" else {}
+    cfg = _opts(data, tmp_path / "out", data_format="charades", train_annotations=root / "train.csv",
+                test_annotations=root / "train.csv", video_root=root / "rgb", max_steps=2,
+                eval_every=2, batch_size=2, max_eval_videos=2, **extra)
+    result = train(cfg)
+    assert result["step"] == 2 and result["videos"] == 2 and result["failed"] == 0
+    assert result["skipped_clips"] == 0
+    assert json.loads((tmp_path / "out" / f"best_{stream}.json").read_text())["num_classes"] == 157

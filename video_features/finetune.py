@@ -651,7 +651,8 @@ def main(argv: list[str]) -> int:
     configure_logging("info")
     try:
         cfg = parse_options(argv)
-        configure_logging(cfg.log_level)
+        lead = os.environ.get("RANK", "0") == "0"   # under torchrun, one process reports
+        configure_logging(cfg.log_level if lead else "warning")
         result = train(cfg)
     except FeatureError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -660,5 +661,6 @@ def main(argv: list[str]) -> int:
         print("interrupted: rerun the same command to resume from the last checkpoint",
               file=sys.stderr)
         return 130
-    print(json.dumps(result, default=str), file=sys.stderr)
+    if lead:
+        print(json.dumps(result, default=str), file=sys.stderr)
     return 0
