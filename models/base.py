@@ -109,7 +109,8 @@ class Extractor(abc.ABC):
         try:
             with open_frames(work.path, needs["extraction_fps"], needs["frames_fps"],
                              timestamps=needs["timestamps"],
-                             extraction_total=needs.get("extraction_total")) as src:
+                             extraction_total=needs.get("extraction_total"),
+                             rotation=needs.get("rotation", "auto")) as src:
                 work.fps = src.fps
                 self.video_opened(work)
                 for chunk in src.chunks(self.chunk_frames()):

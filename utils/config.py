@@ -100,6 +100,10 @@ class SharedOptions:
         "pts: each frame's presentation time from the container (right for variable frame "
         "rates); index: frame index / fps, the reference tool's form", choices=("pts", "index"),
         changes_values=True)
+    rotation: str = option(
+        "auto: frames upright as players show them (a video's display-matrix rotation, e.g. a "
+        "phone's portrait video; a frame image's EXIF orientation); raw: frames as stored",
+        choices=("auto", "raw"), changes_values=True)
     timestamps_form: str = option(
         "span: timestamps_ms is T x 2, the start and end (ms) of the frames or audio each row "
         "covers; reference: one column as the reference tool saves it (a frame's time, a "
@@ -336,7 +340,7 @@ def _add_option(group: Any, key: str, tp: Any, default: Any, text: str) -> None:
 RUN_OPTIONS = ("video_paths", "file_with_video_paths", "device", "device_ids", "cpu_workers",
                "on_extraction", "output_path", "input_root", "decoders", "overwrite",
                "on_mismatch", "worker_timeout", "log_level", "progress", "frames_fps", "timestamps",
-               "decoder", "shard")
+               "decoder", "shard", "rotation")
 
 
 def feature_types_of(raw: Any) -> list[str]:

@@ -14,6 +14,11 @@ bitstream, BT.709 when unspecified, and always limited range, so full-range sour
 other levels; bench/nvdec_compare.py measures pixel and feature differences on a GPU); timestamps are ``index / fps`` (the stream's
 average rate) in both ``timestamps`` modes, since frame pts are not used here, so
 variable-frame-rate videos should be decoded with ``decoder=cpu``.
+
+Orientation: NVDEC hands out frames as stored. With ``rotation="auto"`` a video whose display
+matrix turns it (a phone's portrait video) is turned upright on the GPU by the CPU decoder's rule
+(:func:`utils.video.upright_ops`, read from its first frame with PyAV), so both decoders give
+frames of the same orientation and size.
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from video_features.utils.transforms import pick_frames
-from video_features.utils.video import SlotSelector
+from video_features.utils.video import UPRIGHT, SlotSelector, stream_upright
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +105,8 @@ class _Source:
         self.chunk = chunk_frames
         self.index = 0
         self.held = None
+        #: (transpose, flip rows, flip columns) that turn the frames upright (utils/video.py)
+        self.ops = stream_upright(path) if needs.get("rotation", "auto") == "auto" else UPRIGHT
 
     def _capped(self, picks: np.ndarray, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """extraction_total: no slot past the last one (the declared length may be short)."""
@@ -113,7 +120,21 @@ class _Source:
         frames = self.dec.get_batch_frames(self.chunk)
         if not frames:
             return None
-        return self.torch.stack([self.torch.from_dlpack(f) for f in frames]).to(self.device)
+        return self.upright(self.torch.stack([self.torch.from_dlpack(f) for f in frames])
+                            .to(self.device))
+
+    def upright(self, frames: Any) -> Any:
+        """``(n, 3, H, W)`` frames turned as :func:`utils.video.upright` turns ``(H, W, 3)``."""
+        if self.ops == UPRIGHT:
+            return frames
+        transpose, rows, cols = self.ops
+        if transpose:
+            frames = frames.transpose(2, 3)
+        if rows:
+            frames = frames.flip(2)
+        if cols:
+            frames = frames.flip(3)
+        return frames.contiguous()
 
     def select(self, frames: Any) -> tuple[Any, np.ndarray, np.ndarray]:
         n = len(frames)

@@ -15,10 +15,17 @@ this run and every array's size and header agree with it (no array is loaded to 
 
 Each file is written to a temporary name in its folder and renamed into place, so a killed run
 never leaves a partial feature file. Temporary names carry the host and pid of their writer;
-only those of a dead process on this host are ever removed.
+only those of a dead process on this host are ever removed. A write that fails because of the
+output folder itself (full, read-only, no permission) raises :class:`OutputError` naming the file,
+so the runner can stop the run instead of failing every later input the same way.
+
+``<output_path>/failures.jsonl`` lists the inputs whose latest try failed (see
+:func:`update_failure_report`).
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import pickle
@@ -30,6 +37,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
+from video_features.utils.errors import OutputError
 from video_features.utils.record import differences
 
 SUFFIX = {"save_numpy": ".npy", "save_pickle": ".pkl"}
@@ -41,6 +49,8 @@ META_KEY = "meta"
 HOST = socket.gethostname()
 #: options that are not part of an output's record of the run (they can be huge)
 _UNRECORDED = ("video_paths", "file_with_video_paths")
+#: the failure report in the output folder
+FAILURES = "failures.jsonl"
 
 
 @dataclass
@@ -71,6 +81,8 @@ class OutputWriter:
         self.record = dict(record or {})
         self.config = {k: v for k, v in (config or {}).items() if k not in _UNRECORDED}
         self._store = None
+        #: set once a write failed because of the output folder itself: the run should stop
+        self.unwritable: OutputError | None = None
 
     @classmethod
     def from_config(cls, cfg: Any, record: Mapping[str, Any] | None = None) -> "OutputWriter":
@@ -146,14 +158,29 @@ class OutputWriter:
     def write(self, video_path: str, feats: Mapping[str, np.ndarray],
               info: Mapping[str, Any] | None = None) -> list[Path]:
         """Write every array, then the record (``info``: facts of this extraction, e.g. frames
-        and wall time, stored with it). Returns the files written."""
+        and wall time, stored with it). Returns the files written. If any write fails, the
+        arrays already written for this input are removed: without their record they are no
+        output, and on a full disk they only take space."""
         if not self.saves:
             print_features(video_path, feats)
             return []
+        written: list[Path] = []
+        try:
+            return self._write(video_path, feats, info, written)
+        except BaseException as exc:
+            for path in written:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+            if isinstance(exc, OutputError):
+                self.unwritable = exc
+            raise
+
+    def _write(self, video_path: str, feats: Mapping[str, np.ndarray],
+               info: Mapping[str, Any] | None, written: list[Path]) -> list[Path]:
         meta_path = self.meta_path(video_path)
         # an old record must not vouch for arrays that are being replaced
         meta_path.unlink(missing_ok=True)
-        written, outputs = [], {}
+        outputs = {}
         for key, path in self.paths_for(video_path, feats.keys()).items():
             value = np.asarray(feats[key])
             if self.dtype == "float16" and key not in TIME_KEYS and value.dtype == np.float32:
@@ -210,24 +237,126 @@ def _temp_prefix(path: Path) -> str:
     return f".{path.name}."
 
 
+def _open_temp(path: Path) -> tuple[int, str]:
+    """A new temporary file for ``path`` in its folder: (fd, name)."""
+    return tempfile.mkstemp(prefix=f"{_temp_prefix(path)}{HOST}.{os.getpid()}.", suffix=".tmp",
+                            dir=path.parent)
+
+
+def _folder_error(exc: BaseException, path: Path, tmp: str) -> OutputError | None:
+    """``exc`` as an :class:`OutputError` when it says the folder of ``path`` cannot take the
+    file (full, read-only, no permission), not when it is about another file (e.g. one read
+    while dumping)."""
+    if not isinstance(exc, OSError) or exc.errno not in OutputError.STATES:
+        return None
+    if exc.filename is not None and str(exc.filename) not in (str(path), tmp):
+        return None
+    return OutputError(path, exc.errno)
+
+
 def atomic_write(path: Path, dump: Callable[[Any], None]) -> None:
     """Write ``path`` through a temporary file named ``.<name>.<host>.<pid>.<random>.tmp`` in the
     same folder, fsync it, rename it into place. Abandoned temporary files of ``path`` (their
-    writer, on this host, is gone) are removed first."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_abandoned_temps(path)
-    fd, tmp = tempfile.mkstemp(prefix=f"{_temp_prefix(path)}{HOST}.{os.getpid()}.", suffix=".tmp",
-                               dir=path.parent)
+    writer, on this host, is gone) are removed first. A full, read-only or unwritable folder
+    raises :class:`OutputError` naming ``path``; the temporary file is removed in every case."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_abandoned_temps(path)
+        fd, tmp = _open_temp(path)
+    except OSError as exc:  # making the folder or the file: about the folder, whatever the name
+        if exc.errno not in OutputError.STATES:
+            raise
+        raise OutputError(path, exc.errno) from exc
     try:
         with os.fdopen(fd, "wb") as f:
             dump(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        raise
+        err = _folder_error(exc, path, tmp)
+        if err is None:
+            raise
+        raise err from exc
+
+
+def check_writable(folder: Path) -> None:
+    """Create ``folder`` and write a small file in it (removed at once), so that a read-only,
+    unwritable or full output folder ends the run before any work, naming the folder."""
+    probe = folder / ".write-check"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        remove_abandoned_temps(probe)
+        fd, tmp = _open_temp(probe)
+        try:
+            os.write(fd, b"\0")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(tmp)
+    except OSError as exc:
+        raise OutputError(folder, exc.errno, exc.strerror or str(exc), folder=True) from exc
+
+
+@contextlib.contextmanager
+def _locked(lock: Path, target: Path) -> Any:
+    """Hold ``lock`` (a file beside ``target``); a folder that cannot take it fails as writing
+    ``target`` would."""
+    try:
+        f = open(lock, "a")
+    except OSError as exc:
+        raise OutputError(target, exc.errno, exc.strerror or str(exc)) from exc
+    with f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def update_failure_report(output_path: str | None, feature_type: str, planned: Iterable[str],
+                          failures: list[dict]) -> Path | None:
+    """Bring ``<output_path>/failures.jsonl`` up to date after a run: a JSON line per input whose
+    latest try failed. This run's ``failures`` replace the lines of every input it planned (an
+    input that now succeeded loses its line); lines of inputs it did not plan (another shard of a
+    job array, another list, another feature type) are kept as they are, so no run's failures
+    vanish unless their inputs were tried again. Rewritten atomically under a lock, as job-array
+    tasks share the file. Returns the file, or None when nothing fails any more (it is removed)."""
+    folder = Path(output_path or ".")
+    path = folder / FAILURES
+    if not failures and not path.exists():
+        return None
+    mine = {(feature_type, input_key(p)) for p in planned}
+    folder.mkdir(parents=True, exist_ok=True)
+    with _locked(folder / f".{FAILURES}.lock", path):
+        try:
+            old = path.read_bytes()
+        except FileNotFoundError:
+            old = b""
+        lines = []
+        for line in old.splitlines():
+            try:
+                entry = json.loads(line)
+                key = (entry.get("feature_type"), entry.get("path"))
+            except (ValueError, AttributeError):  # not ours to judge: kept as it is
+                key = None
+            if line.strip() and key not in mine:
+                lines.append(line)
+        lines += [json.dumps(f, default=str).encode() for f in failures]
+        text = b"".join(line + b"\n" for line in lines)
+        if not lines:
+            path.unlink(missing_ok=True)
+            return None
+        if text != old:
+            atomic_write(path, lambda f: f.write(text))
+    return path
+
+
+def input_key(video_path: str) -> str:
+    """An input as the failure report names it: its absolute path, as in its record."""
+    return str(Path(video_path).expanduser().resolve())
 
 
 def _pid_alive(pid: int) -> bool:

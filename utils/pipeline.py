@@ -11,8 +11,10 @@
                                      outputs go to the writer thread
 
 Frames travel as uint8 in fixed shared-memory slots (never pickled); only small messages
-(slot index, frame count, timestamps) go through queues. Memory is bounded by the slots and one
-batch per network, never by a video's length. A decoding error fails its video only.
+(slot index, frame count, timestamps) go through queues. A frame larger than a slot (8K: 99.5 MB)
+travels in its message instead, one frame per slot token, so at most ``SLOTS_PER_DECODER`` such
+frames per decoder are in flight. Memory is bounded by the slots and one batch per network, never
+by a video's length. A decoding error fails its video only.
 
 Extractors that implement the frame seam of :class:`models.base.Extractor` (``add_frames``,
 ``forward``, ``finish``) run here; the others run whole videos through ``extract`` as before.
@@ -31,7 +33,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from video_features.utils.errors import FeatureError, VideoError
+from video_features.utils.errors import FeatureError
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +110,8 @@ def _decode_video(path: str, tag: tuple, slots: list, free: Any, out: Any, needs
 
     with open_frames(path, needs["extraction_fps"], needs["frames_fps"],
                      timestamps=needs["timestamps"], threads=threads,
-                     extraction_total=needs.get("extraction_total")) as src:
+                     extraction_total=needs.get("extraction_total"),
+                     rotation=needs.get("rotation", "auto")) as src:
         out.put(("open", *tag, src.fps))
         _decode_into_slots(src, tag, slots, free, out, chunk_frames, parent)
         out.put(("end", *tag, src.end_time()))
@@ -159,11 +162,14 @@ def _take_slot(free: Any, parent: int) -> int:
 
 def _decode_into_slots(src: Any, tag: tuple, slots: list, free: Any, out: Any, chunk_frames: int,
                        parent: int) -> None:
-    """Frames of ``src`` straight into shared-memory slots, a chunk per slot."""
+    """Frames of ``src`` straight into shared-memory slots, a chunk per slot. Frames larger than
+    a slot go one at a time in the message itself, still taking a slot token each, which bounds
+    how many are in flight."""
     from video_features.utils.video import check_same_size
 
     slot = view = None
     n = per_slot = 0
+    large = False
     stamps: list[float] = []
     times: list[float] = []
     native = not src.extraction_fps
@@ -174,26 +180,37 @@ def _decode_into_slots(src: Any, tag: tuple, slots: list, free: Any, out: Any, c
         return ("chunk", *tag, slot, n, shape, np.asarray(stamps, np.float64), first,
                 np.asarray(times, np.float64) if native else None)
 
-    for idx, ts, img in src.timed_frames():
-        if shape is None:
-            shape = img.shape
-            if img.nbytes > SLOT_BYTES:
-                raise VideoError(f"frames of {shape[1]}x{shape[0]} are larger than the "
-                                 f"{SLOT_BYTES >> 20} MB transfer slots")
-            per_slot = max(1, min(chunk_frames, SLOT_BYTES // img.nbytes))
-        check_same_size(img, shape, idx)
-        if slot is None:
-            slot = _take_slot(free, parent)
-            view = np.ndarray((per_slot, *shape), np.uint8, buffer=slots[slot].buf)
-            n, stamps, times, first = 0, [], [], idx
-        view[n] = img
-        stamps.append(ts)
-        if native:
-            times.append(src.time_s)
-        n += 1
-        if n == per_slot:
-            out.put(message())
-            slot = view = None
+    try:
+        for idx, ts, img in src.timed_frames():
+            if shape is None:
+                shape = img.shape
+                large = img.nbytes > SLOT_BYTES
+                per_slot = max(1, min(chunk_frames, SLOT_BYTES // img.nbytes))
+            check_same_size(img, shape, idx)
+            if large:
+                token = _take_slot(free, parent)
+                out.put(("chunk", *tag, token, 1, shape, np.asarray([ts], np.float64), idx,
+                         np.asarray([src.time_s], np.float64) if native else None, img))
+                continue
+            if slot is None:
+                slot = _take_slot(free, parent)
+                view = np.ndarray((per_slot, *shape), np.uint8, buffer=slots[slot].buf)
+                n, stamps, times, first = 0, [], [], idx
+            view[n] = img
+            stamps.append(ts)
+            if native:
+                times.append(src.time_s)
+            n += 1
+            if n == per_slot:
+                out.put(message())
+                slot = view = None
+    except BaseException:
+        # the input failed mid-chunk: its slot goes back unsent, else every such input would
+        # cost this decoder a slot until it waits forever for one
+        if slot is not None:
+            view = None
+            free.put(slot)
+        raise
     if slot is not None:
         out.put(message())
 
@@ -412,7 +429,9 @@ class DevicePipeline:
         self.writer = writer
         self.on_result = on_result
         self.batcher = Batcher(extractor.run_batch, extractor.cfg.batch_size, extractor.keep_rows)
-        needs = self.needs = extractor.frame_needs()
+        # rotation is decided once for the run (a run option), so it travels with what to decode
+        needs = self.needs = {**extractor.frame_needs(),
+                              "rotation": extractor.cfg.get("rotation", "auto")}
         self.gpu = None  # decoder=nvdec: NVDEC threads decode; the CPU pool takes what they cannot
         if extractor.cfg.get("decoder", "cpu") == "nvdec":
             if needs.get("audio"):
@@ -569,10 +588,12 @@ class DevicePipeline:
                 work.frames += sum(len(ts) for _, _, ts in items)
             self._add(work, items)
             return
-        slot, n, shape, stamps, _first, work.times_s = msg[4:]
+        slot, n, shape, stamps, _first, work.times_s = msg[4:10]
         work.frames += n
         self.ex.count_frames(n)
-        frames = self.ex.to_device_frames(self.pool.slot(decoder, slot, n, shape))
+        # a frame larger than a slot came in the message itself
+        host = msg[10][None] if len(msg) > 10 else self.pool.slot(decoder, slot, n, shape)
+        frames = self.ex.to_device_frames(host)
         self._add(work, self.ex.add_frames(work, frames, stamps))
         del frames
 
@@ -623,10 +644,11 @@ class DevicePipeline:
     def run(self, paths: Iterable[str], max_in_flight: int | None = None) -> None:
         """Every path through the pipeline, keeping ``max_in_flight`` inputs open at a time. A
         failing batch (a device error) fails the inputs in flight with its reason, and the ones
-        not yet submitted as not processed."""
+        not yet submitted as not started. ``paths`` may be a deque the caller empties (from
+        ``on_result``) to stop feeding: the inputs already in the pipeline still finish."""
         from video_features.utils.runner import Result, process_failure
 
-        pending = collections.deque(paths)
+        pending = paths if isinstance(paths, collections.deque) else collections.deque(paths)
         limit = max_in_flight or self.n_decoders + 1
         while pending or self.busy:
             while pending and self.in_flight < limit:
@@ -636,9 +658,10 @@ class DevicePipeline:
             except Exception as exc:
                 reason = process_failure(exc).reason
                 for path in self.paths_in_flight():
-                    self.on_result(Result(path, "failed", reason=reason))
-                for path in pending:
-                    self.on_result(Result(path, "failed", reason=f"not processed: {reason}"))
+                    self.on_result(Result(path, "failed", reason=reason, stage="extract"))
+                while pending:
+                    self.on_result(Result(pending.popleft(), "failed", stage="not_started",
+                                          reason=f"not processed: {reason}", attempts=0))
                 return
 
     def close(self) -> None:

@@ -17,10 +17,17 @@ With one CPU worker (``device=cpu``, ``cpu_workers=1``) everything runs in the c
 instead, without that protection; every GPU run uses worker processes.
 :func:`process_one` is the per-input function of feature types that are not on the pipeline; a
 cluster backend can call it as is.
+
+Nothing is lost when outputs cannot be written either: a read-only or unwritable output folder
+ends the run before any work; a write that fails because the folder is full or stopped being
+writable (``OutputError``) fails its input and stops the run (the inputs already under way
+finish, the others are reported as not started), and finished outputs stay. Where outputs are
+saved, ``<output_path>/failures.jsonl`` lists the failed inputs (utils/output.py).
 """
 from __future__ import annotations
 
 import collections
+import datetime
 import logging
 import os
 import sys
@@ -28,11 +35,12 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
+from pathlib import Path
 from typing import Any
 
 from video_features.utils.config import Config
-from video_features.utils.errors import FeatureError
-from video_features.utils.output import OutputWriter
+from video_features.utils.errors import FeatureError, VideoError
+from video_features.utils.output import HOST, OutputWriter
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +62,28 @@ class Result:
     seconds: float = 0.0
     #: the worker's device is unusable after this input (sticky CUDA error): replace the worker
     device_broken: bool = False
+    #: where it failed: plan, open, decode, extract, write, worker or not_started; "" where the
+    #: producer did not say (:func:`failure_stage` infers it)
+    stage: str = ""
+    #: tries of this input in this run (0: never started)
+    attempts: int = 1
+    #: the output folder cannot be written any more (full, read-only): the run stops; says why
+    stop: str = ""
+    #: when the result was made (time.time())
+    at: float = field(default_factory=time.time)
 
 
 @dataclass
 class Summary:
     results: list[Result] = field(default_factory=list)
+    #: why the run stopped before starting every input ("": it did not)
+    stopped: str = ""
+    #: problems of the run as a whole, not of one input (e.g. a consolidation that failed)
+    errors: list[str] = field(default_factory=list)
+    #: the failure report of this run, or why it could not be written
+    report: str = ""
+    report_error: str = ""
+    run_id: str = ""
 
     def count(self, status: str) -> int:
         return sum(r.status == status for r in self.results)
@@ -69,13 +94,53 @@ class Summary:
 
     @property
     def exit_code(self) -> int:
-        return 0 if not self.failed else 1
+        return 0 if not self.failed and not self.errors else 1
 
     def text(self) -> str:
+        """The counts and each failure; inputs not started after a stop are counted, not listed,
+        when the failure report holds them (after a stop on a long list they are most of it)."""
         lines = [f"done {self.count('done')}, skipped {self.count('skipped')} (already extracted), "
                  f"failed {self.count('failed')}"]
-        lines += [f"  FAILED {r.path}: {r.reason}" for r in self.failed]
+        unstarted = [r for r in self.failed if _unstarted(r)]
+        lines += [f"  FAILED {r.path}: {r.reason}" for r in self.failed
+                  if not (self.report and _unstarted(r))]
+        lines += [f"  ERROR {e}" for e in self.errors]
+        if self.stopped:
+            held = f" (listed in {self.report})" if self.report and unstarted else ""
+            lines.append(f"stopped early: {self.stopped}; {len(unstarted)} input(s) not started"
+                         f"{held}; finished outputs are kept, rerun once it can be written")
+        if self.failed and self.report:
+            lines.append(f"failures: {self.report} (a JSON line per failed input)")
+        elif self.failed and self.report_error:
+            lines.append(f"the failure report could not be written: {self.report_error}")
         return "\n".join(lines)
+
+
+def _unstarted(res: Result) -> bool:
+    """Not started because the run stopped: its output folder cannot be written."""
+    return res.stage == "not_started" and res.reason.startswith("not started: ")
+
+
+def failure_stage(res: Result) -> str:
+    """Where ``res`` failed: its own ``stage``, else what its reason and frames say (results of
+    the device pipeline carry no stage)."""
+    if res.stage:
+        return res.stage
+    if res.reason.startswith(("not processed", "not started")):
+        return "not_started"
+    if res.reason.startswith("writing the outputs failed"):
+        return "write"
+    return "open" if res.frames == 0 else "extract"
+
+
+def failure_entries(summary: Summary, feature_type: str) -> list[dict]:
+    """The lines of the failure report for the failed inputs of ``summary``."""
+    from video_features.utils.output import input_key
+
+    return [{"path": input_key(r.path), "stage": failure_stage(r), "reason": r.reason,
+             "attempts": r.attempts, "feature_type": feature_type,
+             "time": datetime.datetime.fromtimestamp(r.at).astimezone().isoformat(timespec="seconds"),
+             "run": summary.run_id} for r in summary.failed]
 
 
 def devices_for(cfg: Config) -> list[str]:
@@ -116,9 +181,11 @@ def process_one(extractor: Any, writer: OutputWriter, path: str) -> Result:
     """Extract and write one input; every failure becomes a one-line reason."""
     t0 = time.perf_counter()
     extractor.frames_read = 0
+    stage = "extract"
     try:
         with extractor.autocast():
             feats = extractor.extract(path)
+        stage = "write"
         seconds = time.perf_counter() - t0
         writer.write(path, feats, {"frames": extractor.frames_read, "seconds": round(seconds, 3),
                                    "device": str(extractor.device)})
@@ -126,7 +193,25 @@ def process_one(extractor: Any, writer: OutputWriter, path: str) -> Result:
     except Exception as exc:
         res = process_failure(exc, path)
         res.frames, res.seconds = extractor.frames_read, time.perf_counter() - t0
+        if stage == "extract":  # nothing read: it could not be opened; a bad stream: decode
+            stage = "open" if not res.frames else "decode" if isinstance(exc, VideoError) else stage
+        res.stage = stage
         return res
+
+
+def _flag_stop(res: Result, writer: Any) -> Result:
+    """Mark ``res`` as stopping the run once a write of ``writer`` (or of one of a multi-writer's
+    writers) met a full or unwritable output folder."""
+    for w in getattr(writer, "writers", {"": writer}).values():
+        err = getattr(w, "unwritable", None)
+        if err is not None:
+            res.stop = res.stop or err.stop_reason
+    return res
+
+
+def _not_started(path: str, reason: str) -> Result:
+    return Result(path, "failed", reason=f"not started: {reason}; rerun to extract it",
+                  stage="not_started", attempts=0)
 
 
 def process_failure(exc: BaseException, path: str = "") -> Result:
@@ -222,7 +307,7 @@ def _worker_main(device: str, cfgs: list[Config], records: list[dict], conn: Any
             return
         if path is None:
             return
-        res = process_one(extractor, writer, path)
+        res = _flag_stop(process_one(extractor, writer, path), writer)
         flush()
         conn.send(("result", res))
         if res.device_broken:
@@ -239,6 +324,7 @@ def _worker_pipeline(extractor: Any, writer: OutputWriter, cfg: Config, conn: An
     from video_features.utils.pipeline import DevicePipeline
 
     def send(res: Result) -> None:
+        _flag_stop(res, writer)
         flush()
         conn.send(("result", res))
 
@@ -266,7 +352,7 @@ def _worker_pipeline(extractor: Any, writer: OutputWriter, cfg: Config, conn: An
                     except Exception as exc:  # a batch failed: every input in it is lost
                         res = process_failure(exc)
                         for path in pipe.paths_in_flight():
-                            send(Result(path, "failed", reason=res.reason,
+                            send(Result(path, "failed", reason=res.reason, stage="extract",
                                         device_broken=res.device_broken))
                         if res.device_broken:
                             conn.close()
@@ -287,6 +373,8 @@ class _Progress:
         self.done = 0
         #: writers of consolidated outputs: finished inputs move into them in batches
         self.consolidating = list(consolidating or [])
+        #: consolidations that failed (their inputs stay staged for the next run)
+        self.errors: list[str] = []
         self.t0 = self._shown = time.perf_counter()
         self.bar = None
         if enabled and total:
@@ -310,14 +398,11 @@ class _Progress:
         self.failed += res.status == "failed"
         self.done += res.status == "done"
         if self.consolidating and res.status == "done" and self.done % CONSOLIDATE_EVERY == 0:
-            from video_features.utils.consolidate import consolidate
-
-            for writer in self.consolidating:
-                consolidate(writer, final=False)
+            _consolidate_all(self.consolidating, self.errors, final=False)
         if self.bar is not None:
             self._postfix()
             self.bar.update(1)
-        if res.status == "failed":
+        if res.status == "failed" and not _unstarted(res):  # those: one line when the run stops
             msg = f"failed: {res.path}: {res.reason}"
             if self.bar is not None:
                 self.bar.write(msg, file=sys.stderr)
@@ -355,7 +440,8 @@ def plan(cfgs: Config | list[Config], records: dict | list[dict]) -> tuple[list[
             first = next(iter(writers[0].paths_for(path, keys[0]).values()))
             other = owners.setdefault(first, path)
             if other != path:
-                settled.append(Result(path, "failed", reason=f"its output files would overwrite those of {other}"))
+                settled.append(Result(path, "failed", reason=f"its output files would overwrite those of {other}",
+                                      stage="plan", attempts=0))
                 continue
             if not cfg.overwrite:
                 states = [(c.feature_type, w.state(path, k)) for c, w, k in zip(cfgs, writers, keys)]
@@ -369,7 +455,8 @@ def plan(cfgs: Config | list[Config], records: dict | list[dict]) -> tuple[list[
                     if cfg.on_mismatch == "refuse":
                         settled.append(Result(path, "failed", reason=(
                             f"existing outputs were made differently ({why}); on_mismatch=recompute "
-                            "or overwrite=true replaces them, or use another output_path")))
+                            "or overwrite=true replaces them, or use another output_path"),
+                            stage="plan", attempts=0))
                         continue
                     log.info("recomputing %s: its outputs were made differently (%s)", path, why)
         todo.append(path)
@@ -379,26 +466,33 @@ def plan(cfgs: Config | list[Config], records: dict | list[dict]) -> tuple[list[
 def run(cfg: Config | list[Config]) -> Summary:
     """Extract features for every input of ``cfg`` (or of several feature types' configs, one
     decode for all); never raises for a bad input."""
+    from video_features.utils.output import check_writable
     from video_features.utils.record import run_record
 
     cfgs = as_configs(cfg)
     cfg = cfgs[0]
+    run_id = f"{datetime.datetime.now():%Y%m%dT%H%M%S.%f}"[:-3] + f"-{HOST}-{os.getpid()}"
     # WeightsError here (missing weights) ends the run before any work
     records = [run_record(c) for c in cfgs]
     todo, settled = plan(cfgs, records)
-    summary = Summary(list(settled))
+    summary = Summary(list(settled), run_id=run_id)
     for r in summary.results:
         if r.status == "failed":
             log.warning("failed: %s: %s", r.path, r.reason)
     if summary.count("skipped"):
         log.info("skipping %d input(s) already extracted (overwrite=true recomputes them)",
                  summary.count("skipped"))
+    writers = [OutputWriter.from_config(c, r) for c, r in zip(cfgs, records)]
     if not todo:
-        _consolidate_all(OutputWriter.from_config(c, r) for c, r in zip(cfgs, records))
+        _consolidate_all(writers, summary.errors)
+        _report(cfgs, summary)
         return summary
+    # a read-only or unwritable output folder ends the run here (exit 2), not input by input
+    for folder in dict.fromkeys(f for w in writers if w.saves
+                                for f in (Path(w.output_path or "."), w.root)):
+        check_writable(folder)
     devices = devices_for(cfg)
-    consolidating = [w for w in (OutputWriter.from_config(c, r) for c, r in zip(cfgs, records))
-                     if w.consolidated]
+    consolidating = [w for w in writers if w.consolidated]
     progress = _Progress(len(todo), _progress_enabled(cfg), consolidating)
     try:
         if devices == ["cpu"]:  # one CPU worker: no process to spawn
@@ -407,19 +501,49 @@ def run(cfg: Config | list[Config]) -> Summary:
             _run_pool(cfgs, records, devices[: len(todo)], todo, summary, progress)
     finally:
         progress.close()
-        _consolidate_all(consolidating)
+        _consolidate_all(consolidating, progress.errors)
+    summary.errors += progress.errors
     _reconcile(cfg.video_paths, summary, progress)
+    _report(cfgs, summary)
     return summary
 
 
-def _consolidate_all(writers: Any) -> None:
+def _report(cfgs: list[Config], summary: Summary) -> None:
+    """Bring ``<output_path>/failures.jsonl`` up to date (only where outputs are saved: a printing
+    run has no output folder, its summary is the report). A report that cannot be written (the
+    folder is full or read-only) is said in the summary, never raised."""
+    from video_features.utils.output import update_failure_report
+
+    cfg = cfgs[0]
+    if not OutputWriter.from_config(cfg).saves:
+        return
+    feature_type = "+".join(c.feature_type for c in cfgs)
+    try:
+        path = update_failure_report(cfg.output_path, feature_type, cfg.video_paths,
+                                     failure_entries(summary, feature_type))
+    except (OSError, FeatureError) as exc:
+        summary.report_error = str(exc)
+        log.error("the failure report could not be written: %s", exc)
+        return
+    summary.report = str(path) if path is not None and summary.failed else ""
+
+
+def _consolidate_all(writers: Any, errors: list[str], final: bool = True) -> None:
     """Move every staged input into its consolidated file (also those an earlier, killed run
-    left staged)."""
+    left staged). A file that cannot be written (e.g. a full disk) is added to ``errors``: its
+    inputs stay staged, and the next run moves them; anything else is a bug and propagates."""
     from video_features.utils.consolidate import consolidate
 
     for writer in writers:
         if writer.consolidated:
-            consolidate(writer, final=True)
+            try:
+                consolidate(writer, final=final)
+            except (OSError, FeatureError) as exc:
+                why = exc if isinstance(exc, FeatureError) else f"{type(exc).__name__}: {exc}"
+                msg = (f"{writer.feature_type}: moving staged inputs into the {writer.mode} output "
+                       f"failed ({why}); they stay in {writer.root} and the next run moves them")
+                log.error("%s", msg)
+                errors.append(msg)
 
 
 def _reconcile(planned: list[str], summary: Summary, progress: _Progress) -> None:
@@ -427,7 +551,8 @@ def _reconcile(planned: list[str], summary: Summary, progress: _Progress) -> Non
     reported = {r.path for r in summary.results}
     for path in planned:
         if path not in reported:
-            res = Result(path, "failed", reason="no result was reported for this input (lost)")
+            res = Result(path, "failed", reason="no result was reported for this input (lost)",
+                         stage="worker")
             summary.results.append(res)
             progress.update(res)
 
@@ -441,13 +566,21 @@ def _run_inline(cfgs: list[Config], records: list[dict], device: str, todo: list
         _run_inline_pipeline(cfg, extractor, writer, todo, summary, progress)
         return
     for i, path in enumerate(todo):
-        res = process_one(extractor, writer, path)
+        res = _flag_stop(process_one(extractor, writer, path), writer)
         summary.results.append(res)
         progress.update(res)
+        if res.stop:  # the output folder is full or unwritable: every later write would fail
+            summary.stopped = res.stop
+            log.error("stopping: %s", res.stop)
+            for rest in todo[i + 1:]:
+                summary.results.append(res := _not_started(rest, summary.stopped))
+                progress.update(res)
+            return
         if res.device_broken:  # this process's CUDA context is gone: nothing more can run here
             for rest in todo[i + 1:]:
                 res = Result(rest, "failed", reason="not processed: the device failed on an "
-                                                    "earlier input; rerun to extract it")
+                                                    "earlier input; rerun to extract it",
+                             stage="not_started", attempts=0)
                 summary.results.append(res)
                 progress.update(res)
             return
@@ -459,14 +592,21 @@ def _run_inline_pipeline(cfg: Config, extractor: Any, writer: OutputWriter, todo
 
     from video_features.utils.pipeline import DevicePipeline
 
+    pending = collections.deque(todo)
+
     def done(res: Result) -> None:
-        summary.results.append(res)
+        summary.results.append(_flag_stop(res, writer))
         progress.update(res)
+        if res.stop and not summary.stopped:  # the inputs in the pipeline finish; no new one starts
+            summary.stopped = res.stop
+            log.error("stopping: %s", res.stop)
+            while pending:
+                done(_not_started(pending.popleft(), summary.stopped))
 
     pipe = DevicePipeline(extractor, writer, cfg.decoders, done, _decode_threads(cfg))
     try:
         with torch.inference_mode():
-            pipe.run(todo, max_in_flight=videos_at_once(cfg) + 1)
+            pipe.run(pending, videos_at_once(cfg) + 1)   # ``done`` empties pending on a stop
     finally:
         pipe.close()
 
@@ -508,8 +648,15 @@ def _run_pool(cfgs: list[Config], records: list[dict], devices: list[str], todo:
     def finish(w: _Worker, res: Result) -> None:
         if res.path in w.tasks:
             w.tasks.remove(res.path)
+        res.attempts = attempts[res.path] + 1
         summary.results.append(res)
         progress.update(res)
+        if res.stop and not summary.stopped:  # inputs in workers finish; no new one starts
+            summary.stopped = res.stop
+            log.error("stopping: %s", res.stop)
+            while pending:
+                summary.results.append(rest := _not_started(pending.popleft(), res.stop))
+                progress.update(rest)
 
     def dispatch(w: _Worker) -> None:
         while pending and w.ready and len(w.tasks) < w.capacity and w.proc.is_alive():
@@ -531,11 +678,12 @@ def _run_pool(cfgs: list[Config], records: list[dict], devices: list[str], todo:
         w.proc.join(timeout=10)
         for path in reversed(w.tasks):
             attempts[path] += 1
-            if replace and attempts[path] < MAX_ATTEMPTS:
+            if replace and attempts[path] < MAX_ATTEMPTS and not summary.stopped:
                 log.warning("retrying %s on a fresh worker: %s", path, why)
                 pending.appendleft(path)
             else:
-                summary.results.append(res := Result(path, "failed", reason=why))
+                summary.results.append(res := Result(path, "failed", reason=why, stage="worker",
+                                                     attempts=attempts[path]))
                 progress.update(res)
         w.tasks.clear()
         respawns[w.device] += 1
@@ -552,7 +700,9 @@ def _run_pool(cfgs: list[Config], records: list[dict], devices: list[str], todo:
                 if fatal and summary.count("done") == 0:
                     raise FeatureError(reason)
                 while pending:
-                    res = Result(pending.popleft(), "failed", reason=f"not processed: {reason}")
+                    path = pending.popleft()
+                    res = Result(path, "failed", reason=f"not processed: {reason}",
+                                 stage="not_started", attempts=attempts[path])
                     summary.results.append(res)
                     progress.update(res)
                 break

@@ -20,13 +20,31 @@ without a pts falls back to that). With ``extraction_fps`` the output is a regul
 Truncation is checked when a file is opened, before any frame is decoded: a file that ends before
 the packets its container's index declares (e.g. a cut download of a "faststart" mp4, whose index
 comes first) is rejected with the time it ends at. Frame counts are not compared, since edit lists
-and variable frame rates make them differ from what decodes in good files. Containers without such
-an index (MPEG-TS, Matroska with cues at the end, raw streams) are not checked up front; a decoder
-error mid-stream is still reported as corrupt or truncated.
+and variable frame rates make them differ from what decodes in good files. Matroska/WebM files
+without cues up front (a cut download) are checked when their stream ends: one that stops short of
+the end time its track declares (the muxer's DURATION tag) is rejected as truncated. Other
+containers without an index (MPEG-TS, raw streams) cannot be checked.
+
+Damaged data inside a stream: a packet the decoder rejects is skipped, as FFmpeg's command line and
+players do, and decoding goes on from the next one; the input gets one warning with the number of
+skipped packets and where the first one was. Rows keep the presentation times of the frames that
+did decode (a gap in ``timestamps_ms``, no shift of later rows; with ``extraction_fps`` the slots
+there show the last good frame, as FFmpeg's ``fps`` filter). An input fails only when no frame
+decodes at all, or when the container cannot be read past some point (the rest of the video would
+be missing: reported with the frame and time it stops at).
+
+Orientation (``rotation="auto"``, the default): frames are turned upright as players show them:
+a video frame by its display matrix (phones record portrait video as landscape frames with a
+90-degree rotation; FFmpeg's autorotate rule, flips included), a frame image by its EXIF
+orientation. ``rotation="raw"`` keeps frames as stored.
+
+Memory: a chunk holds at most ``CHUNK_BYTES`` of frames (at least one frame), so a 4K or 8K video
+is handed out a frame or a few at a time, whatever ``chunk_size`` asks for.
 """
 from __future__ import annotations
 
 import logging
+import math
 import os
 import queue
 import re
@@ -43,6 +61,12 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 TIMESTAMP_MODES = ("pts", "index")
+ROTATIONS = ("auto", "raw")
+#: frame bytes per chunk at most (as one transfer slot of utils/pipeline.py): chunks of large
+#: frames are shorter, so memory stays bounded by the chunk whatever the frame size
+CHUNK_BYTES = 32 << 20
+#: (transpose, flip rows, flip columns), applied in this order: how a frame is shown upright
+UPRIGHT = (False, False, False)
 
 
 @dataclass
@@ -137,6 +161,80 @@ def select_by_timestamp(items: Iterator[tuple[float, Any]], out_fps: float,
         yield int(slot), held
 
 
+def display_matrix(frame: Any) -> np.ndarray | None:
+    """A decoded frame's display matrix (9 int32 in FFmpeg's ``AV_FRAME_DATA_DISPLAYMATRIX``
+    layout, 16.16 fixed point), or None where it carries none."""
+    try:
+        sd = frame.side_data.get("DISPLAYMATRIX")
+    except Exception:  # a PyAV without side data by type name
+        return None
+    if sd is None:
+        return None
+    m = np.frombuffer(bytes(sd), dtype=np.int32)
+    return m[:9] if len(m) >= 9 else None
+
+
+def upright_ops(matrix: Any) -> tuple[bool, bool, bool]:
+    """A display matrix -> ``(transpose, flip rows, flip columns)`` that show the frame as
+    players do: FFmpeg's autorotate rule (fftools), which inserts ``transpose=clock`` for a
+    phone's portrait video (matrix rotation -90), ``cclock_flip`` / ``clock_flip`` when the
+    matrix also mirrors, h/v flips for 180 degrees and a mirror-only matrix. Angles that are not
+    a multiple of 90 degrees are left as stored (FFmpeg rotates those with padding)."""
+    if matrix is None:
+        return UPRIGHT
+    m0, m1, m3, m4 = (float(matrix[i]) / 65536.0 for i in (0, 1, 3, 4))
+    sx, sy = math.hypot(m0, m3), math.hypot(m1, m4)
+    if sx == 0.0 or sy == 0.0:
+        return UPRIGHT
+    # clockwise degrees, as fftools' get_rotation(): -round(av_display_rotation_get(matrix))
+    theta = float(math.floor(math.degrees(math.atan2(m1 / sy, m0 / sx)) + 0.5))
+    theta -= 360.0 * math.floor(theta / 360.0 + 0.9 / 360.0)
+    if abs(theta - 90.0) < 1.0:
+        return (True, False, not m3 > 0)    # clock, or cclock_flip (a plain transpose)
+    if abs(theta - 180.0) < 1.0:
+        return (False, m4 < 0, m0 < 0)      # vflip, hflip
+    if abs(theta - 270.0) < 1.0:
+        return (True, True, m3 < 0)         # cclock, or clock_flip
+    if abs(theta) < 1.0:
+        return (False, m4 < 0, False)       # a mirror-only matrix: vflip
+    return UPRIGHT
+
+
+def upright(img: np.ndarray, ops: tuple[bool, bool, bool]) -> np.ndarray:
+    """An (H, W, C) frame turned by :func:`upright_ops`' result (contiguous)."""
+    transpose, rows, cols = ops
+    if transpose:
+        img = img.transpose(1, 0, 2)
+    if rows:
+        img = img[::-1]
+    if cols:
+        img = img[:, ::-1]
+    return np.ascontiguousarray(img)
+
+
+def stream_upright(path: str) -> tuple[bool, bool, bool]:
+    """How the frames of the video at ``path`` are turned upright (:func:`upright_ops` of its
+    first decodable frame's display matrix); for decoders that do not apply it themselves."""
+    import av
+
+    try:
+        with av.open(str(path), "r", metadata_errors="ignore") as c:
+            for frame in c.decode(c.streams.video[0]):
+                return upright_ops(display_matrix(frame))
+    except Exception:  # unreadable: the decoder's own error says why
+        pass
+    return UPRIGHT
+
+
+def _duration_tag(text: Any) -> float | None:
+    """Matroska's per-track ``DURATION`` tag (``HH:MM:SS.nnnnnnnnn``) in seconds, or None."""
+    try:
+        h, m, sec = str(text).strip().split(":")
+        return int(h) * 3600 + int(m) * 60 + float(sec)
+    except (ValueError, AttributeError):
+        return None
+
+
 def _natural_key(name: str) -> list[Any]:
     return [int(tok) if tok.isdigit() else tok.lower() for tok in re.split(r"(\d+)", name)]
 
@@ -145,15 +243,20 @@ class FrameSource:
     """Frames of one input. Use as ``with open_frames(...) as src: for chunk in src.chunks(n)``."""
 
     def __init__(self, path: str, extraction_fps: float | None = None, frames_fps: float = 25.0,
-                 timestamps: str = "pts", threads: int = 0, extraction_total: int | None = None):
+                 timestamps: str = "pts", threads: int = 0, extraction_total: int | None = None,
+                 rotation: str = "auto"):
         if extraction_fps and extraction_total:
             raise ValueError("extraction_fps and extraction_total are mutually exclusive")
         if timestamps not in TIMESTAMP_MODES:
             raise ValueError(f"timestamps must be one of {', '.join(TIMESTAMP_MODES)}, "
                              f"not {timestamps!r}")
+        if rotation not in ROTATIONS:
+            raise ValueError(f"rotation must be one of {', '.join(ROTATIONS)}, not {rotation!r}")
         self.path = str(path)
         self.extraction_fps = extraction_fps
         self.timestamps = timestamps
+        self.rotation = rotation
+        self._image_size: tuple | None = None  # a frame folder's first image (H, W, 3)
         self.threads = int(threads)  # FFmpeg decoding threads; 0: FFmpeg's choice (all cores)
         self._container = None
         p = Path(path)
@@ -204,8 +307,10 @@ class FrameSource:
         except Exception as exc:  # av.error.* and OSError
             raise VideoError(f"not a readable video ({_short(exc)})") from None
         if not self._container.streams.video:
+            audio_only = bool(self._container.streams.audio)
             self.close()
-            raise VideoError("no video stream in file")
+            hint = " (only audio: the audio feature types, vggish and clap, read it)"
+            raise VideoError("no video stream in file" + (hint if audio_only else ""))
         self._stream = self._container.streams.video[0]
         self._stream.thread_type = "AUTO"
         if self.threads:
@@ -316,10 +421,32 @@ class FrameSource:
         tb = vs.time_base
         start = None
         n = 0
+        bad = 0            # packets the decoder rejected (skipped, as FFmpeg's command line does)
+        first_bad = ""
         self._last_time = None
         self._last_duration: float | None = None
-        try:
-            for frame in self._container.decode(vs):
+        packets = self._container.demux(vs)
+        while True:
+            try:
+                packet = next(packets)
+            except StopIteration:
+                break
+            except av.error.FFmpegError as exc:  # the container cannot be read on: the rest is lost
+                if n == 0:
+                    raise VideoError(f"no decodable video frames ({_short(exc)})") from None
+                raise VideoError(f"corrupt or truncated video: the file cannot be read past frame "
+                                 f"{n} ({self._last_time:.2f} s) ({_short(exc)})") from None
+            try:
+                frames = packet.decode()
+            except av.error.EOFError:
+                break
+            except av.error.FFmpegError as exc:
+                bad += 1
+                if bad == 1:
+                    where = f" after frame {n - 1}, {self._last_time:.2f} s" if n else ""
+                    first_bad = f"the first{where}: {_short(exc)}"
+                continue
+            for frame in frames:
                 if frame.pts is None:
                     t = n / self.native_fps
                 else:
@@ -332,13 +459,31 @@ class FrameSource:
                 self._last_duration = float(dur * tb) if dur and tb else None
                 n += 1
                 yield t, frame
-        except av.error.FFmpegError as exc:
-            if n == 0:
-                raise VideoError(f"no decodable video frames ({_short(exc)})") from None
-            raise VideoError(f"corrupt or truncated video stream after {n} frames "
-                             f"({_short(exc)})") from None
         if n == 0:
-            raise VideoError("no decodable video frames")
+            raise VideoError("no decodable video frames" + (
+                f" ({bad} packet(s) rejected by the decoder, {first_bad})" if bad else ""))
+        if bad:
+            log.warning("%s: skipped %d undecodable video packet(s) (%s); decoded %d frames "
+                        "around them", self.path, bad, first_bad, n)
+        self._check_declared_end(start)
+
+    def _check_declared_end(self, first_pts: int | None) -> None:
+        """Matroska/WebM: the stream must reach the end its track declares (the muxer's
+        ``DURATION`` tag, absolute in the file's timeline), else the file was cut. Files whose
+        cues come first were checked when opened; this catches the usual layout, cues last."""
+        if "matroska" not in self._container.format.name.split(","):
+            return
+        tags = {k.upper(): v for k, v in (self._stream.metadata or {}).items()}
+        declared = _duration_tag(tags.get("DURATION") or next(
+            (v for k, v in tags.items() if k.startswith("DURATION")), None))
+        if not declared or self.end_time() is None:
+            return
+        tb = self._stream.time_base
+        reached = (float(first_pts * tb) if first_pts is not None and tb else 0.0) + self.end_time()
+        # a few frames of slack: the last frame's length is a guess where the file does not say
+        if reached < declared - max(3.0 / self.native_fps, 0.1):
+            raise VideoError(f"truncated video: the stream ends at {reached:.2f} s of the "
+                             f"{declared:.2f} s its container declares")
 
     def _frame_items(self) -> Iterator[tuple[float, Any]]:
         for i, f in enumerate(self._files):
@@ -351,17 +496,33 @@ class FrameSource:
             return None
         return self._last_time + (getattr(self, "_last_duration", None) or 1.0 / self.native_fps)
 
-    @staticmethod
-    def _to_rgb(payload: Any) -> np.ndarray:
+    def _to_rgb(self, payload: Any) -> np.ndarray:
         if isinstance(payload, Path):
-            from PIL import Image
+            return self._read_image(payload)
+        img = payload.to_ndarray(format="rgb24")
+        if self.rotation == "auto":
+            ops = upright_ops(display_matrix(payload))
+            if ops != UPRIGHT:
+                img = upright(img, ops)
+        return img
 
-            try:
-                with Image.open(payload) as im:
-                    return np.asarray(im.convert("RGB"))
-            except Exception as exc:
-                raise VideoError(f"cannot read frame image {payload.name} ({_short(exc)})") from None
-        return payload.to_ndarray(format="rgb24")
+    def _read_image(self, path: Path) -> np.ndarray:
+        from PIL import Image, ImageOps
+
+        try:
+            with Image.open(path) as im:
+                shown = ImageOps.exif_transpose(im) if self.rotation == "auto" else im
+                img = np.asarray(shown.convert("RGB"))
+        except Exception as exc:
+            raise VideoError(f"cannot read frame image {path.name} ({_short(exc)})") from None
+        if self._image_size is None:
+            self._image_size = img.shape
+        elif img.shape != self._image_size:
+            h, w = self._image_size[:2]
+            raise VideoError(f"frame image {path.name} is {img.shape[1]}x{img.shape[0]}, the "
+                             f"images before it {w}x{h}: every image of a frame folder must have "
+                             "the same size")
+        return img
 
     def timed_frames(self) -> Iterator[tuple[int, float, np.ndarray]]:
         """(output index, timestamp ms, RGB frame) one by one; repeated frames share one array."""
@@ -374,6 +535,11 @@ class FrameSource:
                 if cache is None or cache[0] is not payload:
                     cache = (payload, self._to_rgb(payload))
                 yield slot, slot / self.fps * 1000.0, cache[1]
+            if cache is None and self.end_time() is not None:
+                # FFmpeg's fps filter gives no frame either: say why rather than "no frames"
+                raise VideoError(f"no frame at {self.fps:g} fps: the input lasts "
+                                 f"{self.end_time():.3f} s, less than half a frame interval at "
+                                 "that rate; use a higher extraction_fps or the native rate")
         else:
             # items' times are pts-based for videos (index / fps without a pts) and
             # index / frames_fps for frame folders
@@ -397,6 +563,7 @@ class FrameSource:
         for idx, ts, img in self.timed_frames():
             if shape is None:
                 shape = img.shape
+                chunk_size = max(1, min(chunk_size, CHUNK_BYTES // img.nbytes))
             check_same_size(img, shape, idx)
             if not buf:
                 first = idx
@@ -411,7 +578,8 @@ class FrameSource:
             yield chunk()
 
     def chunks(self, chunk_size: int, prefetch: bool = True) -> Iterator[Chunk]:
-        """Chunks of up to ``chunk_size`` frames; decoding runs one chunk ahead in a thread."""
+        """Chunks of up to ``chunk_size`` frames (fewer where they would exceed ``CHUNK_BYTES``);
+        decoding runs one chunk ahead in a thread."""
         if chunk_size < 1:
             raise ValueError("chunk_size must be >= 1")
         if not prefetch:
@@ -469,13 +637,15 @@ class FrameSource:
 
 def open_frames(path: str, extraction_fps: float | None = None, frames_fps: float = 25.0,
                 timestamps: str = "pts", threads: int = 0,
-                extraction_total: int | None = None) -> FrameSource:
+                extraction_total: int | None = None, rotation: str = "auto") -> FrameSource:
     """Open a video file or a folder of frames; raises VideoError with a one-line reason.
 
     ``timestamps``: "pts" (presentation times) or "index" (``n / fps``, the reference tool's).
     ``extraction_total``: that many evenly spaced frames (instead of a rate).
+    ``rotation``: "auto" (frames upright as players show them) or "raw" (as stored).
     """
-    return FrameSource(path, extraction_fps, frames_fps, timestamps, threads, extraction_total)
+    return FrameSource(path, extraction_fps, frames_fps, timestamps, threads, extraction_total,
+                       rotation)
 
 
 def _index_entries(stream: Any) -> Any:
