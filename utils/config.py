@@ -132,6 +132,16 @@ class SharedOptions:
     shard: Optional[str] = option(
         "i/N: only this run's share of the inputs (every N-th of the de-duplicated list, from "
         "position i), for job arrays on the same list; the N shards together are the full run")
+    backend: str = option(
+        "local: worker processes on this machine; ray: Ray actors, one per GPU of the cluster "
+        "(or cpu_workers with device=cpu), outputs on storage every node sees",
+        choices=("local", "ray"))
+    ray_address: Optional[str] = option(
+        "backend=ray: the cluster to join (auto: the running one; ray://host:10001); null: "
+        "RAY_ADDRESS if set, else a local Ray started for this run")
+    ray_actors: Optional[int] = option(
+        "backend=ray: actors to start; null: one per GPU of the cluster (device=cuda) or "
+        "cpu_workers (device=cpu)", at_least=1)
     log_level: str = option("debug | info | warning | error",
                             choices=("debug", "info", "warning", "error"))
     progress: Union[bool, str] = option("show a progress bar (auto: only on a terminal)",
@@ -340,7 +350,7 @@ def _add_option(group: Any, key: str, tp: Any, default: Any, text: str) -> None:
 RUN_OPTIONS = ("video_paths", "file_with_video_paths", "device", "device_ids", "cpu_workers",
                "on_extraction", "output_path", "input_root", "decoders", "overwrite",
                "on_mismatch", "worker_timeout", "log_level", "progress", "frames_fps", "timestamps",
-               "decoder", "shard", "rotation")
+               "decoder", "shard", "rotation", "backend", "ray_address", "ray_actors")
 
 
 def feature_types_of(raw: Any) -> list[str]:
@@ -582,7 +592,12 @@ def validate(cfg: Config) -> Config:
                         "the worker count)")
         cfg = cfg.replace(device=device)
     ids = cfg.device_ids
-    if cfg.device == "cuda":
+    if cfg.get("backend") == "ray":
+        # the cluster's GPUs are Ray's to hand out, not this machine's device_ids
+        from video_features.utils.ray_backend import import_ray
+
+        import_ray()
+    elif cfg.device == "cuda":
         if not ids:
             raise ConfigError("device_ids is empty: name at least one GPU")
         if len(set(ids)) != len(ids):

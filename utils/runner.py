@@ -209,6 +209,23 @@ def _flag_stop(res: Result, writer: Any) -> Result:
     return res
 
 
+def _run_ray(cfgs: list[Config], records: list[dict], todo: list[str], summary: Summary,
+             progress: "_Progress") -> None:
+    """``backend=ray`` (utils/ray_backend.py): actors instead of local worker processes."""
+    from video_features.utils.ray_backend import run_on_ray
+
+    def done(res: Result) -> bool:
+        summary.results.append(res)
+        progress.update(res)
+        if res.stop and not summary.stopped:  # chunks under way finish; no new one is sent
+            summary.stopped = res.stop
+            log.error("stopping: %s", res.stop)
+        return not summary.stopped
+
+    for path in run_on_ray(cfgs, records, todo, done):
+        done(_not_started(path, summary.stopped))
+
+
 def _not_started(path: str, reason: str) -> Result:
     return Result(path, "failed", reason=f"not started: {reason}; rerun to extract it",
                   stage="not_started", attempts=0)
@@ -495,7 +512,9 @@ def run(cfg: Config | list[Config]) -> Summary:
     consolidating = [w for w in writers if w.consolidated]
     progress = _Progress(len(todo), _progress_enabled(cfg), consolidating)
     try:
-        if devices == ["cpu"]:  # one CPU worker: no process to spawn
+        if cfg.get("backend", "local") == "ray":
+            _run_ray(cfgs, records, todo, summary, progress)
+        elif devices == ["cpu"]:  # one CPU worker: no process to spawn
             _run_inline(cfgs, records, devices[0], todo, summary, progress)
         else:
             _run_pool(cfgs, records, devices[: len(todo)], todo, summary, progress)

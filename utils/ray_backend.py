@@ -1,0 +1,195 @@
+"""``backend=ray``: the run's inputs on Ray actors, one per GPU of the cluster (or per CPU worker).
+
+Each actor builds what a local worker builds (the extractor with its models, the output writer,
+the device pipeline with its decoder processes) once, then takes chunks of inputs. The driver
+keeps every actor fed with two chunks (one running, one queued behind it, so its decoders never
+wait for the driver) and collects results as chunks finish (``ray.wait``), so faster actors take
+more of the list. Outputs are written by the actors straight into ``output_path``, which must
+be storage every node sees (a shared file system); done detection, records, claims of the
+consolidated outputs and the summary are the local backend's.
+
+A chunk whose actor dies (out of memory, a crashed node) is given once more to a restarted
+actor; a second loss fails its inputs with the reason.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from video_features.utils.config import Config
+from video_features.utils.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+#: chunks each actor holds at a time: one running, one queued behind it
+QUEUED_PER_ACTOR = 2
+
+
+def import_ray() -> Any:
+    try:
+        import ray
+    except ImportError as exc:
+        raise ConfigError(f"backend=ray needs Ray ({exc}): pip install 'ray>=2.9' (or the [ray] "
+                          "extra)") from None
+    return ray
+
+
+def _checkout_root() -> str | None:
+    """The repository root when running from a checkout (actors must import the same code)."""
+    import video_features
+
+    root = Path(video_features.__file__).resolve().parent.parent
+    return str(root) if (root / "utils" / "config.py").is_file() else None
+
+
+def connect(cfg: Config) -> Any:
+    """``ray.init`` as ``ray_address`` says (null: RAY_ADDRESS if set, else a local Ray on this
+    machine), unless this process is already connected."""
+    ray = import_ray()
+    if ray.is_initialized():
+        return ray
+    env = {k: os.environ[k] for k in ("TORCH_HOME", "HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE",
+                                      "VIDEO_FEATURES_OFFLINE", "VIDEO_FEATURES_PLUGINS")
+           if k in os.environ}
+    root = _checkout_root()
+    if root:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}, "include_dashboard": False,
+                              "logging_level": logging.WARNING}
+    if cfg.get("ray_address"):
+        kwargs["address"] = cfg.ray_address
+    try:
+        ray.init(**kwargs)
+    except Exception as exc:  # e.g. no cluster at the address
+        raise ConfigError(f"backend=ray: cannot connect to Ray"
+                          f"{' at ' + cfg.ray_address if cfg.get('ray_address') else ''}: "
+                          f"{str(exc).splitlines()[0][:300]}") from None
+    return ray
+
+
+class ExtractActor:
+    """One worker of the run on a Ray node: the models stay loaded between chunks."""
+
+    def __init__(self, cfgs: list[Config], records: list[dict], device: str):
+        from video_features.utils.runner import build_worker, configure_logging, _threads_per_worker
+
+        cfg = cfgs[0]
+        configure_logging(cfg.log_level)
+        import torch
+
+        if device == "cpu":
+            torch.set_num_threads(_threads_per_worker(int(cfg.get("ray_actors") or cfg.cpu_workers)))
+        self.cfg = cfg
+        self.extractor, self.writer = build_worker(cfgs, records, device)
+
+    def ready(self) -> bool:
+        return True
+
+    def process(self, paths: list[str]) -> list:
+        """Results of ``paths``, through the device pipeline (or one at a time for feature types
+        that are not on it)."""
+        import torch
+
+        from video_features.utils.pipeline import DevicePipeline
+        from video_features.utils.runner import (_decode_threads, _flag_stop, process_one,
+                                                 videos_at_once)
+
+        results: list = []
+        if not self.extractor.frame_seam:
+            return [_flag_stop(process_one(self.extractor, self.writer, p), self.writer)
+                    for p in paths]
+        pipe = DevicePipeline(self.extractor, self.writer, self.cfg.decoders,
+                              lambda r: results.append(_flag_stop(r, self.writer)),
+                              _decode_threads(self.cfg))
+        try:
+            with torch.inference_mode():
+                pipe.run(paths, videos_at_once(self.cfg) + 1)
+        finally:
+            pipe.close()
+        return results
+
+
+def actor_count(ray: Any, cfg: Config) -> int:
+    if cfg.get("ray_actors"):
+        return int(cfg.ray_actors)
+    if cfg.device == "cuda":
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        if gpus < 1:
+            raise ConfigError("backend=ray with device=cuda: the Ray cluster has no GPU")
+        return gpus
+    return int(cfg.cpu_workers)
+
+
+def run_on_ray(cfgs: list[Config], records: list[dict], todo: list[str],
+               on_result: Callable[[Any], bool]) -> list[str]:
+    """Every input of ``todo`` through actors; ``on_result(result)`` gets each result and returns
+    False once the run must stop: then no new chunk is sent, those under way finish, and the
+    inputs never sent are returned."""
+    from video_features.utils.runner import Result, videos_at_once
+
+    cfg = cfgs[0]
+    ray = connect(cfg)
+    n = min(actor_count(ray, cfg), max(1, len(todo)))
+    gpu = cfg.device == "cuda"
+    device = "cuda" if gpu else "cpu"
+    remote = ray.remote(num_gpus=1 if gpu else 0, num_cpus=1, max_restarts=1,
+                        max_task_retries=0)(ExtractActor)
+    actors = [remote.remote(cfgs, records, device) for _ in range(n)]
+    try:
+        ray.get([a.ready.remote() for a in actors])
+    except Exception as exc:
+        for actor in actors:
+            ray.kill(actor)
+        raise ConfigError(f"backend=ray: a worker could not be built: {_last_line(exc)}") from None
+    # a chunk keeps an actor's decoders busy twice over; a short list is spread over all actors
+    size = max(1, min(2 * (videos_at_once(cfg) + 1), -(-len(todo) // n)))
+    chunks = [todo[i:i + size] for i in range(0, len(todo), size)]
+    chunks.reverse()                      # pop() from the end takes them in list order
+    tries: dict[int, int] = {}
+    running: dict[Any, tuple[int, list[str]]] = {}   # ref -> (actor index, chunk)
+    feeding = True
+    log.info("backend=ray: %d actor(s) on %s, %d input(s) in chunks of %d", n, device,
+             len(todo), size)
+
+    def send(a: int) -> None:
+        chunk = chunks.pop()
+        running[actors[a].process.remote(chunk)] = (a, chunk)
+
+    for _ in range(QUEUED_PER_ACTOR):
+        for a in range(n):
+            if chunks:
+                send(a)
+    while running:
+        ready, _ = ray.wait(list(running), num_returns=1)
+        ref = ready[0]
+        a, chunk = running.pop(ref)
+        try:
+            results = ray.get(ref)
+        except Exception as exc:  # the actor died with the chunk
+            why = _last_line(exc)
+            key = id(chunk)
+            tries[key] = tries.get(key, 0) + 1
+            if tries[key] == 1 and feeding:
+                log.warning("backend=ray: a worker was lost with %d input(s); they are tried once "
+                            "more (%s)", len(chunk), why)
+                chunks.append(chunk)
+            else:
+                results = [Result(p, "failed", reason=f"the Ray worker was lost: {why}",
+                                  stage="worker", attempts=tries[key] + 1) for p in chunk]
+                for res in results:
+                    feeding = on_result(res) and feeding
+        else:
+            for res in results:
+                feeding = on_result(res) and feeding
+        if feeding and chunks:
+            send(a)
+    for actor in actors:
+        ray.kill(actor)
+    return [p for chunk in reversed(chunks) for p in chunk]
+
+
+def _last_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[-1][:300] if text else type(exc).__name__
