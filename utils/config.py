@@ -132,6 +132,9 @@ class SharedOptions:
     shard: Optional[str] = option(
         "i/N: only this run's share of the inputs (every N-th of the de-duplicated list, from "
         "position i), for job arrays on the same list; the N shards together are the full run")
+    claim_timeout: float = option(
+        "seconds without a heartbeat after which another run's claim on an input counts as "
+        "abandoned and is taken over (a claim of a process gone from this host at once)", above=0)
     backend: str = option(
         "local: worker processes on this machine; ray: Ray actors, one per GPU of the cluster "
         "(or cpu_workers with device=cpu), outputs on storage every node sees",
@@ -350,7 +353,8 @@ def _add_option(group: Any, key: str, tp: Any, default: Any, text: str) -> None:
 RUN_OPTIONS = ("video_paths", "file_with_video_paths", "device", "device_ids", "cpu_workers",
                "on_extraction", "output_path", "input_root", "decoders", "overwrite",
                "on_mismatch", "worker_timeout", "log_level", "progress", "frames_fps", "timestamps",
-               "decoder", "shard", "rotation", "backend", "ray_address", "ray_actors")
+               "decoder", "shard", "rotation", "backend", "ray_address", "ray_actors",
+               "claim_timeout")
 
 
 def feature_types_of(raw: Any) -> list[str]:

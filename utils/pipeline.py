@@ -644,11 +644,12 @@ class DevicePipeline:
     def run(self, paths: Iterable[str], max_in_flight: int | None = None) -> None:
         """Every path through the pipeline, keeping ``max_in_flight`` inputs open at a time. A
         failing batch (a device error) fails the inputs in flight with its reason, and the ones
-        not yet submitted as not started. ``paths`` may be a deque the caller empties (from
-        ``on_result``) to stop feeding: the inputs already in the pipeline still finish."""
+        not yet submitted as not started. ``paths`` may be a queue (a deque, or the runner's
+        :class:`utils.claims.InputQueue`) the caller empties from ``on_result`` to stop feeding:
+        the inputs already in the pipeline still finish."""
         from video_features.utils.runner import Result, process_failure
 
-        pending = paths if isinstance(paths, collections.deque) else collections.deque(paths)
+        pending = paths if hasattr(paths, "popleft") else collections.deque(paths)
         limit = max_in_flight or self.n_decoders + 1
         while pending or self.busy:
             while pending and self.in_flight < limit:
@@ -659,8 +660,9 @@ class DevicePipeline:
                 reason = process_failure(exc).reason
                 for path in self.paths_in_flight():
                     self.on_result(Result(path, "failed", reason=reason, stage="extract"))
-                while pending:
-                    self.on_result(Result(pending.popleft(), "failed", stage="not_started",
+                rest = pending.drain() if hasattr(pending, "drain") else list(pending)
+                for path in rest:
+                    self.on_result(Result(path, "failed", stage="not_started",
                                           reason=f"not processed: {reason}", attempts=0))
                 return
 

@@ -122,16 +122,17 @@ def actor_count(ray: Any, cfg: Config) -> int:
     return int(cfg.cpu_workers)
 
 
-def run_on_ray(cfgs: list[Config], records: list[dict], todo: list[str],
+def run_on_ray(cfgs: list[Config], records: list[dict], todo: Any,
                on_result: Callable[[Any], bool]) -> list[str]:
-    """Every input of ``todo`` through actors; ``on_result(result)`` gets each result and returns
+    """Every input of ``todo`` (a queue: ``popleft``, ``drain``, truthiness; the runner's claims
+    decide what it hands out) through actors; ``on_result(result)`` gets each result and returns
     False once the run must stop: then no new chunk is sent, those under way finish, and the
     inputs never sent are returned."""
     from video_features.utils.runner import Result, videos_at_once
 
     cfg = cfgs[0]
     ray = connect(cfg)
-    n = min(actor_count(ray, cfg), max(1, len(todo)))
+    n = min(actor_count(ray, cfg), max(1, len(todo)))   # len: at most, claims may take fewer
     gpu = cfg.device == "cuda"
     device = "cuda" if gpu else "cpu"
     remote = ray.remote(num_gpus=1 if gpu else 0, num_cpus=1, max_restarts=1,
@@ -145,22 +146,21 @@ def run_on_ray(cfgs: list[Config], records: list[dict], todo: list[str],
         raise ConfigError(f"backend=ray: a worker could not be built: {_last_line(exc)}") from None
     # a chunk keeps an actor's decoders busy twice over; a short list is spread over all actors
     size = max(1, min(2 * (videos_at_once(cfg) + 1), -(-len(todo) // n)))
-    chunks = [todo[i:i + size] for i in range(0, len(todo), size)]
-    chunks.reverse()                      # pop() from the end takes them in list order
+    retry: list[list[str]] = []           # chunks of a lost actor, sent once more
     tries: dict[int, int] = {}
     running: dict[Any, tuple[int, list[str]]] = {}   # ref -> (actor index, chunk)
     feeding = True
-    log.info("backend=ray: %d actor(s) on %s, %d input(s) in chunks of %d", n, device,
+    log.info("backend=ray: %d actor(s) on %s, up to %d input(s) in chunks of %d", n, device,
              len(todo), size)
 
     def send(a: int) -> None:
-        chunk = chunks.pop()
-        running[actors[a].process.remote(chunk)] = (a, chunk)
+        chunk = retry.pop() if retry else [todo.popleft() for _ in range(size) if todo]
+        if chunk:
+            running[actors[a].process.remote(chunk)] = (a, chunk)
 
     for _ in range(QUEUED_PER_ACTOR):
         for a in range(n):
-            if chunks:
-                send(a)
+            send(a)
     while running:
         ready, _ = ray.wait(list(running), num_returns=1)
         ref = ready[0]
@@ -174,7 +174,7 @@ def run_on_ray(cfgs: list[Config], records: list[dict], todo: list[str],
             if tries[key] == 1 and feeding:
                 log.warning("backend=ray: a worker was lost with %d input(s); they are tried once "
                             "more (%s)", len(chunk), why)
-                chunks.append(chunk)
+                retry.append(chunk)
             else:
                 results = [Result(p, "failed", reason=f"the Ray worker was lost: {why}",
                                   stage="worker", attempts=tries[key] + 1) for p in chunk]
@@ -183,11 +183,11 @@ def run_on_ray(cfgs: list[Config], records: list[dict], todo: list[str],
         else:
             for res in results:
                 feeding = on_result(res) and feeding
-        if feeding and chunks:
+        if feeding:
             send(a)
     for actor in actors:
         ray.kill(actor)
-    return [p for chunk in reversed(chunks) for p in chunk]
+    return [p for chunk in retry for p in chunk] + todo.drain()
 
 
 def _last_line(exc: BaseException) -> str:

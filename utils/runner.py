@@ -40,6 +40,7 @@ from typing import Any
 
 from video_features.utils.config import Config
 from video_features.utils.errors import FeatureError, VideoError
+from video_features.utils.claims import Claims, InputQueue
 from video_features.utils.output import HOST, OutputWriter
 
 log = logging.getLogger(__name__)
@@ -209,7 +210,7 @@ def _flag_stop(res: Result, writer: Any) -> Result:
     return res
 
 
-def _run_ray(cfgs: list[Config], records: list[dict], todo: list[str], summary: Summary,
+def _run_ray(cfgs: list[Config], records: list[dict], todo: InputQueue, summary: Summary,
              progress: "_Progress") -> None:
     """``backend=ray`` (utils/ray_backend.py): actors instead of local worker processes."""
     from video_features.utils.ray_backend import run_on_ray
@@ -511,14 +512,41 @@ def run(cfg: Config | list[Config]) -> Summary:
     devices = devices_for(cfg)
     consolidating = [w for w in writers if w.consolidated]
     progress = _Progress(len(todo), _progress_enabled(cfg), consolidating)
+    # several runs on one list and output folder: each input is started by one of them
+    claims = Claims(writers, cfg.get("claim_timeout", 600)) if writers[0].saves else None
+
+    def dispatch(queue: InputQueue) -> None:
+        try:
+            if cfg.get("backend", "local") == "ray":
+                _run_ray(cfgs, records, queue, summary, progress)
+            elif devices == ["cpu"]:  # one CPU worker: no process to spawn
+                _run_inline(cfgs, records, devices[0], queue, summary, progress)
+            else:
+                _run_pool(cfgs, records, devices[: len(todo)], queue, summary, progress)
+        finally:
+            if claims is not None:
+                claims.release_all()
+
     try:
-        if cfg.get("backend", "local") == "ray":
-            _run_ray(cfgs, records, todo, summary, progress)
-        elif devices == ["cpu"]:  # one CPU worker: no process to spawn
-            _run_inline(cfgs, records, devices[0], todo, summary, progress)
-        else:
-            _run_pool(cfgs, records, devices[: len(todo)], todo, summary, progress)
+        queue = InputQueue(todo, claims)
+        dispatch(queue)
+        # inputs other runs were extracting: done by them (skipped), or taken over once their
+        # holder is gone
+        while queue.elsewhere and not summary.stopped:
+            time.sleep(min(5.0, claims.timeout / 10))
+            again, settled = plan([c.replace(video_paths=queue.elsewhere) for c in cfgs], records)
+            for res in settled:
+                summary.results.append(res)
+                progress.update(res)
+            queue = InputQueue(again, claims)
+            if queue:
+                dispatch(queue)
+        for path in queue.elsewhere:   # a stop left them: they are not this run's to finish
+            summary.results.append(res := _not_started(path, summary.stopped))
+            progress.update(res)
     finally:
+        if claims is not None:
+            claims.close()
         progress.close()
         _consolidate_all(consolidating, progress.errors)
     summary.errors += progress.errors
@@ -576,7 +604,7 @@ def _reconcile(planned: list[str], summary: Summary, progress: _Progress) -> Non
             progress.update(res)
 
 
-def _run_inline(cfgs: list[Config], records: list[dict], device: str, todo: list[str],
+def _run_inline(cfgs: list[Config], records: list[dict], device: str, todo: InputQueue,
                 summary: Summary, progress: _Progress) -> None:
     cfg = cfgs[0]
     extractor, writer = build_worker(cfgs, records, device)  # errors here (weights, device) end the run
@@ -584,19 +612,20 @@ def _run_inline(cfgs: list[Config], records: list[dict], device: str, todo: list
     if extractor.frame_seam:
         _run_inline_pipeline(cfg, extractor, writer, todo, summary, progress)
         return
-    for i, path in enumerate(todo):
+    while todo:
+        path = todo.popleft()
         res = _flag_stop(process_one(extractor, writer, path), writer)
         summary.results.append(res)
         progress.update(res)
         if res.stop:  # the output folder is full or unwritable: every later write would fail
             summary.stopped = res.stop
             log.error("stopping: %s", res.stop)
-            for rest in todo[i + 1:]:
+            for rest in todo.drain():
                 summary.results.append(res := _not_started(rest, summary.stopped))
                 progress.update(res)
             return
         if res.device_broken:  # this process's CUDA context is gone: nothing more can run here
-            for rest in todo[i + 1:]:
+            for rest in todo.drain():
                 res = Result(rest, "failed", reason="not processed: the device failed on an "
                                                     "earlier input; rerun to extract it",
                              stage="not_started", attempts=0)
@@ -605,13 +634,11 @@ def _run_inline(cfgs: list[Config], records: list[dict], device: str, todo: list
             return
 
 
-def _run_inline_pipeline(cfg: Config, extractor: Any, writer: OutputWriter, todo: list[str],
+def _run_inline_pipeline(cfg: Config, extractor: Any, writer: OutputWriter, todo: InputQueue,
                          summary: Summary, progress: _Progress) -> None:
     import torch
 
     from video_features.utils.pipeline import DevicePipeline
-
-    pending = collections.deque(todo)
 
     def done(res: Result) -> None:
         summary.results.append(_flag_stop(res, writer))
@@ -619,13 +646,13 @@ def _run_inline_pipeline(cfg: Config, extractor: Any, writer: OutputWriter, todo
         if res.stop and not summary.stopped:  # the inputs in the pipeline finish; no new one starts
             summary.stopped = res.stop
             log.error("stopping: %s", res.stop)
-            while pending:
-                done(_not_started(pending.popleft(), summary.stopped))
+            for path in todo.drain():
+                done(_not_started(path, summary.stopped))
 
     pipe = DevicePipeline(extractor, writer, cfg.decoders, done, _decode_threads(cfg))
     try:
         with torch.inference_mode():
-            pipe.run(pending, videos_at_once(cfg) + 1)   # ``done`` empties pending on a stop
+            pipe.run(todo, videos_at_once(cfg) + 1)   # ``done`` empties the queue on a stop
     finally:
         pipe.close()
 
@@ -643,13 +670,12 @@ class _Worker:
     broken: bool = False      # reported a sticky device error and exits
 
 
-def _run_pool(cfgs: list[Config], records: list[dict], devices: list[str], todo: list[str],
+def _run_pool(cfgs: list[Config], records: list[dict], devices: list[str], pending: InputQueue,
               summary: Summary, progress: _Progress) -> None:
     import torch.multiprocessing as mp
 
     cfg = cfgs[0]
     ctx = mp.get_context("spawn")
-    pending = collections.deque(todo)
     workers: list[_Worker] = []
     respawns: dict[str, int] = collections.Counter()
     attempts: dict[str, int] = collections.Counter()
@@ -673,8 +699,8 @@ def _run_pool(cfgs: list[Config], records: list[dict], devices: list[str], todo:
         if res.stop and not summary.stopped:  # inputs in workers finish; no new one starts
             summary.stopped = res.stop
             log.error("stopping: %s", res.stop)
-            while pending:
-                summary.results.append(rest := _not_started(pending.popleft(), res.stop))
+            for path in pending.drain():
+                summary.results.append(rest := _not_started(path, res.stop))
                 progress.update(rest)
 
     def dispatch(w: _Worker) -> None:
@@ -718,8 +744,7 @@ def _run_pool(cfgs: list[Config], records: list[dict], devices: list[str], todo:
                 reason = fatal[0] if fatal else "no worker left (they kept dying)"
                 if fatal and summary.count("done") == 0:
                     raise FeatureError(reason)
-                while pending:
-                    path = pending.popleft()
+                for path in pending.drain():
                     res = Result(path, "failed", reason=f"not processed: {reason}",
                                  stage="not_started", attempts=attempts[path])
                     summary.results.append(res)
