@@ -20,6 +20,10 @@ def main(argv: list[str] | None = None) -> int:
         from video_features.finetune import main as finetune
 
         return finetune(argv[1:])
+    if argv[:1] == ["check"]:
+        from video_features.check import main as check
+
+        return check(argv[1:])
     if "--list_recipes" in argv:
         from video_features.utils.recipes import describe_recipes
 
