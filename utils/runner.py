@@ -385,7 +385,12 @@ def _worker_pipeline(extractor: Any, writer: OutputWriter, cfg: Config, conn: An
 
 
 class _Progress:
-    def __init__(self, total: int, enabled: bool, consolidating: list | None = None):
+    def __init__(self, total: int, enabled: bool, consolidating: list | None = None,
+                 runlog: Any = None):
+        #: utils/runlog.py: a metrics line every few seconds (None: not saving)
+        self.runlog = runlog
+        #: frames arrive live through add_frames; else (Ray actors) with each result
+        self.frames_live = True
         self.frames = 0
         self.failed = 0
         self.done = 0
@@ -405,6 +410,8 @@ class _Progress:
         self.frames += n
         if self.bar is not None and time.perf_counter() - self._shown >= 0.5:
             self._postfix()
+        if self.runlog is not None:
+            self.runlog.tick(self.frames, self.done, self.failed)
 
     def _postfix(self) -> None:
         self._shown = time.perf_counter()
@@ -415,6 +422,10 @@ class _Progress:
         """One input finished (its frames were counted by add_frames)."""
         self.failed += res.status == "failed"
         self.done += res.status == "done"
+        if res.status == "done" and not self.frames_live:
+            self.frames += res.frames or 0
+        if self.runlog is not None:
+            self.runlog.tick(self.frames, self.done, self.failed)
         if self.consolidating and res.status == "done" and self.done % CONSOLIDATE_EVERY == 0:
             _consolidate_all(self.consolidating, self.errors, final=False)
         if self.bar is not None:
@@ -428,6 +439,8 @@ class _Progress:
                 log.warning(msg)
 
     def close(self) -> None:
+        if self.runlog is not None:
+            self.runlog.tick(self.frames, self.done, self.failed, force=True)
         if self.bar is not None:
             self.bar.close()
 
@@ -511,7 +524,12 @@ def run(cfg: Config | list[Config]) -> Summary:
         check_writable(folder)
     devices = devices_for(cfg)
     consolidating = [w for w in writers if w.consolidated]
-    progress = _Progress(len(todo), _progress_enabled(cfg), consolidating)
+    from video_features.utils.runlog import RunLog
+
+    runlog = RunLog(cfg.output_path, run_id, [c.feature_type for c in cfgs], devices) \
+        if writers[0].saves else None
+    progress = _Progress(len(todo), _progress_enabled(cfg), consolidating, runlog)
+    progress.frames_live = cfg.get("backend", "local") != "ray"
     # several runs on one list and output folder: each input is started by one of them
     claims = Claims(writers, cfg.get("claim_timeout", 600)) if writers[0].saves else None
 
@@ -552,6 +570,8 @@ def run(cfg: Config | list[Config]) -> Summary:
     summary.errors += progress.errors
     _reconcile(cfg.video_paths, summary, progress)
     _report(cfgs, summary)
+    if runlog is not None:
+        runlog.finish({k: summary.count(k) for k in ("done", "skipped", "failed")})
     return summary
 
 

@@ -24,6 +24,10 @@ def main(argv: list[str] | None = None) -> int:
         from video_features.check import main as check
 
         return check(argv[1:])
+    if argv[:1] == ["report"]:
+        from video_features.report import main as report
+
+        return report(argv[1:])
     if "--list_recipes" in argv:
         from video_features.utils.recipes import describe_recipes
 

@@ -1,0 +1,98 @@
+"""``<output_path>/metrics.jsonl``: what a run did over time, for ``video-features report``.
+
+A line every ``INTERVAL`` seconds at most (written from the progress updates the runner makes
+anyway, never per frame): elapsed seconds, frames and inputs so far, and on GPUs each device's
+busy share and memory in use (NVML, when ``pynvml`` is importable); a last line holds the run's
+summary counts. Lines of several runs (and shards) append to one file, each with its run id.
+A log that cannot be written is given up silently: it must never cost an input.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+INTERVAL = 5.0
+FILE = "metrics.jsonl"
+
+
+class RunLog:
+    def __init__(self, output_path: str | None, run_id: str, feature_types: list[str],
+                 devices: list[str], interval: float = INTERVAL):
+        self.path = Path(output_path or ".") / FILE
+        self.run_id, self.feature_types, self.devices = run_id, feature_types, devices
+        self.interval = interval
+        self.t0 = time.time()
+        self._last = 0.0
+        self._gpus = self._nvml([d for d in devices if d.startswith("cuda")])
+        self.ok = True
+
+    @staticmethod
+    def _nvml(cuda: list[str]) -> list[tuple[int, Any]]:
+        if not cuda:
+            return []
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            indices = [int(d.split(":")[1]) if ":" in d else 0 for d in cuda]
+            return [(i, pynvml.nvmlDeviceGetHandleByIndex(i)) for i in indices]
+        except Exception:  # noqa: BLE001 - no NVML: the report shows no GPU figures
+            return []
+
+    def _gpu_sample(self) -> list[dict]:
+        out = []
+        try:
+            import pynvml
+
+            for i, h in self._gpus:
+                util = pynvml.nvmlDeviceGetUtilizationRates(h)
+                mem = pynvml.nvmlDeviceGetMemoryInfo(h)
+                out.append({"index": i, "busy": util.gpu / 100.0, "memory_bytes": int(mem.used)})
+        except Exception:  # noqa: BLE001
+            return []
+        return out
+
+    def tick(self, frames: int, done: int, failed: int, force: bool = False) -> None:
+        now = time.time()
+        if not force and now - self._last < self.interval:
+            return
+        self._last = now
+        self._write({"elapsed_s": round(now - self.t0, 3), "frames": int(frames), "done": int(done),
+                     "failed": int(failed), "gpus": self._gpu_sample()})
+
+    def finish(self, counts: dict[str, int]) -> None:
+        self._write({"elapsed_s": round(time.time() - self.t0, 3), "summary": counts})
+
+    def _write(self, entry: dict) -> None:
+        if not self.ok:
+            return
+        line = {"run": self.run_id, "time": time.time(), "feature_types": self.feature_types,
+                "devices": self.devices, **entry}
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a") as f:
+                f.write(json.dumps(line) + "\n")
+        except OSError as exc:
+            self.ok = False
+            log.warning("metrics log %s cannot be written (%s); the run goes on without it",
+                        self.path, exc)
+
+
+def read_runlog(output_path: str | Path) -> list[dict]:
+    path = Path(output_path) / FILE
+    out = []
+    try:
+        with open(path) as f:
+            for line in f:
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    continue
+    except OSError:
+        return []
+    return out
