@@ -378,6 +378,19 @@ def parse_args(argv: Iterable[str]) -> Config:
     return cfgs[0]
 
 
+def parse_flags(parser: argparse.ArgumentParser, flags: list[str]) -> argparse.Namespace:
+    """``--flag value`` words -> namespace; a bad or unknown flag is a ConfigError (exit 2
+    without a traceback), not argparse's own exit. ``--help`` still prints and exits."""
+    parser.exit_on_error = False
+    try:
+        ns, unknown = parser.parse_known_args(flags)
+    except argparse.ArgumentError as exc:
+        raise ConfigError(str(exc)) from None
+    if unknown:
+        raise ConfigError(f"unknown option(s): {' '.join(unknown)} (see {parser.prog} --help)")
+    return ns
+
+
 def parse_configs(argv: Iterable[str]) -> list[Config]:
     """Command line -> one validated :class:`Config` per feature type. Raises ConfigError;
     ``--help`` exits.
@@ -406,14 +419,7 @@ def parse_configs(argv: Iterable[str]) -> list[Config]:
         types = feature_types_of(ft_raw) if ft_raw else []
         build_parser(types[0] if len(types) == 1 else None).parse_args(flags)  # exits
     types = feature_types_of(ft_raw)
-    parser = build_parser(types[0] if len(types) == 1 else None)
-    parser.exit_on_error = False
-    try:
-        ns, unknown = parser.parse_known_args(rest)
-    except argparse.ArgumentError as exc:
-        raise ConfigError(str(exc)) from None
-    if unknown:
-        raise ConfigError(f"unknown option(s): {' '.join(unknown)} (see --help)")
+    ns = parse_flags(build_parser(types[0] if len(types) == 1 else None), rest)
     flag_words = {k: v for k, v in vars(ns).items() if k not in ("config", "feature_type", "recipe", "list_recipes")}
     plain = {k: v for k, v in words.items() if "." not in k}
     sections: dict[str, dict[str, Any]] = {t: {} for t in types}

@@ -39,7 +39,8 @@ import torch
 import torch.nn.functional as F
 
 from video_features.utils.config import (CONFIG_DIR, Config, _add_option, _from_text, _omegaconf_error, _split_words,
-                                         check_fields, option, read_yaml, schema_fields)
+                                         check_fields, option, parse_flags, read_yaml,
+                                         schema_fields)
 from video_features.utils.errors import ConfigError, FeatureError, VideoError
 
 log = logging.getLogger(__name__)
@@ -137,13 +138,7 @@ def parse_options(argv: list[str]) -> Config:
                     "extract with --feature_type i3d checkpoint_path_rgb=OUTPUT_DIR/best_rgb.pt")
     for key, (tp, f) in fields.items():
         _add_option(parser, key, tp, defaults.get(key), f.metadata["help"])
-    parser.exit_on_error = False
-    try:
-        ns, unknown = parser.parse_known_args(flags)
-    except argparse.ArgumentError as exc:
-        raise ConfigError(str(exc)) from None
-    if unknown:
-        raise ConfigError(f"unknown option(s): {' '.join(unknown)} (see finetune --help)")
+    ns = parse_flags(parser, flags)
     for key in words:
         if key not in fields:
             raise ConfigError(f"unknown option {key!r} for finetune (see finetune --help)")
