@@ -81,7 +81,7 @@ def iter_outputs(root: Path) -> Iterator[Output]:
 
 def _file_output(meta_path: Path) -> Output:
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = _slim(json.loads(meta_path.read_text()))
     except (OSError, ValueError) as exc:
         meta = {"_error": f"record {meta_path.name} does not load ({exc})"}
 
@@ -115,7 +115,7 @@ def _hdf5_outputs(path: Path) -> Iterator[Output]:
         f.visititems(lambda name, obj: groups.append(name)
                      if isinstance(obj, h5py.Group) and "meta" in obj.attrs else None)
         for name in groups:
-            meta = json.loads(f[name].attrs["meta"])
+            meta = _slim(json.loads(f[name].attrs["meta"]))
 
             def load(name: str = name) -> dict[str, np.ndarray]:
                 with h5py.File(path, "r") as g:
@@ -137,7 +137,7 @@ def _tar_outputs(path: Path) -> Iterator[Output]:
             sample, _, rest = m.name.partition(".")
             samples.setdefault(sample, {})[rest] = m
         for sample, files in samples.items():
-            meta = json.loads(tar.extractfile(files["json"]).read()) if "json" in files else {}
+            meta = _slim(json.loads(tar.extractfile(files["json"]).read())) if "json" in files else {}
 
             def load(files: dict = files) -> dict[str, np.ndarray]:
                 with tarfile.open(path) as t:
@@ -160,8 +160,14 @@ def _parquet_outputs(part: Path) -> Iterator[Output]:
         yield Output(part.parent.stem, str(part), {}, _raiser(f"{part.name} does not load ({exc})"))
         return
     for name, arrays in rows.items():
-        yield Output(part.parent.stem, f"{part.parent}:{name}", json.loads(metas[name]),
+        yield Output(part.parent.stem, f"{part.parent}:{name}", _slim(json.loads(metas[name])),
                      lambda arrays=arrays: arrays)
+
+
+def _slim(meta: dict) -> dict:
+    """The parts of a record the checks and the report read (every option of the run is left
+    out: kept for 100,000 outputs it would be most of the memory)."""
+    return {k: meta[k] for k in ("input", "media", "record", "outputs", "extraction") if k in meta}
 
 
 def _raiser(why: str) -> Callable[[], Any]:
