@@ -227,14 +227,23 @@ def _runs_section(lines: list[dict]) -> str:
 def build(root: str | Path, max_videos: int = MAX_VIDEOS, max_checked: int = MAX_CHECKED,
           seed: int = 0) -> str:
     root = Path(root)
-    outputs = list(iter_outputs(root))
-    by_type: dict[str, list[Output]] = collections.defaultdict(list)
-    for out in outputs:
-        by_type[out.feature_type].append(out)
+    rng = random.Random(seed)
+    # one pass over the records: counts per type, and a uniform sample of max_checked outputs
+    # (reservoir sampling), so memory does not grow with the folder
+    counts: dict[str, int] = collections.Counter()
+    hours: dict[str, float] = collections.Counter()
+    checked: list[Output] = []
+    n_outputs = 0
+    for out in iter_outputs(root):
+        counts[out.feature_type] += 1
+        hours[out.feature_type] += float((out.meta.get("media") or {}).get("duration_s") or 0) / 3600
+        if len(checked) < max_checked:
+            checked.append(out)
+        elif (j := rng.randrange(n_outputs + 1)) < max_checked:
+            checked[j] = out
+        n_outputs += 1
     sizes = _size_on_disk(root)
     failures = _read_failures(root)
-    rng = random.Random(seed)
-    checked = outputs if len(outputs) <= max_checked else rng.sample(outputs, max_checked)
     flagged, clean = [], []
     for out in checked:
         found = check_output(out)
@@ -243,11 +252,10 @@ def build(root: str | Path, max_videos: int = MAX_VIDEOS, max_checked: int = MAX
     shown += rng.sample(clean, min(len(clean), max_videos - len(shown))) if len(shown) < max_videos else []
 
     count_rows = []
-    for ft, outs in sorted(by_type.items()):
-        hours = sum(float((o.meta.get("media") or {}).get("duration_s") or 0) for o in outs) / 3600
+    for ft, n in sorted(counts.items()):
         failed = sum(1 for f in failures if ft in str(f.get("feature_type", "")).split("+"))
-        count_rows.append(f"<tr><td>{html.escape(ft)}</td><td>{len(outs)}</td><td>{failed}</td>"
-                          f"<td>{hours:.3f}</td><td>{_bytes(sizes.get(ft, 0))}</td></tr>")
+        count_rows.append(f"<tr><td>{html.escape(ft)}</td><td>{n}</td><td>{failed}</td>"
+                          f"<td>{hours[ft]:.3f}</td><td>{_bytes(sizes.get(ft, 0))}</td></tr>")
     groups: dict[str, list[dict]] = collections.defaultdict(list)
     for f in failures:
         groups[_reason_group(str(f.get("reason", "")), str(f.get("path", "")))].append(f)
@@ -260,7 +268,7 @@ def build(root: str | Path, max_videos: int = MAX_VIDEOS, max_checked: int = MAX
     sections = [_video_section(out, found, out.load()) for out, found in shown]
     return PAGE.format(
         title=html.escape(f"video_features report: {root}"), root=html.escape(str(root)),
-        counts="".join(count_rows), n_outputs=len(outputs), n_failed=len(failures),
+        counts="".join(count_rows), n_outputs=n_outputs, n_failed=len(failures),
         failures=fail_html or "<p class=ok>no failed input</p>",
         runs=_runs_section(read_runlog(root)),
         checked=len(checked), n_flagged=len(flagged),
