@@ -16,6 +16,13 @@ os.environ["TORCH_HOME"] = _CACHE
 os.environ["VIDEO_FEATURES_OFFLINE"] = "1"
 
 
+def pytest_sessionfinish(session, exitstatus):
+    """The private cache holds about 0.9 GB of random checkpoints: gone with the session."""
+    import shutil
+
+    shutil.rmtree(_CACHE, ignore_errors=True)
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``gpu`` run where a CUDA GPU is visible and are skipped, with the reason,
     elsewhere."""
