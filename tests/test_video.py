@@ -266,15 +266,9 @@ def test_timestamps_mode_is_checked(make_video):
 
 
 def test_audio_only_file_has_no_video_stream(tmp_path):
-    path = tmp_path / "a.m4a"
-    with av.open(str(path), "w") as out:
-        s = out.add_stream("aac", rate=16000)
-        fr = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
-        fr.sample_rate = 16000
-        for p in s.encode(fr):
-            out.mux(p)
-        for p in s.encode():
-            out.mux(p)
+    from tests.test_bad_inputs import _audio_only
+
+    path = _audio_only(tmp_path / "a.m4a")
     with pytest.raises(VideoError, match="no video stream"):
         open_frames(str(path))
 
