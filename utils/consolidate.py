@@ -131,6 +131,9 @@ class HDF5Store:
         self.path = output_path / f"{feature_type}.h5"
         self._records: dict[str, dict] | None = None
 
+    def refresh(self) -> None:
+        self._records = None
+
     def records(self) -> dict[str, dict]:
         """group name -> its stored record, read once per run."""
         if self._records is None:
@@ -169,6 +172,9 @@ class ShardStore:
 
     def _indexes(self) -> list[Path]:
         return sorted(self.folder.glob("shard-*.json")) if self.folder.is_dir() else []
+
+    def refresh(self) -> None:
+        self._records = None
 
     def records(self) -> dict[str, dict]:
         if self._records is None:
@@ -267,6 +273,9 @@ class ParquetStore:
             found[part] = cached[1]
         self._index = {p.name: self._index[p.name] for p in found}
         return found
+
+    def refresh(self) -> None:
+        self._records = None
 
     def records(self) -> dict[str, dict]:
         if self._records is None:

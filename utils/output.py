@@ -106,6 +106,12 @@ class OutputWriter:
             self._store = store_for(self)
         return self._store
 
+    def refresh(self) -> None:
+        """Forget what was read of the consolidated output, so the next ``state`` sees what
+        other runs (or this run's consolidation) have written since."""
+        if self._store is not None:
+            self._store.refresh()
+
     def video_dir(self, video_path: str) -> Path:
         p = Path(video_path).expanduser().resolve()
         try:
