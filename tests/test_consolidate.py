@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from video_features.utils.config import make_config
-from video_features.utils.consolidate import ParquetStore, read_hdf5, read_parquet
+from video_features.utils.consolidate import ParquetStore, hdf5_key, read_hdf5, read_parquet
 from video_features.utils.output import OutputWriter
 from video_features.utils.record import run_record
 from video_features.utils.runner import run
@@ -61,7 +61,7 @@ def test_hdf5_holds_what_save_numpy_writes_and_resumes(videos, tmp_path):
         for key, value in arrays.items():
             np.testing.assert_array_equal(got[name][key], value)
     with h5py.File(out / "null.h5", "r") as f:
-        meta = json.loads(f[next(iter(expect))].attrs["meta"])
+        meta = json.loads(f[hdf5_key(next(iter(expect)))].attrs["meta"])
     assert meta["record"]["feature_type"] == "null" and meta["outputs"]["null"]["shape"]
     staging = out / "null" / ".staging"
     assert not list(staging.rglob("*.npy")) and not list(staging.rglob("*_meta.json"))
@@ -240,7 +240,7 @@ def test_parquet_kill_while_replacing_a_row_loses_nothing(videos, tmp_path, monk
     def killed(*args, **kwargs):
         raise RuntimeError("killed before the new part was renamed into place")
     # other options replace videos[0]'s row; the run dies after its old row was removed
-    monkeypatch.setattr(ParquetStore, "_new_part", killed)
+    monkeypatch.setattr(ParquetStore, "_write_part", killed)
     fps10 = _cfg(videos[:1], out, on_extraction="save_parquet", extraction_fps=10)
     with pytest.raises(RuntimeError, match="killed"):
         run(fps10)

@@ -1,27 +1,36 @@
 """Consolidated outputs: one HDF5 file, tar shards, or Parquet files, instead of a few small files
 per input.
 
-``save_hdf5``        ``<output_path>/<feature_type>.h5``: one group per input, named by the
-                     input's mirrored path (``folder/stem``, as the .npy layout), holding one
-                     dataset per output key; the group's ``meta`` attribute is the JSON record
-                     that ``<stem>_meta.json`` holds in the .npy layout. ActivityNet/BMT-style
-                     code reads ``f[name]["rgb"][()]``.
+Every input has one name, its mirrored folder and stem as in the .npy layout (``clips/c3``;
+a symlinked file keeps its own name, see ``OutputWriter.video_dir``), and one live copy in the
+consolidated output.
+
+``save_hdf5``        ``<output_path>/<feature_type>.h5`` holds one entry per input: an HDF5
+                     external link, resolved by h5py, to a group in one of the part files
+                     ``<output_path>/<feature_type>/part-NNNNNN.h5`` (one per consolidation
+                     batch). The group holds one dataset per output key; its ``meta`` attribute is
+                     the JSON record that ``<stem>_meta.json`` holds in the .npy layout, its
+                     ``name`` attribute the input's name. Entries sit at the top level, keyed by
+                     the name with ``%`` and ``/`` percent-escaped (``clips/c3`` is
+                     ``clips%2Fc3``), so ``clips.mp4`` and ``clips/c0.mp4`` cannot collide;
+                     ActivityNet/BMT-style code with inputs in one folder reads
+                     ``f[stem]["rgb"][()]`` as before. The top file is only an index: it is
+                     rebuilt from the parts (atomically) at the end of every consolidation during
+                     a run at most once a minute, and at its end.
 ``save_webdataset``  ``<output_path>/<feature_type>/shard-NNNNNN.tar`` of ``shard_size`` inputs
-                     each: members ``<name>.<key>.npy`` and ``<name>.json`` (the record), the
-                     WebDataset convention (a sample is the members sharing a name; dots of the
-                     file stem become ``_`` so they cannot split it). Beside each tar,
-                     ``shard-NNNNNN.json`` lists its samples and their records.
+                     each: members ``<key>.<output key>.npy`` and ``<key>.json`` (the record),
+                     the WebDataset convention (a sample is the members sharing a key); the key
+                     is the name with ``%`` and ``.`` percent-escaped (``a.b`` is ``a%2Eb``) so
+                     that no dot splits it and no two names share one. Beside each tar,
+                     ``shard-NNNNNN.json`` lists its samples (name, key, record) and the tar's size.
 ``save_parquet``     ``<output_path>/<feature_type>.parquet/part-NNNNNN.parquet``, one file per
                      consolidation batch, read as one table by ``pyarrow.parquet.read_table`` or
-                     ``pandas.read_parquet`` on the folder. A row per input: ``name`` (as the HDF5
-                     group), ``meta`` (the record, JSON) and, per output key K, ``K`` (the
-                     flattened values, a list in the saved dtype) and ``K_shape``; the array is
+                     ``pandas.read_parquet`` on the folder. A row per input: ``name``, ``meta``
+                     (the record, JSON) and, per output key K, ``K`` (the flattened values, a list
+                     in the saved dtype) and ``K_shape``; the array is
                      ``np.asarray(row[K], dtype).reshape(row[K_shape])``. Feature lengths differ
                      per input, so Arrow's fixed-shape tensor type does not fit, and its
-                     variable-shape one is not read as arrays by pandas: plain lists are.
-                     Parquet files are immutable: an input recomputed with other options is
-                     removed from the part that holds it (rewritten without its row, or deleted
-                     when emptied) before its new row is written, so no input has two rows. All
+                     variable-shape one is not read as arrays by pandas: plain lists are. All
                      parts share one schema (readers take a part's schema for the folder's): a
                      batch with a new key or a wider dtype rewrites the older parts to the
                      widened schema (values unchanged; each row's ``meta`` keeps its own dtype).
@@ -29,26 +38,46 @@ per input.
 Workers never write these files. They save each input as ``save_numpy`` does (atomic files and a
 record, so done detection and resuming work unchanged) under the hidden staging folder
 ``<output_path>/<feature_type>/.staging``; the parent process alone moves finished inputs into
-the consolidated file, a batch at a time during the run and the rest at its end, holding a lock
-file so that two runs on one output folder take turns. Staged files are deleted only after
-their data is flushed to the HDF5 file or a shard or part has been renamed into place, so a
-killed run loses nothing: the next run finds staged inputs done and consolidates them first.
+the consolidated output, a batch at a time during the run and the rest at its end, holding a
+lock file so that runs on one output folder take turns (readers never need it: no part is
+changed in place).
+
+Why nothing is lost or doubled, whatever is killed when:
+- A part, shard or index is written to a temporary file and renamed into place, so every file
+  under its final name is whole. A kill leaves the previous state, or the new one.
+- A batch first removes its inputs from the parts that hold them (a part is rewritten without
+  them, or deleted when emptied), then writes its own part; the staged files are deleted only
+  after that. An input is therefore always staged, consolidated, or both, and never in two parts.
+- An input staged again after it landed (a kill between the part and the clean-up) is recognised
+  by its identical record and only cleaned up.
+- One input's record and arrays are read as one snapshot: the record is read, the arrays are
+  opened, and the record must still be the same file afterwards (a worker recomputing the input
+  removes the record first). Staged files are deleted only if they are still the files that were
+  read, so a recomputation that raced the batch stays staged for the next one.
+- A part that cannot be read is moved aside (``.damaged``) with one message; what can be read of
+  it is kept, the rest is extracted again. The HDF5 file of earlier versions (groups in the file
+  itself) is taken over the same way, group by group.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
+import hashlib
 import io
 import json
 import logging
 import os
 import tarfile
+import time
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
+from urllib.parse import unquote
 
 import numpy as np
 
-from video_features.utils.output import META_KEY, OutputState, OutputWriter, atomic_write, read_meta
+from video_features.utils.output import (META_KEY, OutputState, OutputWriter, atomic_build,
+                                         atomic_write, matches_npy, read_meta, temp_name)
 from video_features.utils.record import differences
 
 log = logging.getLogger(__name__)
@@ -59,6 +88,10 @@ STAGING = ".staging"
 BATCH = 64
 #: array bytes of a Parquet row group (a part holds one batch; long features split it)
 ROW_GROUP_BYTES = 128 << 20
+#: during a run the HDF5 index is rebuilt at most this often (seconds); always at its end
+INDEX_EVERY_S = 60.0
+#: the HDF5 index file's root attribute that tells it from an HDF5 file of earlier versions
+INDEX_ATTR = "video_features_index"
 
 
 def staging_root(output_path: str | None, feature_type: str) -> Path:
@@ -74,10 +107,138 @@ def store_for(writer: OutputWriter) -> "HDF5Store | ShardStore | ParquetStore":
     return ShardStore(base, writer.feature_type, writer.shard_size)
 
 
-def _name(writer: OutputWriter, video_path: str) -> str:
-    """The input's name in a consolidated file: its mirrored folder and stem."""
+# -- names ---------------------------------------------------------------------------------------
+def input_name(writer: OutputWriter, video_path: str) -> str:
+    """The input's name in a consolidated output: where it is staged, relative to staging."""
     rel = writer.video_dir(video_path).relative_to(writer.root)
     return (rel / writer.stem(video_path)).as_posix()
+
+
+def _escape(name: str, chars: str) -> str:
+    out = name.replace("%", "%25")
+    for c in chars:
+        out = out.replace(c, f"%{ord(c):02X}")
+    return out
+
+
+def hdf5_key(name: str) -> str:
+    """The top-level HDF5 name of an input: ``/`` would make groups inside groups."""
+    return _escape(name, "/")
+
+
+def sample_key(name: str) -> str:
+    """The WebDataset key of an input: a dot would end the key, so dots are escaped (as ``%``)."""
+    return _escape(name, ".")
+
+
+def _digest(meta: Mapping[str, Any]) -> str:
+    """Identifies one extraction: its whole record (options, inputs, timings)."""
+    return hashlib.sha1(json.dumps(meta, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# -- staged inputs -------------------------------------------------------------------------------
+def _ident(st: os.stat_result) -> tuple[int, ...]:
+    # not ctime: moving a file aside changes it
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+@dataclasses.dataclass
+class Staged:
+    """One staged input as read: its record, and the identity of every file it was read from
+    (the record first), so that only those very files are ever deleted."""
+
+    name: str
+    meta_path: Path
+    meta: dict
+    digest: str
+    files: dict[str, Path]
+    idents: dict[Path, tuple[int, ...]]
+
+    @classmethod
+    def read(cls, name: str, meta_path: Path) -> "Staged | None":
+        """The input's record and files as one snapshot; None when it is incomplete, damaged or
+        being rewritten (it is then left alone)."""
+        try:
+            with open(meta_path, "rb") as f:
+                ident = _ident(os.fstat(f.fileno()))
+                meta = json.loads(f.read())
+            outputs = meta.get("outputs") or {}
+            files = {k: meta_path.parent / v["file"] for k, v in outputs.items()}
+            idents = {meta_path: ident}
+            for key, path in files.items():
+                with open(path, "rb") as f:
+                    if not matches_npy(f, outputs[key]):
+                        return None
+                    idents[path] = _ident(os.fstat(f.fileno()))
+            if _ident(os.stat(meta_path)) != ident:   # rewritten meanwhile: arrays may be newer
+                return None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None
+        return cls(name, meta_path, meta, _digest(meta), files, idents)
+
+    @contextlib.contextmanager
+    def open(self) -> Iterator[dict[str, Any] | None]:
+        """The array files, open, if they are still the ones read (else None: a worker is
+        writing this input again; it stays staged)."""
+        with contextlib.ExitStack() as stack:
+            opened = {}
+            try:
+                for key, path in self.files.items():
+                    f = stack.enter_context(open(path, "rb"))
+                    if _ident(os.fstat(f.fileno())) != self.idents[path]:
+                        raise FileNotFoundError(path)
+                    opened[key] = f
+                if _ident(os.stat(self.meta_path)) != self.idents[self.meta_path]:
+                    raise FileNotFoundError(self.meta_path)
+            except OSError:
+                opened = None
+            yield opened
+
+    def arrays(self) -> Iterator[dict[str, np.ndarray] | None]:
+        with self.open() as files:
+            if files is None:
+                yield None
+            else:
+                yield {k: np.load(f, allow_pickle=False) for k, f in files.items()}
+
+    def remove(self) -> None:
+        """Delete the staged files read (the record first), leaving any newer ones in place."""
+        for path, ident in self.idents.items():
+            _remove_if_same(path, ident)
+        with contextlib.suppress(OSError):  # empty folders of the staging tree
+            folder = self.meta_path.parent
+            while folder.name != STAGING:
+                folder.rmdir()
+                folder = folder.parent
+
+
+def _remove_if_same(path: Path, ident: tuple[int, ...]) -> None:
+    """Delete ``path`` only if it is still the file ``ident`` describes: it is moved aside
+    first, checked, and put back if it is another (newer) file."""
+    aside = temp_name(path)
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return
+    try:
+        if _ident(os.stat(aside)) != ident:
+            with contextlib.suppress(FileExistsError):  # an even newer one is there: it stays
+                os.link(aside, path)
+    finally:
+        os.unlink(aside)
+
+
+def _staged(writer: OutputWriter) -> list[tuple[str, Path]]:
+    """(name, record file) of every staged input, the name taken from where it is staged."""
+    root = writer.root
+    if not root.is_dir():
+        return []
+    suffix = f"_{META_KEY}.json"
+    out = []
+    for meta_path in sorted(root.rglob(f"*{suffix}")):
+        rel = meta_path.relative_to(root)
+        out.append(((rel.parent / meta_path.name[:-len(suffix)]).as_posix(), meta_path))
+    return out
 
 
 @contextlib.contextmanager
@@ -91,31 +252,141 @@ def _locked(folder: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _staged(writer: OutputWriter) -> Iterator[tuple[str, dict, dict[str, Path]]]:
-    """(input path, record, files) of every complete staged input."""
-    if not writer.root.is_dir():
-        return
-    for meta_path in sorted(writer.root.rglob(f"*_{META_KEY}.json")):
-        meta = read_meta(meta_path)
-        if meta is None or "input" not in meta:
-            continue
-        files = {k: meta_path.parent / v["file"] for k, v in (meta.get("outputs") or {}).items()}
-        if writer._file_state(meta["input"], files).status == "missing":
-            continue  # damaged or half-written: its input is extracted again
-        yield meta["input"], meta, files
+def _aside(path: Path, why: str) -> Path:
+    aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%dT%H%M%S')}")
+    os.replace(path, aside)
+    log.error("%s cannot be read (%s): moved to %s; what could be read of it is kept, the inputs "
+              "it held otherwise are extracted again", path, why, aside.name)
+    return aside
 
 
-def _remove_staged(meta_path: Path, files: Mapping[str, Path]) -> None:
-    meta_path.unlink(missing_ok=True)  # first: the arrays no longer count as an output
-    for path in files.values():
-        path.unlink(missing_ok=True)
-    with contextlib.suppress(OSError):  # empty folders of the staging tree
-        folder = meta_path.parent
-        while folder.name != STAGING:
-            folder.rmdir()
-            folder = folder.parent
+# -- stores --------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Entry:
+    """An input in a consolidated output: the part holding it, its record, the digest of its
+    whole meta, and the output keys it has."""
+
+    part: Path
+    record: dict
+    digest: str
+    keys: frozenset
 
 
+class _Store:
+    """Parts (files or shards) that are only ever replaced whole, read through a cache keyed by
+    their stat, so that seeing what other runs added costs a stat per part."""
+
+    folder: Path   # where the parts are
+    glob: str      # their names
+    prefix: str    # "part" / "shard"
+    suffix: str
+
+    #: part path -> (its stamp, its entries), shared by the stores of a process (a run plans
+    #: again with new writers while it waits for inputs other runs hold)
+    _cache: dict[str, tuple[tuple, dict[str, Entry]]] = {}
+
+    def __init__(self) -> None:
+        self._entries: dict[str, Entry] | None = None
+        #: parts that failed to read at the last look, and why
+        self._failed: dict[Path, str] = {}
+        self._warned: set[str] = set()
+
+    def _stamp(self, part: Path) -> tuple:
+        st = part.stat()
+        return st.st_ino, st.st_size, st.st_mtime_ns
+
+    def _read(self, part: Path) -> dict[str, Entry]:
+        raise NotImplementedError
+
+    def parts(self) -> dict[Path, dict[str, Entry]]:
+        """Every readable part and its entries (unreadable ones are left out, said once)."""
+        found = {}
+        self._failed = {}
+        names = sorted(self.folder.glob(self.glob)) if self.folder.is_dir() else []
+        for part in names:
+            try:
+                stamp = self._stamp(part)
+                cached = self._cache.get(str(part))
+                if cached is None or cached[0] != stamp:
+                    cached = self._cache[str(part)] = (stamp, self._read(part))
+            except FileNotFoundError:   # another run's batch emptied it
+                continue
+            except Exception as exc:    # noqa: BLE001 - damaged: any reader error
+                self._failed[part] = f"{type(exc).__name__}: {exc}"
+                if part.name not in self._warned:
+                    self._warned.add(part.name)
+                    log.warning("%s cannot be read (%s): its inputs count as missing until the "
+                                "next consolidation moves it aside", part, exc)
+                continue
+            found[part] = cached[1]
+        prefix, kept = str(self.folder / self.prefix), {str(p) for p in found}
+        for key in [k for k in self._cache if k.startswith(prefix) and k.endswith(self.suffix)]:
+            if key not in kept:
+                del self._cache[key]
+        return found
+
+    def refresh(self) -> None:
+        self._entries = None
+
+    def entries(self) -> dict[str, Entry]:
+        """name -> its entry; were an input in two parts, the newer part's copy counts."""
+        if self._entries is None:
+            self._entries = {}
+            for rows in self.parts().values():   # in part order: newer ones last
+                self._entries.update(rows)
+        return self._entries
+
+    def records(self) -> dict[str, dict]:
+        return {n: e.record for n, e in self.entries().items()}
+
+    def next_path(self, parts: Iterable[Path]) -> Path:
+        numbers = [int(p.name[len(self.prefix) + 1:].split(".")[0]) for p in parts]
+        return self.folder / f"{self.prefix}-{max(numbers, default=-1) + 1:06d}{self.suffix}"
+
+    # -- under the consolidation lock --
+    def repair(self) -> None:
+        """Bring the parts to a consistent state after a kill or damage (see the subclasses);
+        the base: damaged parts are moved aside, and an input in two parts keeps the newer."""
+        self.parts()
+        for part, why in self._failed.items():
+            self._salvage(_aside(part, why))
+        seen: dict[str, Path] = {}
+        older: dict[Path, set[str]] = {}
+        for part, rows in self.parts().items():
+            for name in rows:
+                if name in seen:
+                    older.setdefault(seen[name], set()).add(name)
+                seen[name] = part
+        for part, names in older.items():
+            self._drop(part, names)
+        self.refresh()
+
+    def _salvage(self, damaged: Path) -> None:
+        """Keep what can be read of a damaged part (formats that can say; default: nothing)."""
+
+    def add(self, batch: list[Staged]) -> list[Staged]:
+        """Move ``batch`` in: its inputs leave the parts that hold them, then one new part takes
+        those that are still as read. Returns those written."""
+        names = {s.name for s in batch}
+        parts = self.parts()
+        for part, rows in parts.items():
+            if rows.keys() & names:
+                self._drop(part, rows.keys() & names)
+        written = self._write(self.next_path(parts), batch)
+        self.refresh()
+        return written
+
+    def _drop(self, part: Path, names: set[str]) -> None:
+        raise NotImplementedError
+
+    def _write(self, path: Path, batch: list[Staged]) -> list[Staged]:
+        raise NotImplementedError
+
+    def publish(self, final: bool) -> None:
+        """Bring derived files (the HDF5 index) up to date."""
+
+
+# -- HDF5 ----------------------------------------------------------------------------------------
 def _h5py() -> Any:
     try:
         import h5py
@@ -126,90 +397,287 @@ def _h5py() -> Any:
     return h5py
 
 
-class HDF5Store:
+def _h5_entries(h5py: Any, f: Any, part: Path) -> dict[str, Entry]:
+    rows = {}
+    for key, group in f.items():
+        if isinstance(group, h5py.Group) and "meta" in group.attrs:
+            meta = json.loads(group.attrs["meta"])
+            name = group.attrs.get("name", unquote(key))
+            rows[name] = Entry(part, meta.get("record") or {}, _digest(meta),
+                               frozenset(k for k, v in group.items() if isinstance(v, h5py.Dataset)))
+    return rows
+
+
+class HDF5Store(_Store):
+    prefix, suffix, glob = "part", ".h5", "part-*.h5"
+
     def __init__(self, output_path: Path, feature_type: str):
+        super().__init__()
         self.path = output_path / f"{feature_type}.h5"
-        self._records: dict[str, dict] | None = None
+        self.folder = output_path / feature_type
+        self._published: tuple | None = None
+        self._published_at = 0.0
 
-    def refresh(self) -> None:
-        self._records = None
-
-    def records(self) -> dict[str, dict]:
-        """group name -> its stored record, read once per run."""
-        if self._records is None:
-            self._records = {}
-            if self.path.is_file():
-                h5py = _h5py()
-                with h5py.File(self.path, "r") as f:
-                    def visit(name: str, obj: Any) -> None:
-                        if isinstance(obj, h5py.Group) and "meta" in obj.attrs:
-                            self._records[name] = json.loads(obj.attrs["meta"]).get("record") or {}
-                    f.visititems(visit)
-        return self._records
-
-    def add(self, items: list[tuple[str, dict, dict[str, Path]]]) -> None:
+    def _read(self, part: Path) -> dict[str, Entry]:
         h5py = _h5py()
-        with h5py.File(self.path, "a") as f:
-            for name, meta, files in items:
-                if name in f:
-                    del f[name]
-                group = f.create_group(name)
-                for key, path in files.items():
-                    group.create_dataset(key, data=np.load(path, mmap_mode="r", allow_pickle=False))
-                group.attrs["meta"] = json.dumps(meta, default=str)  # last: the group is whole
-                if self._records is not None:
-                    self._records[name] = meta.get("record") or {}
-            f.flush()
-        with open(self.path, "rb") as fh:
-            os.fsync(fh.fileno())
+        with h5py.File(part, "r", locking=False) as f:
+            return _h5_entries(h5py, f, part)
+
+    def repair(self) -> None:
+        self._adopt_top_file()
+        super().repair()
+
+    def _adopt_top_file(self) -> None:
+        """``<feature_type>.h5`` is this store's index, rebuilt from the parts; an HDF5 file of
+        an earlier version (groups in the file) becomes a part, group by group; a file that does
+        not open is moved aside (if it was the index, nothing is lost)."""
+        if not self.path.is_file():
+            return
+        h5py = _h5py()
+        try:
+            with h5py.File(self.path, "r", locking=False) as f:
+                if INDEX_ATTR in f.attrs:
+                    return
+        except Exception as exc:   # noqa: BLE001 - any HDF5 error: it does not open
+            _aside(self.path, f"{type(exc).__name__}: {exc}")
+            return
+        log.warning("%s is an HDF5 file of an earlier version: its inputs move into %s/",
+                    self.path, self.folder.name)
+        kept = self._copy_groups(self.path, self.next_path(self.parts()))
+        log.warning("%s: %d input(s) moved into a part file", self.path, kept)
+        self.refresh()
+        self._published = None
+        self.publish(final=True)   # replaces the old file with the index
+
+    def _salvage(self, damaged: Path) -> None:
+        kept = self._copy_groups(damaged, self.next_path(self.parts()))
+        if kept:
+            log.warning("%d input(s) of %s were read and kept", kept, damaged.name)
+
+    def _copy_groups(self, source: Path, target: Path) -> int:
+        """Copy every input group of ``source`` (at any depth, as earlier versions nested them)
+        that can be read into the new part ``target``; returns how many."""
+        h5py = _h5py()
+        groups: list[str] = []
+        try:
+            src = h5py.File(source, "r", locking=False)
+        except Exception:   # noqa: BLE001 - nothing can be read
+            return 0
+        with src:
+            with contextlib.suppress(Exception):
+                src.visititems(lambda n, o: groups.append(n)
+                               if isinstance(o, h5py.Group) and "meta" in o.attrs else None)
+            kept = 0
+
+            def build(tmp: str) -> None:
+                nonlocal kept
+                with h5py.File(tmp, "w") as out:
+                    for name in groups:
+                        try:
+                            group = src[name]
+                            data = {k: v[()] for k, v in group.items() if isinstance(v, h5py.Dataset)}
+                            meta = group.attrs["meta"]
+                            json.loads(meta)
+                        except Exception:   # noqa: BLE001 - this input is extracted again
+                            continue
+                        name = group.attrs.get("name", name)
+                        g = out.create_group(hdf5_key(name))
+                        for k, v in data.items():
+                            g.create_dataset(k, data=v)
+                        g.attrs["name"] = name
+                        g.attrs["meta"] = meta
+                        kept += 1
+
+            if groups:
+                atomic_build(target, build)
+        return kept
+
+    def _drop(self, part: Path, names: set[str]) -> None:
+        h5py = _h5py()
+        with h5py.File(part, "r", locking=False) as src:
+            keep = [k for k, g in src.items() if g.attrs.get("name", unquote(k)) not in names]
+            if not keep:
+                part.unlink(missing_ok=True)
+                return
+
+            def build(tmp: str) -> None:
+                with h5py.File(tmp, "w") as out:
+                    for k in keep:
+                        src.copy(src[k], out, name=k)
+
+            atomic_build(part, build)
+
+    def _write(self, path: Path, batch: list[Staged]) -> list[Staged]:
+        h5py = _h5py()
+        written: list[Staged] = []
+
+        def build(tmp: str) -> None:
+            with h5py.File(tmp, "w") as f:
+                for item in batch:
+                    with item.open() as files:
+                        if files is None:
+                            continue
+                        group = f.create_group(hdf5_key(item.name))
+                        for key, fh in files.items():
+                            group.create_dataset(key, data=np.load(fh, allow_pickle=False))
+                        group.attrs["name"] = item.name
+                        group.attrs["meta"] = json.dumps(item.meta, default=str)
+                        written.append(item)
+
+        atomic_build(path, build)
+        if not written:
+            path.unlink(missing_ok=True)
+        return written
+
+    def publish(self, final: bool) -> None:
+        """Rebuild ``<feature_type>.h5``, an external link per input to its group, when the parts
+        changed (during a run at most every INDEX_EVERY_S)."""
+        entries = self.entries()
+        state = tuple(sorted((n, e.part.name) for n, e in entries.items()))
+        if state == self._published and self.path.is_file():
+            return
+        if not final and time.monotonic() - self._published_at < INDEX_EVERY_S:
+            return
+        h5py = _h5py()
+        base = self.folder.name
+
+        def build(tmp: str) -> None:
+            with h5py.File(tmp, "w") as f:
+                f.attrs[INDEX_ATTR] = f"an index: each input is a link into {base}/part-*.h5"
+                for name, entry in sorted(entries.items()):
+                    key = hdf5_key(name)
+                    f[key] = h5py.ExternalLink(f"{base}/{entry.part.name}", f"/{key}")
+
+        if entries or self.path.exists():
+            atomic_build(self.path, build)
+        self._published, self._published_at = state, time.monotonic()
 
 
-class ShardStore:
+# -- WebDataset shards ---------------------------------------------------------------------------
+def _members(names: Iterable[str]) -> dict[str, list[str]]:
+    """tar member names grouped by sample key (the name up to the first dot of its last part)."""
+    out: dict[str, list[str]] = {}
+    for m in names:
+        folder, _, base = m.rpartition("/")
+        key = (folder + "/" if folder else "") + base.partition(".")[0]
+        out.setdefault(key, []).append(m)
+    return out
+
+
+class ShardStore(_Store):
+    prefix, suffix, glob = "shard", ".json", "shard-*.json"
+
     def __init__(self, output_path: Path, feature_type: str, shard_size: int):
+        super().__init__()
         self.folder = output_path / feature_type
         self.shard_size = int(shard_size)
-        self._records: dict[str, dict] | None = None
 
-    def _indexes(self) -> list[Path]:
-        return sorted(self.folder.glob("shard-*.json")) if self.folder.is_dir() else []
+    def _stamp(self, index: Path) -> tuple:
+        return super()._stamp(index) + super()._stamp(index.with_suffix(".tar"))
 
-    def refresh(self) -> None:
-        self._records = None
+    def _read(self, index: Path) -> dict[str, Entry]:
+        info = json.loads(index.read_bytes())
+        if not index.with_suffix(".tar").is_file():
+            raise FileNotFoundError(index.with_suffix(".tar"))
+        return {name: Entry(index, meta.get("record") or {}, _digest(meta),
+                            frozenset((meta.get("outputs") or {}).keys()))
+                for name, meta in (info.get("samples") or {}).items()}
 
-    def records(self) -> dict[str, dict]:
-        if self._records is None:
-            self._records = {}
-            for index in self._indexes():
-                info = read_meta(index) or {}
-                if (index.with_suffix(".tar")).is_file():
-                    for name, meta in (info.get("samples") or {}).items():
-                        self._records[name] = meta.get("record") or {}
-        return self._records
+    @staticmethod
+    def _keys(info: Mapping[str, Any]) -> dict[str, str]:
+        """name -> sample key (shards of earlier versions turned dots into ``_``)."""
+        keys = info.get("keys") or {}
+        return {n: keys.get(n) or n.replace(".", "_") for n in info.get("samples") or {}}
 
-    def add(self, items: list[tuple[str, dict, dict[str, Path]]]) -> None:
-        indexes = self._indexes()
-        number = int(indexes[-1].stem.split("-")[1]) + 1 if indexes else 0
-        tar_path = self.folder / f"shard-{number:06d}.tar"
+    def repair(self) -> None:
+        """A tar without its index (killed before the index landed: its inputs are still staged)
+        is deleted; a tar that is not the size its index says (killed between a rewritten index
+        and its tar) is cut down to the index's samples."""
+        for index in sorted(self.folder.glob(self.glob)) if self.folder.is_dir() else []:
+            if not index.with_suffix(".tar").exists():   # its data is gone: recomputed
+                log.warning("%s: its tar is missing; its inputs are extracted again", index)
+                index.unlink(missing_ok=True)
+        for tar in sorted(self.folder.glob("shard-*.tar")) if self.folder.is_dir() else []:
+            index = tar.with_suffix(".json")
+            info = read_meta(index)
+            if info is None:
+                if not index.exists():
+                    log.warning("%s has no index (a run was killed before writing it): removed; "
+                                "its inputs are still staged", tar)
+                    tar.unlink(missing_ok=True)
+                continue
+            if info.get("tar_bytes") not in (None, tar.stat().st_size):
+                self._rebuild(index, info, set())
+        super().repair()
 
-        def dump(f: Any) -> None:
-            with tarfile.open(fileobj=f, mode="w") as tar:
-                for name, meta, files in items:
-                    sample = sample_key(name)
-                    for key, path in files.items():
-                        tar.add(path, arcname=f"{sample}.{key}.npy")
-                    data = json.dumps(meta, default=str).encode()
-                    member = tarfile.TarInfo(f"{sample}.json")
-                    member.size = len(data)
-                    tar.addfile(member, io.BytesIO(data))
+    def _drop(self, index: Path, names: set[str]) -> None:
+        info = read_meta(index) or {}
+        self._rebuild(index, info, names)
 
-        atomic_write(tar_path, dump)
-        samples = {name: meta for name, meta, _ in items}
-        text = json.dumps({"tar": tar_path.name, "samples": samples}, default=str).encode()
-        atomic_write(tar_path.with_suffix(".json"), lambda f: f.write(text))  # last: shard complete
-        if self._records is not None:
-            self._records.update({n: m.get("record") or {} for n, m in samples.items()})
+    def _rebuild(self, index: Path, info: Mapping[str, Any], drop: set[str]) -> None:
+        """Write ``index``'s shard again with its samples less ``drop``: the new tar is written
+        aside, the index saying its size lands first, then the tar; emptied shards go."""
+        tar_path = index.with_suffix(".tar")
+        samples = {n: m for n, m in (info.get("samples") or {}).items() if n not in drop}
+        keys = {n: k for n, k in self._keys(info).items() if n in samples}
+        if not samples:
+            index.unlink(missing_ok=True)   # first: the shard no longer counts
+            tar_path.unlink(missing_ok=True)
+            return
+        wanted = set(keys.values())
+
+        def build(tmp: str) -> None:
+            with tarfile.open(tar_path) as src, tarfile.open(tmp, "w") as out:
+                for m in src.getmembers():
+                    if _members([m.name]).keys() & wanted:
+                        out.addfile(m, src.extractfile(m))
+
+        def write_index(tmp: str) -> None:
+            self._write_index(index, tar_path, samples, keys, os.path.getsize(tmp))
+
+        atomic_build(tar_path, build, before_rename=write_index)
+
+    @staticmethod
+    def _write_index(index: Path, tar_path: Path, samples: Mapping[str, Any],
+                     keys: Mapping[str, str], size: int) -> None:
+        text = json.dumps({"tar": tar_path.name, "tar_bytes": size, "keys": dict(keys),
+                           "samples": dict(samples)}, default=str).encode()
+        atomic_write(index, lambda f: f.write(text))
+
+    def _write(self, index: Path, batch: list[Staged]) -> list[Staged]:
+        tar_path = index.with_suffix(".tar")
+        written: list[Staged] = []
+
+        def build(tmp: str) -> None:
+            with tarfile.open(tmp, "w") as tar:
+                for item in batch:
+                    with item.open() as files:
+                        if files is None:
+                            continue
+                        key = sample_key(item.name)
+                        for k, fh in files.items():
+                            member = tarfile.TarInfo(f"{key}.{k}.npy")
+                            member.size = os.fstat(fh.fileno()).st_size
+                            member.mtime = int(time.time())
+                            tar.addfile(member, fh)
+                        data = json.dumps(item.meta, default=str).encode()
+                        member = tarfile.TarInfo(f"{key}.json")
+                        member.size = len(data)
+                        member.mtime = int(time.time())
+                        tar.addfile(member, io.BytesIO(data))
+                        written.append(item)
+
+        atomic_build(tar_path, build)
+        if not written:
+            tar_path.unlink(missing_ok=True)
+            return written
+        # last: the shard is complete (a tar without its index is an aborted one)
+        self._write_index(index, tar_path, {s.name: s.meta for s in written},
+                          {s.name: sample_key(s.name) for s in written}, tar_path.stat().st_size)
+        return written
 
 
+# -- Parquet -------------------------------------------------------------------------------------
 def pyarrow_modules() -> tuple[Any, Any]:
     """``(pyarrow, pyarrow.parquet)``, or a ConfigError naming the install command."""
     from video_features.utils.errors import ConfigError
@@ -241,77 +709,87 @@ def _layout(schema: Any) -> dict[str, np.dtype]:
 def _schema(pa: Any, layout: Mapping[str, np.dtype]) -> Any:
     fields = [pa.field("name", pa.string()), pa.field("meta", pa.string())]
     shape = _list_type(pa, np.dtype(np.int64))
-    for key, dtype in layout.items():
+    for key, dtype in sorted(layout.items()):
         fields += [pa.field(key, _list_type(pa, dtype)), pa.field(f"{key}_shape", shape)]
     return pa.schema(fields)
 
 
-class ParquetStore:
+def _widen(layout: dict[str, np.dtype], more: Mapping[str, np.dtype]) -> dict[str, np.dtype]:
+    out = dict(layout)
+    for key, dtype in more.items():
+        out[key] = np.result_type(out[key], dtype) if key in out else np.dtype(dtype)
+    return out
+
+
+class ParquetStore(_Store):
+    prefix, suffix, glob = "part", ".parquet", "part-*.parquet"
+
     def __init__(self, output_path: Path, feature_type: str):
-        self.path = output_path / f"{feature_type}.parquet"
-        self._records: dict[str, dict] | None = None
-        #: part file name -> (its stat, {input name: record}): a part is read again only when
-        #: it changed, e.g. another run on this output folder rewrote it
-        self._index: dict[str, tuple[tuple[int, ...], dict[str, dict]]] = {}
+        super().__init__()
+        self.path = self.folder = output_path / f"{feature_type}.parquet"
+        #: part name -> (its stamp, its layout)
+        self._layouts: dict[str, tuple[tuple, dict[str, np.dtype]]] = {}
 
-    def _parts(self) -> dict[Path, dict[str, dict]]:
-        """Every part and the records of its rows."""
+    def _read(self, part: Path) -> dict[str, Entry]:
         _, pq = pyarrow_modules()
-        found = {}
-        for part in sorted(self.path.glob("part-*.parquet")) if self.path.is_dir() else []:
-            try:
-                st = part.stat()
-                stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
-                cached = self._index.get(part.name)
-                if cached is None or cached[0] != stamp:
-                    table = pq.read_table(part, columns=["name", "meta"])
-                    rows = {n: json.loads(m).get("record") or {}
-                            for n, m in zip(table["name"].to_pylist(), table["meta"].to_pylist())}
-                    cached = self._index[part.name] = (stamp, rows)
-            except FileNotFoundError:  # another run's batch emptied it
-                continue
-            found[part] = cached[1]
-        self._index = {p.name: self._index[p.name] for p in found}
-        return found
+        table = pq.read_table(part, columns=["name", "meta"])
+        rows = {}
+        for n, m in zip(table["name"].to_pylist(), table["meta"].to_pylist()):
+            meta = json.loads(m)
+            rows[n] = Entry(part, meta.get("record") or {}, _digest(meta),
+                            frozenset((meta.get("outputs") or {}).keys()))
+        return rows
 
-    def refresh(self) -> None:
-        self._records = None
+    def _layout_of(self, part: Path) -> dict[str, np.dtype]:
+        _, pq = pyarrow_modules()
+        stamp = self._stamp(part)
+        cached = self._layouts.get(part.name)
+        if cached is None or cached[0] != stamp:
+            cached = self._layouts[part.name] = (stamp, _layout(pq.read_schema(part)))
+        return cached[1]
 
-    def records(self) -> dict[str, dict]:
-        if self._records is None:
-            self._records = {}
-            for rows in self._parts().values():
-                self._records.update(rows)
-        return self._records
+    def repair(self) -> None:
+        """Parts of mixed schemas (a run killed while widening them) are all widened."""
+        super().repair()
+        parts = self.parts()
+        layouts = {p: self._layout_of(p) for p in parts}
+        target: dict[str, np.dtype] = {}
+        for layout in layouts.values():
+            target = _widen(target, layout)
+        for part, layout in layouts.items():
+            if layout != target:
+                self._rewrite(part, set(), target)
+        self.refresh()
 
-    def add(self, items: list[tuple[str, dict, dict[str, Path]]]) -> None:
-        pa, pq = pyarrow_modules()
-        parts = self._parts()  # again, under the lock: another run may have changed parts
-        old = _layout(pq.read_schema(next(iter(parts)))) if parts else {}
-        layout = dict(old)
-        for _, meta, _ in items:
-            for key, info in (meta.get("outputs") or {}).items():
-                dtype = np.dtype(info["dtype"])
-                layout[key] = np.result_type(layout[key], dtype) if key in layout else dtype
-        schema = _schema(pa, layout)
-        names = {name for name, _, _ in items}
+    def add(self, batch: list[Staged]) -> list[Staged]:
+        parts = self.parts()   # under the lock: another run may have changed parts
+        target: dict[str, np.dtype] = {}
+        for part in parts:
+            target = _widen(target, self._layout_of(part))
+        for item in batch:
+            target = _widen(target, {k: np.dtype(v["dtype"])
+                                     for k, v in (item.meta.get("outputs") or {}).items()})
+        names = {s.name for s in batch}
         # old rows go first: a kill before the new part is in place leaves the input staged
         for part, rows in parts.items():
-            if rows.keys() & names or layout != old:
-                self._rewrite(part, rows.keys() - names, names, schema)
-        numbers = [int(p.stem.split("-")[1]) for p in parts]
-        self._new_part(self.path / f"part-{max(numbers, default=-1) + 1:06d}.parquet", items, schema)
-        if self._records is not None:
-            self._records.update({n: m.get("record") or {} for n, m, _ in items})
+            if rows.keys() & names or self._layout_of(part) != target:
+                self._rewrite(part, rows.keys() & names, target)
+        written = self._write_part(self.next_path(parts), batch, target)
+        self.refresh()
+        return written
 
-    def _rewrite(self, part: Path, keep: set[str], drop: set[str], schema: Any) -> None:
-        """``part`` without the rows named in ``drop``, in ``schema``; deleted if none remain."""
+    def _drop(self, part: Path, names: set[str]) -> None:
+        self._rewrite(part, names, self._layout_of(part))
+
+    def _rewrite(self, part: Path, drop: set[str], layout: Mapping[str, np.dtype]) -> None:
+        """``part`` without the rows named in ``drop``, in ``layout``; deleted if none remain."""
         pa, pq = pyarrow_modules()
-        if not keep:
-            part.unlink(missing_ok=True)
-            return
         import pyarrow.compute as pc
 
+        if drop and not (self.parts().get(part, {}).keys() - drop):
+            part.unlink(missing_ok=True)
+            return
+        schema = _schema(pa, layout)
         dropped = pa.array(sorted(drop), pa.string())
 
         def dump(f: Any) -> None:
@@ -325,14 +803,15 @@ class ParquetStore:
 
         atomic_write(part, dump)
 
-    def _new_part(self, path: Path, items: list[tuple[str, dict, dict[str, Path]]], schema: Any) -> None:
+    def _write_part(self, path: Path, batch: list[Staged], layout: Mapping[str, np.dtype]) -> list[Staged]:
         pa, pq = pyarrow_modules()
-        layout = _layout(schema)
+        schema = _schema(pa, layout)
+        written: list[Staged] = []
 
         def group(rows: list[tuple[str, dict, dict[str, np.ndarray]]]) -> Any:
             columns = [pa.array([n for n, _, _ in rows], pa.string()),
                        pa.array([json.dumps(m, default=str) for _, m, _ in rows], pa.string())]
-            for key, dtype in layout.items():
+            for key, dtype in sorted(layout.items()):
                 arrays = [a.get(key) for _, _, a in rows]
                 flat = [np.asarray(x, dtype).ravel() for x in arrays if x is not None]
                 offsets = np.cumsum([0] + [0 if x is None else x.size for x in arrays], dtype=np.int64)
@@ -347,9 +826,13 @@ class ParquetStore:
         def dump(f: Any) -> None:
             with pq.ParquetWriter(f, schema) as out:
                 rows, size = [], 0
-                for name, meta, files in items:
-                    arrays = {k: np.load(p, mmap_mode="r", allow_pickle=False) for k, p in files.items()}
-                    rows.append((name, meta, arrays))
+                for item in batch:
+                    with item.open() as files:
+                        if files is None:
+                            continue
+                        arrays = {k: np.load(fh, allow_pickle=False) for k, fh in files.items()}
+                    rows.append((item.name, item.meta, arrays))
+                    written.append(item)
                     size += sum(a.nbytes for a in arrays.values())
                     if size >= ROW_GROUP_BYTES:
                         out.write_table(group(rows))
@@ -358,21 +841,21 @@ class ParquetStore:
                     out.write_table(group(rows))
 
         atomic_write(path, dump)
+        if not written:
+            path.unlink(missing_ok=True)
+        return written
 
 
-def sample_key(name: str) -> str:
-    """A WebDataset sample key: the name up to the first dot of its file part is the key, so
-    dots become ``_``."""
-    return name.replace(".", "_")
-
-
-def consolidated_state(writer: OutputWriter, video_path: str) -> OutputState:
-    """Is ``video_path`` in the consolidated file, made as this run makes it?"""
-    name = _name(writer, video_path)
-    record = writer.store.records().get(name)
-    if record is None:
+# -- the run's side ------------------------------------------------------------------------------
+def consolidated_state(writer: OutputWriter, video_path: str, keys: Iterable[str] = ()) -> OutputState:
+    """Is ``video_path`` in the consolidated output, with every key, made as this run makes it?"""
+    entry = writer.store.entries().get(input_name(writer, video_path))
+    if entry is None:
         return OutputState("missing", ["no complete output"])
-    diffs = differences(record, writer.record)
+    lacking = sorted(set(keys) - entry.keys)
+    if lacking:
+        return OutputState("missing", [f"{', '.join(lacking)} missing from its consolidated output"])
+    diffs = differences(entry.record, writer.record)
     return OutputState("mismatch", diffs) if diffs else OutputState("done", [])
 
 
@@ -382,24 +865,35 @@ def consolidate(writer: OutputWriter, final: bool = True) -> int:
     shard."""
     if writer.mode not in MODES:
         return 0
+    store = writer.store
+    if not writer.root.is_dir() and not store.folder.is_dir() and not getattr(store, "path", store.folder).exists():
+        return 0   # nothing there yet
+    moved = 0
     with _locked(Path(writer.output_path or ".") / writer.feature_type):
-        staged = []
-        for video_path, meta, files in _staged(writer):
-            name = _name(writer, video_path)
-            staged.append((name, meta, files, writer.meta_path(video_path)))
-        moved = 0
+        store.refresh()
+        store.repair()
+        have = store.entries()
+        todo = []
+        for name, meta_path in _staged(writer):
+            item = Staged.read(name, meta_path)
+            if item is None:
+                continue   # half-written, damaged or being rewritten: left to its worker
+            if name in have and have[name].digest == item.digest:
+                item.remove()   # it landed before a kill stopped the clean-up
+                continue
+            todo.append(item)
         step = writer.shard_size if writer.mode == "save_webdataset" else BATCH
-        for start in range(0, len(staged), step):
-            part = staged[start:start + step]
-            if len(part) < step and writer.mode == "save_webdataset" and not final:
+        for start in range(0, len(todo), step):
+            batch = todo[start:start + step]
+            if len(batch) < step and writer.mode == "save_webdataset" and not final:
                 break
-            writer.store.add([(n, m, f) for n, m, f, _ in part])
-            for _, _, files, meta_path in part:
-                _remove_staged(meta_path, files)
-            moved += len(part)
+            for item in store.add(batch):
+                item.remove()
+                moved += 1
+        store.publish(final)
     if moved:
         log.info("%s: %d input(s) consolidated into %s", writer.feature_type, moved,
-                 getattr(writer.store, "path", None) or writer.store.folder)
+                 getattr(store, "path", None) or store.folder)
     return moved
 
 
@@ -407,11 +901,11 @@ def read_hdf5(path: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]:
     """All inputs of an HDF5 output: name -> {key: array} (for small files and tests)."""
     h5py = _h5py()
     out: dict[str, dict[str, np.ndarray]] = {}
-    with h5py.File(path, "r") as f:
-        def visit(name: str, obj: Any) -> None:
-            if isinstance(obj, h5py.Group) and "meta" in obj.attrs:
-                out[name] = {k: obj[k][()] for k in obj.keys() if isinstance(obj[k], h5py.Dataset)}
-        f.visititems(visit)
+    with h5py.File(path, "r", locking=False) as f:
+        for key in f:
+            group = f[key]
+            name = group.attrs.get("name", unquote(key))
+            out[name] = {k: v[()] for k, v in group.items() if isinstance(v, h5py.Dataset)}
     return out
 
 

@@ -113,11 +113,14 @@ class OutputWriter:
             self._store.refresh()
 
     def video_dir(self, video_path: str) -> Path:
-        p = Path(video_path).expanduser().resolve()
+        """The input's output folder: its real folder (symlinked folders resolved) relative to
+        ``input_root``. A symlinked file keeps its own name and folder (``links/a.mp4 ->
+        ../clips/c3.mp4`` is ``links/a``), so every input given is one output, named as given."""
+        folder = Path(os.path.abspath(Path(video_path).expanduser())).parent.resolve()
         try:
-            rel = p.parent.relative_to(self.input_root)
+            rel = folder.relative_to(self.input_root)
         except ValueError:
-            rel = Path(*p.parent.parts[1:])  # absolute folder without its anchor
+            rel = Path(*folder.parts[1:])  # absolute folder without its anchor
         return self.root / rel
 
     def stem(self, video_path: str) -> str:
@@ -138,11 +141,12 @@ class OutputWriter:
         the array headers only."""
         if not self.saves:
             return OutputState("missing", ["outputs are printed, not saved"])
+        keys = list(keys)
         staged = self._file_state(video_path, keys)
         if self.consolidated and staged.status == "missing":
             from video_features.utils.consolidate import consolidated_state
 
-            return consolidated_state(self, video_path)
+            return consolidated_state(self, video_path, keys)
         return staged
 
     def _file_state(self, video_path: str, keys: Iterable[str]) -> OutputState:
@@ -218,15 +222,26 @@ def read_meta(path: Path) -> dict[str, Any] | None:
 def _matches_file(path: Path, info: Mapping[str, Any]) -> bool:
     """The file has the recorded size and, for .npy, a header with the recorded shape/dtype."""
     try:
-        if path.stat().st_size != info.get("bytes"):
-            return False
         if path.suffix != ".npy":
-            return True
+            return path.stat().st_size == info.get("bytes")
         with open(path, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                    else np.lib.format.read_array_header_2_0)
-            shape, _, dtype = read(f)
+            return matches_npy(f, info)
+    except OSError:
+        return False
+
+
+def matches_npy(f: Any, info: Mapping[str, Any]) -> bool:
+    """The open .npy file ``f`` has the recorded size, shape and dtype (read from its header;
+    ``f`` is left at its start)."""
+    try:
+        if os.fstat(f.fileno()).st_size != info.get("bytes"):
+            return False
+        f.seek(0)
+        version = np.lib.format.read_magic(f)
+        read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                else np.lib.format.read_array_header_2_0)
+        shape, _, dtype = read(f)
+        f.seek(0)
         return list(shape) == list(info.get("shape", [])) and dtype.str == info.get("dtype")
     except (OSError, ValueError):
         return False
@@ -265,6 +280,35 @@ def atomic_write(path: Path, dump: Callable[[Any], None]) -> None:
     same folder, fsync it, rename it into place. Abandoned temporary files of ``path`` (their
     writer, on this host, is gone) are removed first. A full, read-only or unwritable folder
     raises :class:`OutputError` naming ``path``; the temporary file is removed in every case."""
+    def build(fd: int, tmp: str) -> None:
+        with os.fdopen(fd, "wb") as f:
+            dump(f)
+            f.flush()
+            os.fsync(f.fileno())
+
+    _atomic(path, build)
+
+
+def atomic_build(path: Path, build: Callable[[str], None],
+                 before_rename: Callable[[str], None] | None = None) -> None:
+    """:func:`atomic_write` for writers that need a file name (h5py): ``build(tmp)`` writes the
+    temporary file, which is then fsynced and renamed to ``path``; ``before_rename(tmp)`` runs
+    between the two (e.g. to write an index that describes the new file)."""
+    def step(fd: int, tmp: str) -> None:
+        os.close(fd)
+        build(tmp)
+        fd2 = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd2)
+        finally:
+            os.close(fd2)
+        if before_rename is not None:
+            before_rename(tmp)
+
+    _atomic(path, step)
+
+
+def _atomic(path: Path, build: Callable[[int, str], None]) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         remove_abandoned_temps(path)
@@ -274,10 +318,7 @@ def atomic_write(path: Path, dump: Callable[[Any], None]) -> None:
             raise
         raise OutputError(path, exc.errno) from exc
     try:
-        with os.fdopen(fd, "wb") as f:
-            dump(f)
-            f.flush()
-            os.fsync(f.fileno())
+        build(fd, tmp)
         os.replace(tmp, path)
     except BaseException as exc:
         with contextlib.suppress(OSError):
@@ -286,6 +327,12 @@ def atomic_write(path: Path, dump: Callable[[Any], None]) -> None:
         if err is None:
             raise
         raise err from exc
+
+
+def temp_name(path: Path) -> Path:
+    """A private name beside ``path`` that :func:`remove_abandoned_temps` clears once this
+    process is gone (for files moved aside before they are deleted)."""
+    return path.with_name(f"{_temp_prefix(path)}{HOST}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
 
 
 def check_writable(folder: Path) -> None:

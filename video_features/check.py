@@ -26,6 +26,8 @@ from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
+from video_features.utils.consolidate import INDEX_ATTR
+
 log = logging.getLogger(__name__)
 
 #: rows whose difference is below this share of their norm count as the same
@@ -106,11 +108,15 @@ def _hdf5_outputs(path: Path) -> Iterator[Output]:
     import h5py
 
     try:
-        f = h5py.File(path, "r")
+        f = h5py.File(path, "r", locking=False)
     except OSError as exc:
         yield Output(path.stem, str(path), {}, _raiser(f"{path.name} does not open ({exc})"))
         return
     with f:
+        if INDEX_ATTR in f.attrs:   # links into the part files, which are read themselves
+            return
+        # a part file (<feature_type>/part-NNNNNN.h5) or an HDF5 file of an earlier version
+        ft = path.parent.name if path.name.startswith("part-") else path.stem
         groups: list[str] = []
         f.visititems(lambda name, obj: groups.append(name)
                      if isinstance(obj, h5py.Group) and "meta" in obj.attrs else None)
@@ -118,10 +124,10 @@ def _hdf5_outputs(path: Path) -> Iterator[Output]:
             meta = _slim(json.loads(f[name].attrs["meta"]))
 
             def load(name: str = name) -> dict[str, np.ndarray]:
-                with h5py.File(path, "r") as g:
+                with h5py.File(path, "r", locking=False) as g:
                     return {k: v[()] for k, v in g[name].items()}
 
-            yield Output(path.stem, f"{path}:{name}", meta, load)
+            yield Output(ft, f"{path}:{f[name].attrs.get('name', name)}", meta, load)
 
 
 def _tar_outputs(path: Path) -> Iterator[Output]:
