@@ -48,6 +48,9 @@ Why nothing is lost or doubled, whatever is killed when:
 - A batch first removes its inputs from the parts that hold them (a part is rewritten without
   them, or deleted when emptied), then writes its own part; the staged files are deleted only
   after that. An input is therefore always staged, consolidated, or both, and never in two parts.
+  HDF5 readers go through the index instead, so there the order is reversed: the new part, then
+  the index, and only then are the older copies (no longer linked) removed from their parts; a
+  kill in between leaves an older copy that the next consolidation removes.
 - An input staged again after it landed (a kill between the part and the clean-up) is recognised
   by its identical record and only cleaned up.
 - One input's record and arrays are read as one snapshot: the record is read, the arrays are
@@ -77,7 +80,8 @@ from urllib.parse import unquote
 import numpy as np
 
 from video_features.utils.output import (META_KEY, OutputState, OutputWriter, atomic_build,
-                                         atomic_write, matches_npy, read_meta, temp_name)
+                                         atomic_write, matches_npy, read_meta,
+                                         remove_abandoned_temps, temp_name)
 from video_features.utils.record import differences
 
 log = logging.getLogger(__name__)
@@ -238,6 +242,8 @@ def _staged(writer: OutputWriter) -> list[tuple[str, Path]]:
     for meta_path in sorted(root.rglob(f"*{suffix}")):
         rel = meta_path.relative_to(root)
         out.append(((rel.parent / meta_path.name[:-len(suffix)]).as_posix(), meta_path))
+    for folder in {m.parent for _, m in out}:   # files a killed consolidation moved aside
+        remove_abandoned_temps(folder, folder=True)
     return out
 
 
@@ -280,6 +286,9 @@ class _Store:
     glob: str      # their names
     prefix: str    # "part" / "shard"
     suffix: str
+    #: a batch's inputs leave older parts before its part is written (readers read the parts
+    #: themselves); False: after an index that no longer points at them is in place
+    drops_first = True
 
     #: part path -> (its stamp, its entries), shared by the stores of a process (a run plans
     #: again with new writers while it waits for inputs other runs hold)
@@ -350,6 +359,13 @@ class _Store:
         self.parts()
         for part, why in self._failed.items():
             self._salvage(_aside(part, why))
+        remove_abandoned_temps(self.folder, folder=True)   # of killed consolidations
+        if self.drops_first:
+            self._drop_superseded()
+
+    def _drop_superseded(self) -> None:
+        """An input in two parts (a kill between writing a part and cleaning the older ones)
+        keeps the newer copy."""
         seen: dict[str, Path] = {}
         older: dict[Path, set[str]] = {}
         for part, rows in self.parts().items():
@@ -370,7 +386,7 @@ class _Store:
         names = {s.name for s in batch}
         parts = self.parts()
         for part, rows in parts.items():
-            if rows.keys() & names:
+            if self.drops_first and rows.keys() & names:
                 self._drop(part, rows.keys() & names)
         written = self._write(self.next_path(parts), batch)
         self.refresh()
@@ -410,6 +426,8 @@ def _h5_entries(h5py: Any, f: Any, part: Path) -> dict[str, Entry]:
 
 class HDF5Store(_Store):
     prefix, suffix, glob = "part", ".h5", "part-*.h5"
+    # readers follow the index's links: an older copy stays until the index points elsewhere
+    drops_first = False
 
     def __init__(self, output_path: Path, feature_type: str):
         super().__init__()
@@ -551,6 +569,7 @@ class HDF5Store(_Store):
         if entries or self.path.exists():
             atomic_build(self.path, build)
         self._published, self._published_at = state, time.monotonic()
+        self._drop_superseded()   # no longer linked
 
 
 # -- WebDataset shards ---------------------------------------------------------------------------

@@ -422,22 +422,26 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_abandoned_temps(path: Path) -> list[Path]:
+def remove_abandoned_temps(path: Path, folder: bool = False) -> list[Path]:
     """Remove temporary files of exactly ``path`` whose writer provably died: written on this
     host by a process id that no longer exists. Others' live temporary files are never touched
-    (no glob pattern, so names with ``[`` or ``*`` match only themselves)."""
-    prefix = _temp_prefix(path)
+    (no glob pattern, so names with ``[`` or ``*`` match only themselves). With ``folder``,
+    those of every file in the folder ``path``."""
+    prefix = "." if folder else _temp_prefix(path)
     removed = []
     try:
-        entries = list(os.scandir(path.parent))
+        entries = list(os.scandir(path if folder else path.parent))
     except OSError:
         return removed
     for entry in entries:
         name = entry.name
         if not (name.startswith(prefix) and name.endswith(".tmp")):
             continue
-        parts = name[len(prefix):-len(".tmp")].rsplit(".", 2)  # host (may hold dots), pid, random
-        if len(parts) != 3 or parts[0] != HOST or not parts[1].isdigit():
+        # target (folder mode: and host) may hold dots, then pid, random
+        parts = name[len(prefix):-len(".tmp")].rsplit(".", 2)
+        if len(parts) != 3 or not parts[1].isdigit():
+            continue
+        if parts[0] != HOST and not (folder and parts[0].endswith(f".{HOST}")):
             continue
         pid = int(parts[1])
         if pid == os.getpid() or _pid_alive(pid):

@@ -113,13 +113,15 @@ def _hdf5_outputs(path: Path) -> Iterator[Output]:
         yield Output(path.stem, str(path), {}, _raiser(f"{path.name} does not open ({exc})"))
         return
     with f:
-        if INDEX_ATTR in f.attrs:   # links into the part files, which are read themselves
-            return
-        # a part file (<feature_type>/part-NNNNNN.h5) or an HDF5 file of an earlier version
-        ft = path.parent.name if path.name.startswith("part-") else path.stem
+        ft = path.stem
         groups: list[str] = []
-        f.visititems(lambda name, obj: groups.append(name)
-                     if isinstance(obj, h5py.Group) and "meta" in obj.attrs else None)
+        if INDEX_ATTR in f.attrs:   # each input a link into a part file
+            groups = list(f.keys())
+        elif path.name.startswith("part-") and path.parent.with_suffix(".h5").is_file():
+            return                  # read through its index
+        else:                       # an HDF5 file of an earlier version: groups in the file
+            f.visititems(lambda name, obj: groups.append(name)
+                         if isinstance(obj, h5py.Group) and "meta" in obj.attrs else None)
         for name in groups:
             meta = _slim(json.loads(f[name].attrs["meta"]))
 
