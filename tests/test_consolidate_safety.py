@@ -25,7 +25,8 @@ from tests.consolidate_child import SHARD, stage, writer
 from video_features.utils import consolidate as cons
 from video_features.utils.config import make_config
 from video_features.utils.consolidate import (ParquetStore, Staged, hdf5_key, read_hdf5,
-                                              read_parquet, sample_key, store_for)
+                                              read_parquet, read_webdataset, sample_key,
+                                              store_for)
 from video_features.utils.runner import run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,19 +52,7 @@ def _read(out: Path, mode: str) -> dict[str, dict[str, np.ndarray]]:
         names = pq.read_table(out / "null.parquet", columns=["name"])["name"].to_pylist()
         assert len(names) == len(set(names)), names
         return read_parquet(out / "null.parquet")
-    got: dict[str, dict[str, np.ndarray]] = {}
-    for tar_path in sorted((out / "null").glob("shard-*.tar")):
-        index = json.loads(tar_path.with_suffix(".json").read_text())
-        names = {k: n for n, k in index["keys"].items()}
-        with tarfile.open(tar_path) as tar:
-            for m in tar.getmembers():
-                key, _, rest = m.name.partition(".")
-                name = names[key]
-                if rest.endswith(".npy"):
-                    arrays = got.setdefault(name, {})
-                    assert rest[:-4] not in arrays, f"{name} is in two samples"
-                    arrays[rest[:-4]] = np.load(io.BytesIO(tar.extractfile(m).read()))
-    return got
+    return read_webdataset(out / "null")
 
 
 def _npy(out: Path, name: str) -> dict[str, np.ndarray]:
@@ -404,7 +393,7 @@ def test_kill_9_while_consolidating_loses_and_doubles_nothing(tmp_path, mode):
                                  stderr=subprocess.PIPE, text=True,
                                  env={**os.environ, "PYTHONPATH": str(ROOT)})
         assert child.stdout.readline().strip() == "go"
-        time.sleep(rng.uniform(0.0, 0.25))
+        time.sleep(rng.uniform(0.0, 0.15))
         if child.poll() is None:
             child.send_signal(signal.SIGKILL)
             kills += 1

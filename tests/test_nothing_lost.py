@@ -400,11 +400,18 @@ def _killed_after(args: list[str], out: Path, cwd: Path, records: int) -> int:
     return _check_records(out)
 
 
-@pytest.mark.parametrize("mode", ["save_numpy", "save_hdf5"])
+@pytest.mark.parametrize("mode", ["save_numpy", "save_hdf5", "save_webdataset", "save_parquet"])
 def test_kill_9_then_the_same_command_gives_the_uninterrupted_outputs(tmp_path, clips, make_video,
                                                                      mode):
     from tests.conftest import run_main
-    from video_features.utils.consolidate import read_hdf5
+    from video_features.utils.consolidate import read_hdf5, read_parquet, read_webdataset
+
+    def consolidated(folder: Path) -> dict:
+        if mode == "save_hdf5":
+            return read_hdf5(folder / "null.h5") if (folder / "null.h5").exists() else {}
+        if mode == "save_parquet":
+            return read_parquet(folder / "null.parquet") if (folder / "null.parquet").exists() else {}
+        return read_webdataset(folder / "null")
 
     # long enough that the run is still going when it is killed
     big = [make_video(f"kill{i}.mp4", n_frames=150, width=160, height=120, seed=10 + i, audio=False)
@@ -417,11 +424,10 @@ def test_kill_9_then_the_same_command_gives_the_uninterrupted_outputs(tmp_path, 
                 "--output_path", str(folder), f"input_root={tmp_path / 'in'}", "progress=false",
                 "--video_paths", *map(str, videos)]
 
-    h5 = out / "null.h5"
     for wanted in (1, len(videos) // 2):  # kill early, then kill the rerun half-way
         seen = _killed_after(args(out), out, tmp_path, wanted)
-        if mode == "save_hdf5" and h5.exists():  # killed while moving inputs into it
-            seen += len(read_hdf5(h5))
+        if mode != "save_numpy":  # killed while moving inputs into it
+            seen += len(consolidated(out))
         assert wanted <= seen < len(videos)  # killed part-way
 
     res = run_main(*args(out), cwd=tmp_path)
@@ -432,5 +438,5 @@ def test_kill_9_then_the_same_command_gives_the_uninterrupted_outputs(tmp_path, 
         _check_records(out)
         _assert_same(_outputs(out), _outputs(ref))
     else:
-        _assert_same(read_hdf5(h5), read_hdf5(ref / "null.h5"))
+        _assert_same(consolidated(out), consolidated(ref))
         assert not list((out / "null" / ".staging").rglob("*.npy"))

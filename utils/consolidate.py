@@ -928,6 +928,26 @@ def read_hdf5(path: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]:
     return out
 
 
+def read_webdataset(folder: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]:
+    """All inputs of a WebDataset output folder: name -> {key: array} (for small outputs and
+    tests); an input found in two shards is an error."""
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for index in sorted(Path(folder).glob("shard-*.json")):
+        info = json.loads(index.read_bytes())
+        names = {k: n for n, k in ShardStore._keys(info).items()}
+        with tarfile.open(index.with_suffix(".tar")) as tar:
+            for key, members in _members(tar.getnames()).items():
+                name = names.get(key)
+                if name is None:
+                    continue   # not in the index: a rewrite was cut short
+                if name in out:
+                    raise ValueError(f"{name} is in two shards")
+                out[name] = {m.rpartition("/")[2].partition(".")[2][:-len(".npy")]:
+                             np.load(io.BytesIO(tar.extractfile(m).read()), allow_pickle=False)
+                             for m in members if m.endswith(".npy")}
+    return out
+
+
 def read_parquet(path: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]:
     """All inputs of a Parquet output folder: name -> {key: array} (for small outputs and tests)."""
     _, pq = pyarrow_modules()
