@@ -36,11 +36,11 @@ import traceback
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from video_features.utils.config import Config
 from video_features.utils.errors import FeatureError, VideoError
-from video_features.utils.claims import Claims, InputQueue
+from video_features.utils.claims import Claims, InputQueue, remove_stale_claims
 from video_features.utils.output import HOST, OutputWriter
 
 log = logging.getLogger(__name__)
@@ -399,6 +399,8 @@ class _Progress:
         #: consolidations that failed (their inputs stay staged for the next run)
         self.errors: list[str] = []
         self.t0 = self._shown = time.perf_counter()
+        #: the run's claims (utils/claims.py): each is released once its input's result is in
+        self.claims: Claims | None = None
         self.bar = None
         if enabled and total:
             from tqdm import tqdm
@@ -420,6 +422,8 @@ class _Progress:
 
     def update(self, res: Result) -> None:
         """One input finished (its frames were counted by add_frames)."""
+        if self.claims is not None:   # a retried input has no result yet: it keeps its claim
+            self.claims.release(res.path)
         self.failed += res.status == "failed"
         self.done += res.status == "done"
         if res.status == "done" and not self.frames_live:
@@ -494,6 +498,32 @@ def plan(cfgs: Config | list[Config], records: dict | list[dict]) -> tuple[list[
     return todo, settled
 
 
+def _done_now(cfgs: list[Config], records: list[dict]) -> Callable[[str], bool]:
+    """Whether an input is done now for every feature type, as :func:`plan` judges "skipped",
+    seeing what other runs wrote since (for an input just claimed)."""
+    from video_features.models.registry import get_extractor_class
+
+    saving = [(w, get_extractor_class(c.feature_type).output_keys_for(c))
+              for c, r in zip(cfgs, records) if (w := OutputWriter.from_config(c, r)).saves]
+
+    def done(path: str) -> bool:
+        for w, _ in saving:
+            w.refresh()
+        return bool(saving) and all(w.state(path, k).status == "done" for w, k in saving)
+
+    return done
+
+
+def _remove_stale_claims(cfgs: list[Config], records: list[dict], settled: list[Result]) -> None:
+    """Claims left beside inputs found done by runs that are gone (killed between writing an
+    input and releasing its claim) are removed; a live holder's are left to it."""
+    skipped = [r.path for r in settled if r.status == "skipped"]
+    if not skipped:
+        return
+    writers = [OutputWriter.from_config(c, r) for c, r in zip(cfgs, records)]
+    remove_stale_claims(writers, skipped, cfgs[0].get("claim_timeout", 600))
+
+
 def run(cfg: Config | list[Config]) -> Summary:
     """Extract features for every input of ``cfg`` (or of several feature types' configs, one
     decode for all); never raises for a bad input."""
@@ -505,15 +535,20 @@ def run(cfg: Config | list[Config]) -> Summary:
     run_id = f"{datetime.datetime.now():%Y%m%dT%H%M%S.%f}"[:-3] + f"-{HOST}-{os.getpid()}"
     # WeightsError here (missing weights) ends the run before any work
     records = [run_record(c) for c in cfgs]
+    writers = [OutputWriter.from_config(c, r) for c, r in zip(cfgs, records)]
+    # before planning: inputs a killed run left staged move in, damaged parts are repaired
+    early: list[str] = []
+    _consolidate_all(writers, early)
     todo, settled = plan(cfgs, records)
     summary = Summary(list(settled), run_id=run_id)
+    summary.errors += early
+    _remove_stale_claims(cfgs, records, settled)
     for r in summary.results:
         if r.status == "failed":
             log.warning("failed: %s: %s", r.path, r.reason)
     if summary.count("skipped"):
         log.info("skipping %d input(s) already extracted (overwrite=true recomputes them)",
                  summary.count("skipped"))
-    writers = [OutputWriter.from_config(c, r) for c, r in zip(cfgs, records)]
     if not todo:
         _consolidate_all(writers, summary.errors)
         _report(cfgs, summary)
@@ -532,6 +567,15 @@ def run(cfg: Config | list[Config]) -> Summary:
     progress.frames_live = cfg.get("backend", "local") != "ray"
     # several runs on one list and output folder: each input is started by one of them
     claims = Claims(writers, cfg.get("claim_timeout", 600)) if writers[0].saves else None
+    progress.claims = claims
+    finished_elsewhere = None if cfg.overwrite or claims is None else _done_now(cfgs, records)
+
+    def skipped(path: str) -> None:   # another run finished it after the plan
+        summary.results.append(res := Result(path, "skipped"))
+        progress.update(res)
+
+    def queue_of(paths: list[str]) -> InputQueue:
+        return InputQueue(paths, claims, finished_elsewhere, skipped)
 
     def dispatch(queue: InputQueue) -> None:
         try:
@@ -546,17 +590,18 @@ def run(cfg: Config | list[Config]) -> Summary:
                 claims.release_all()
 
     try:
-        queue = InputQueue(todo, claims)
+        queue = queue_of(todo)
         dispatch(queue)
         # inputs other runs were extracting: done by them (skipped), or taken over once their
         # holder is gone
         while queue.elsewhere and not summary.stopped:
             time.sleep(min(5.0, claims.timeout / 10))
             again, settled = plan([c.replace(video_paths=queue.elsewhere) for c in cfgs], records)
+            _remove_stale_claims(cfgs, records, settled)   # its holder died after finishing it
             for res in settled:
                 summary.results.append(res)
                 progress.update(res)
-            queue = InputQueue(again, claims)
+            queue = queue_of(again)
             if queue:
                 dispatch(queue)
         for path in queue.elsewhere:   # a stop left them: they are not this run's to finish
