@@ -351,7 +351,7 @@ def test_a_takeover_gives_back_a_claim_whose_holder_beat_after_it_was_judged(tmp
     real_rename, real_utime = os.rename, os.utime
 
     def rename(src, dst):   # between a's judgement and its move aside
-        if str(src) == str(f) and ".stale." in str(dst):
+        if str(src) == str(f) and str(dst).endswith(".tmp"):   # moved aside
             real_utime(f)      # the holder's heartbeat, just late
         return real_rename(src, dst)
 
@@ -400,7 +400,7 @@ def test_a_release_racing_a_takeover_puts_the_new_claim_back(tmp_path, monkeypat
     others = []
 
     def rename(src, dst):   # between a's check that the claim is its own and its move aside
-        if str(src) == str(f) and ".released." in str(dst) and not others:
+        if str(src) == str(f) and str(dst).endswith(".tmp") and not others:
             monkeypatch.setattr(os, "rename", real_rename)
             others.append(_taken_over(out, inputs, a))
         return real_rename(src, dst)

@@ -37,7 +37,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from video_features.utils.output import HOST, _pid_alive
+from video_features.utils.output import HOST, _pid_alive, remove_abandoned_temps, temp_name
 
 log = logging.getLogger(__name__)
 
@@ -201,10 +201,13 @@ class _Gone(Exception):
 def _judge(fd: int, timeout: float) -> bool:
     """Whether the claim open at ``fd`` is stale: content and age from the same file."""
     age = time.time() - os.fstat(fd).st_mtime
-    os.lseek(fd, 0, os.SEEK_SET)
     chunks = []
-    while chunk := os.read(fd, 65536):
-        chunks.append(chunk)
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+    except OSError:        # not readable by this user
+        chunks = []
     try:
         info = json.loads(b"".join(chunks))
     except ValueError:
@@ -225,7 +228,10 @@ def _remove_if_stale(f: Path, timeout: float, doing: str = "taking over") -> boo
     (removed, or gone already); False: a live holder's claim (or one that changed while being
     judged) is there."""
     try:
-        fd = os.open(f, os.O_RDONLY)
+        try:
+            fd = os.open(f, os.O_RDONLY)
+        except PermissionError:   # another user's claim: judged by its age alone
+            fd = os.open(f, getattr(os, "O_PATH", os.O_RDONLY))
     except FileNotFoundError:
         return True
     aside = None
@@ -233,7 +239,7 @@ def _remove_if_stale(f: Path, timeout: float, doing: str = "taking over") -> boo
         judged = os.fstat(fd).st_ino
         if not _judge(fd, timeout):
             return False
-        aside = _move_aside(f, judged, "stale")
+        aside = _move_aside(f, judged)
         if aside is None:      # a new claim replaced the judged one: it is put back
             return False
         if not _judge(fd, timeout):   # its holder beat after all: give it back
@@ -254,7 +260,7 @@ def _remove_own(h: _Held) -> bool:
     aside = None
     try:
         if os.stat(h.file).st_ino == h.ino:   # else: taken over, the file there is another's
-            aside = _move_aside(h.file, h.ino, "released")
+            aside = _move_aside(h.file, h.ino)
     except (_Gone, FileNotFoundError):
         pass
     finally:
@@ -265,10 +271,10 @@ def _remove_own(h: _Held) -> bool:
     return True
 
 
-def _move_aside(f: Path, ino: int, why: str) -> Path | None:
+def _move_aside(f: Path, ino: int) -> Path | None:
     """Rename ``f`` aside; the new path if the moved file is inode ``ino``, else None (the file
     is put back). _Gone: nothing was there."""
-    aside = f.with_name(f"{f.name}.{why}.{uuid.uuid4().hex[:8]}")
+    aside = temp_name(f)   # a kill before it is removed: cleaned up as an abandoned temp file
     try:
         os.rename(f, aside)
     except FileNotFoundError:
@@ -324,6 +330,7 @@ def remove_stale_claims(writers: Iterable[Any], paths: Iterable[str], timeout: f
                 present = {e.name for e in it if e.name.endswith(SUFFIX)}
         except FileNotFoundError:
             continue
+        remove_abandoned_temps(folder, folder=True)   # claims a killed run was moving aside
         for f in files:
             if f.name in present and _remove_if_stale(f, timeout, "removing the stale claim") \
                     and not os.path.lexists(f):
