@@ -21,16 +21,17 @@ from video_features.utils import claims as claims_module
 from video_features.utils import runner
 from video_features.utils.claims import Claims, InputQueue
 from video_features.utils.config import make_config
+from video_features.utils.consolidate import read_hdf5
 from video_features.utils.output import HOST, OutputWriter
 from video_features.utils.runner import run
 
 PLUGIN = {"VIDEO_FEATURES_PLUGINS": "faulty=tests.faulty_extractor:FaultyExtractor"}
 
 
-def _start(inputs, out, *extra, busy=0.8):
+def _start(inputs, out, *extra, busy=0.8, mode="save_numpy"):
     return subprocess.Popen(
         [sys.executable, str(ROOT / "main.py"), "--feature_type", "faulty", "--video_paths",
-         *map(str, inputs), "--device", "cpu", "--on_extraction", "save_numpy", "--output_path",
+         *map(str, inputs), "--device", "cpu", "--on_extraction", mode, "--output_path",
          str(out), "--input_root", str(inputs[0].parent), f"busy_seconds={busy}", *extra],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONPATH": str(ROOT), **PLUGIN})
@@ -146,7 +147,8 @@ def _left_behind(out):
     return [p for p in out.rglob("*") if ".claim" in p.name or p.name.endswith(".tmp")]
 
 
-def test_three_runs_on_twenty_inputs_extract_each_input_exactly_once(tmp_path):
+@pytest.mark.parametrize("mode", ["save_numpy", "save_hdf5"])
+def test_three_runs_on_twenty_inputs_extract_each_input_exactly_once(tmp_path, mode):
     inputs = [tmp_path / f"busy{i:02d}.mp4" for i in range(20)]
     out = tmp_path / "out"
     # each in its own order, started a little apart: each run plans and claims inputs the
@@ -154,14 +156,20 @@ def test_three_runs_on_twenty_inputs_extract_each_input_exactly_once(tmp_path):
     orders = [inputs, inputs[::-1], inputs[10:] + inputs[:10]]
     runs = []
     for order in orders:
-        runs.append(_start(order, out, busy=0.15))
+        runs.append(_start(order, out, busy=0.15, mode=mode))
         time.sleep(0.5)
     outs = [p.communicate(timeout=300) for p in runs]
     assert [p.returncode for p in runs] == [0, 0, 0], [o[1][-1500:] for o in outs]
     counts = [_counts(o[1]) for o in outs]
     assert sum(done for done, _, _ in counts) == 20, counts   # no input extracted twice
     assert all(done + skipped == 20 and not failed for done, skipped, failed in counts), counts
-    pids = [int(np.load(out / "faulty" / f"{p.stem}_faulty.npy")[0, 1]) for p in inputs]
+    if mode == "save_hdf5":   # the three runs took turns moving their inputs into one file
+        got = read_hdf5(out / "faulty.h5")
+        assert sorted(got) == [p.stem for p in inputs]
+        assert not [f for f in (out / "faulty" / ".staging").rglob("*") if f.is_file()]
+        pids = [int(got[p.stem]["faulty"][0, 1]) for p in inputs]
+    else:
+        pids = [int(np.load(out / "faulty" / f"{p.stem}_faulty.npy")[0, 1]) for p in inputs]
     # the outputs each run made are as many as it says it extracted
     assert [pids.count(p.pid) for p in runs] == [done for done, _, _ in counts], (pids, counts)
     assert not _left_behind(out)
