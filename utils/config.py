@@ -64,7 +64,7 @@ class SharedOptions:
                                    at_least=0)
     cpu_workers: int = option("number of worker processes when device=cpu", at_least=1)
     on_extraction: str = option(
-        "print | save_numpy | save_pickle | save_hdf5 (one <feature_type>.h5, a group per input) "
+        "print | save_numpy | save_pickle | save_hdf5 (one <feature_type>.h5, an entry per input) "
         "| save_webdataset (tar shards of shard_size inputs) | save_parquet (<feature_type>.parquet/ "
         "folder of part files, a row per input; needs pyarrow)",
         choices=("print", "save_numpy", "save_pickle", "save_hdf5", "save_webdataset", "save_parquet"))
