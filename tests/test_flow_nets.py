@@ -82,9 +82,9 @@ def test_pwc_cost_volume_matches_naive_loop():
 
 def test_fused_cost_volume_kernel_matches_tensor_ops():
     """The Triton kernel (GPU path), run on the CPU in Triton's interpreter: the same cost volume
-    as the naive loop and the tensor-op version (odd sizes, channels past one block, maps smaller
-    than the window, bf16 inputs), and the same PWC-Net flow through the dispatching
-    ``correlation``."""
+    as the naive loop and the tensor-op version (odd sizes, channel counts that are not powers of
+    two up to PWC-Net's 196, maps smaller than the window, bf16 and fp16 inputs), and the same
+    PWC-Net flow through the dispatching ``correlation``."""
     pytest.importorskip("triton")
     code = """
 import torch
@@ -93,21 +93,23 @@ from video_features.models.pwc.net import PWCNet, correlation_torch
 from tests.test_flow_nets import frames, naive_pwc_correlation
 assert k.available(torch.zeros(1))
 g = torch.Generator().manual_seed(0)
-for shape in [(2, 7, 6, 9), (1, 40, 5, 13), (1, 3, 1, 2)]:
+for shape in [(2, 7, 6, 9), (1, 40, 5, 13), (1, 3, 1, 2), (1, 196, 3, 4)]:
     one, two = torch.randn(*shape, generator=g), torch.randn(*shape, generator=g)
     got = k.correlation(one, two, 4)
     torch.testing.assert_close(got.double(), naive_pwc_correlation(one, two), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got, correlation_torch(one, two), atol=1e-6, rtol=1e-5)
 one, two = torch.randn(2, 16, 5, 7, generator=g), torch.randn(2, 16, 5, 7, generator=g)
-got = k.correlation(one.bfloat16(), two.bfloat16(), 4)
-assert got.dtype == torch.bfloat16
-torch.testing.assert_close(got.float(), correlation_torch(one, two), atol=2e-2, rtol=2e-2)
+for dtype, tol in ((torch.bfloat16, 2e-2), (torch.float16, 2e-3)):
+    got = k.correlation(one.to(dtype), two.to(dtype), 4)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), correlation_torch(one, two), atol=tol, rtol=tol)
 torch.manual_seed(0)
 net = PWCNet().eval()
 a, b = frames(1, 64, 64)
 with torch.no_grad():
     fused = net.estimate(a, b)
     import video_features.models.pwc.net as pn
+    assert pn._KERNEL == [k]  # the kernel ran (no launch failed over to tensor ops)
     pn._KERNEL[:] = [None]
     ref = net.estimate(a, b)
 torch.testing.assert_close(fused, ref, atol=1e-4, rtol=1e-4)
@@ -345,3 +347,9 @@ def test_gpu_matches_cpu(pwc, raft):
         gpu = gpu_model.estimate(one.cuda(), two.cuda(), **kwargs)
         assert gpu.device.type == "cuda" and gpu.dtype == torch.float32
         torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-2, rtol=1e-3)
+    import importlib.util
+
+    import video_features.models.pwc.net as pn
+    if (importlib.util.find_spec("triton") is not None
+            and os.environ.get("VIDEO_FEATURES_CORRELATION", "auto") != "torch"):
+        assert pn._KERNEL and pn._KERNEL[0] is not None, "the fused cost volume fell back to tensor ops"

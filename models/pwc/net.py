@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -47,14 +48,26 @@ def correlation(one: torch.Tensor, two: torch.Tensor,
                 max_displacement: int = MAX_DISPLACEMENT) -> torch.Tensor:
     """The cost volume (:func:`correlation_torch`): the fused Triton kernel where it can run (CUDA
     tensors, Triton importable; ``VIDEO_FEATURES_CORRELATION=torch`` turns it off), tensor ops
-    elsewhere."""
+    elsewhere.
+
+    Triton finds a missing C compiler, ``Python.h`` or ``libcuda`` only when it first compiles and
+    launches the kernel, not at import: a launch that raises turns the kernel off for the rest of
+    the process (one warning) and this and every later call use tensor ops.
+    """
     kernel = _fused_kernel()
-    if kernel is not None and kernel.available(one) and one.shape == two.shape and one.dim() == 4:
-        return kernel.correlation(one, two, max_displacement)
+    if (kernel is not None and kernel.available(one) and one.shape == two.shape
+            and one.dim() == 4 and one.shape[1] <= kernel.MAX_CHANNELS):
+        try:
+            return kernel.correlation(one, two, max_displacement)
+        except torch.cuda.OutOfMemoryError:
+            raise  # the callers split batches on OOM; tensor ops would need more memory
+        except Exception as exc:
+            _disable_fused_kernel(kernel, exc)
     return correlation_torch(one, two, max_displacement)
 
 
 _KERNEL: list = []
+_KERNEL_LOCK = threading.Lock()
 
 
 def _fused_kernel():
@@ -69,6 +82,17 @@ def _fused_kernel():
                          str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         _KERNEL.append(module)
     return _KERNEL[0]
+
+
+def _disable_fused_kernel(kernel, exc: Exception) -> None:
+    """Tensor ops from now on; the lock keeps concurrent failures to one log line."""
+    with _KERNEL_LOCK:
+        if _KERNEL and _KERNEL[0] is kernel:
+            _KERNEL[:] = [None]
+            lines = str(exc).strip().splitlines()
+            log.warning("PWC-Net cost volume: fused Triton kernel failed to launch (%s: %s); "
+                        "using tensor ops for the rest of this process",
+                        type(exc).__name__, lines[0] if lines else "")
 
 
 def correlation_torch(one: torch.Tensor, two: torch.Tensor,
@@ -256,7 +280,8 @@ class PWCNet(nn.Module):
         dtype = next(self.parameters()).dtype
         b, _, h, w = frames1.shape
         hp, wp = self.preprocessed_size(h, w)
-        x = torch.cat((frames1, frames2), 0)[:, [2, 1, 0]].to(dtype) / 255.0
+        # RGB -> BGR; flip, not a list index (a list index is a blocking host-to-device copy)
+        x = torch.cat((frames1, frames2), 0).flip(1).to(dtype) / 255.0
         if (hp, wp) != (h, w):
             x = F.interpolate(x, size=(hp, wp), mode="bilinear", align_corners=False)
         flow = self(x[:b], x[b:])
