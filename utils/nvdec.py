@@ -4,7 +4,10 @@
 on the GPU, so threads suffice), each on one video at a time. A thread hands the device loop
 chunks of ``(n, 3, H, W)`` uint8 GPU tensors through the same messages as the CPU decoder
 processes (utils/pipeline.py), with the same token protocol bounding how many chunks are in
-flight, so memory stays bounded. Frames are picked for ``extraction_fps`` by
+flight; frames per chunk and the decoder's read-ahead follow from a byte budget per session
+(:data:`SESSION_BYTES`), so GPU memory does not grow with resolution. Each chunk is a copy out of
+the decoder's surfaces, complete before the decoder may reuse them; a video's decoder is ended
+when the video ends or fails. Frames are picked for ``extraction_fps`` by
 :class:`utils.video.SlotSelector`, the CPU decoder's rule. A video NVDEC cannot open or decode
 (codec or profile the engine lacks, e.g. 4:4:4 or some 10-bit streams) is reported as
 ``fallback`` before any frame is sent, and the pipeline decodes it on the CPU with one log line.
@@ -49,18 +52,66 @@ def unavailable() -> str | None:
     return None
 
 
+#: the engine's answer per (gpu, codec, chroma format, bit depth): asking creates a CUDA context
+#: on that GPU, so it is asked once per kind of stream, not per video
+_CAPS: dict[tuple, Any] = {}
+_CAPS_LOCK = threading.Lock()
+
+
+def _gpu_index(device: Any) -> int:
+    """The CUDA ordinal ``device`` stands for ("cuda" alone: the current device)."""
+    if getattr(device, "type", None) != "cuda":
+        return 0
+    if device.index is not None:
+        return device.index
+    import torch
+
+    return torch.cuda.current_device()
+
+
 def _check_caps(nvc: Any, path: str, gpu: int) -> None:
     """Ask the engine before decoding: an unsupported stream then fails here, cleanly, rather
     than inside the decoder's own thread (where an error can end the process)."""
     try:
         dmx = nvc.CreateDemuxer(filename=path)
-        caps = nvc.GetDecoderCaps(gpu, codec=dmx.GetNvCodecId(), chromaformat=dmx.ChromaFormat(),
-                                  bitdepth=dmx.BitDepth())
+        key = (gpu, dmx.GetNvCodecId(), dmx.ChromaFormat(), dmx.BitDepth())
+        with _CAPS_LOCK:
+            caps = _CAPS.get(key)
+            if caps is None:
+                caps = _CAPS[key] = nvc.GetDecoderCaps(gpu, codec=key[1], chromaformat=key[2],
+                                                       bitdepth=key[3])
     except AttributeError:  # a version without these calls: decoding will tell
         return
     if not caps.get("supported", True):
         raise RuntimeError("the GPU's decoder does not support this codec / chroma format / "
                            "bit depth")
+
+
+#: bytes of decoded RGB frames one NVDEC session may hold on the GPU: the chunks handed on
+#: (CHUNKS_IN_FLIGHT), the one being made and the decoder's buffer of frames decoded ahead.
+#: Frames per chunk and buffered frames follow from it and the stream's size, so memory does not
+#: grow with resolution (MAX_SESSIONS sessions: 4 GiB at most); the decoder's own surfaces
+#: (NV12, a few dozen) are not counted.
+SESSION_BYTES = 512 << 20
+#: buffered frames beyond one chunk where the budget allows, so the decoder keeps working ahead
+_MIN_BUFFER = 16
+
+
+def frame_plan(width: int, height: int, chunk_frames: int) -> tuple[int, int]:
+    """(frames per chunk, frames the decoder buffers) for ``width`` x ``height`` RGB frames
+    within :data:`SESSION_BYTES`; never less than one frame per chunk nor a buffer smaller
+    than one chunk (a batch must fit the decoder's buffer)."""
+    fit = SESSION_BYTES // max(1, 3 * width * height)
+    # out of the decoder: the chunks handed on, the one being made and its turned / picked copy;
+    # two chunks buffered ahead; one frame held for the frame selection
+    chunk = max(1, min(chunk_frames, (fit - 1) // (CHUNKS_IN_FLIGHT + 4)))
+    room = fit - (CHUNKS_IN_FLIGHT + 2) * chunk - 1
+    return chunk, max(chunk, min(max(2 * chunk, _MIN_BUFFER), room))
+
+
+def frames_held(chunk: int, buffer: int) -> int:
+    """The most decoded frames one session holds with that plan."""
+    return (CHUNKS_IN_FLIGHT + 2) * chunk + buffer + 1
 
 
 def _open(path: str, gpu: int, buffer: int) -> Any:
@@ -73,40 +124,69 @@ def _open(path: str, gpu: int, buffer: int) -> Any:
     return nvc.SimpleDecoder(path, **kwargs)
 
 
-def _frame_rate(path: str, total: int | None = None) -> tuple[float, float | None]:
-    """The video stream's average frame rate, read with PyAV as the CPU decoder reads it, and
-    the output rate that ``total`` evenly spaced frames take (None without ``total``)."""
+def _frame_rate(path: str, total: int | None = None) -> tuple[float, float | None, int, int]:
+    """The video stream's average frame rate, read with PyAV as the CPU decoder reads it, the
+    output rate that ``total`` evenly spaced frames take (None without ``total``), and the
+    stream's width and height (as stored)."""
     from video_features.utils.video import open_frames
 
     with open_frames(path) as src:
         rate = src.native_fps
         count = src.frame_count() if total else None
+        codec = src._stream.codec_context
+        width, height = codec.width, codec.height
     if total and not count:
         raise RuntimeError("extraction_total: the container does not declare the video's length")
-    return rate, (total * rate / count if total else None)
+    return rate, (total * rate / count if total else None), width, height
+
+
+def _planar(frame: Any) -> Any:
+    """One RGBP frame as ``(3, H, W)``: the library may give the three planes stacked as
+    ``(3H, W)``, which is the same memory."""
+    if frame.dim() == 2 and frame.shape[0] % 3 == 0:
+        return frame.reshape(3, frame.shape[0] // 3, frame.shape[1])
+    if frame.dim() == 3 and frame.shape[0] == 3:
+        return frame
+    raise RuntimeError(f"a decoded frame has shape {tuple(frame.shape)}, not planar RGB")
 
 
 class _Source:
-    """One video on NVDEC: chunks of selected frames with their timestamps."""
+    """One video on NVDEC: chunks of selected frames with their timestamps. ``close`` (also
+    called once the frames run out) ends the decoder's thread."""
 
     def __init__(self, path: str, device: Any, needs: dict, chunk_frames: int):
         import torch
 
-        self.torch, self.device = torch, device
+        self.torch, self.device = torch, torch.device(device)
         # the library's own average_fps may be an integer
         total = needs.get("extraction_total")
-        rate, total_fps = _frame_rate(path, total)
-        self.dec = _open(path, device.index or 0, max(chunk_frames, 8) * 2)
+        rate, total_fps, width, height = _frame_rate(path, total)
         self.native_fps = rate
         self.out_fps = needs.get("extraction_fps") or total_fps
         self.total = total
         self.fps = float(self.out_fps) if self.out_fps else rate
         self.selector = SlotSelector(self.out_fps) if self.out_fps else None
-        self.chunk = chunk_frames
+        self.chunk, self.buffer = frame_plan(width, height, chunk_frames)
         self.index = 0
         self.held = None
         #: (transpose, flip rows, flip columns) that turn the frames upright (utils/video.py)
         self.ops = stream_upright(path) if needs.get("rotation", "auto") == "auto" else UPRIGHT
+        self._convert: Any = None  # DLPack, or the array interface: chosen at the first frame
+        # copies out of the decoder's surfaces run here, and are waited for before the decoder
+        # may reuse them
+        self._copy = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.dec = None
+        # opened last: nothing after it can fail and leave the decoder's thread running
+        self.dec = _open(path, _gpu_index(self.device), self.buffer)
+
+    def close(self) -> None:
+        """End the decoder (its thread and buffers); safe to call more than once."""
+        dec, self.dec = self.dec, None
+        if dec is not None and hasattr(dec, "end"):
+            try:
+                dec.end()
+            except Exception as exc:  # ending must not hide how the video ended
+                log.debug("NVDEC decoder end(): %s: %s", type(exc).__name__, exc)
 
     def _capped(self, picks: np.ndarray, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """extraction_total: no slot past the last one (the declared length may be short)."""
@@ -116,12 +196,57 @@ class _Source:
         return picks[keep], slots[keep]
 
     def read(self) -> Any:
-        """The next decoded frames as one ``(n, 3, H, W)`` uint8 tensor (n = 0 at the end)."""
+        """The next decoded frames as one ``(n, 3, H, W)`` uint8 tensor of ours (None at the
+        end, when the decoder is ended)."""
+        if self.dec is None:
+            return None
         frames = self.dec.get_batch_frames(self.chunk)
         if not frames:
+            self.close()
             return None
-        return self.upright(self.torch.stack([self.torch.from_dlpack(f) for f in frames])
-                            .to(self.device))
+        return self.upright(self._own(frames))
+
+    def _from_interface(self, frame: Any) -> Any:
+        if hasattr(frame, "__cuda_array_interface__"):
+            return self.torch.as_tensor(frame, device=self.device)
+        return self.torch.from_numpy(np.asarray(frame))
+
+    def _views(self, frames: list) -> list:
+        """Tensors viewing the decoder's frames (no copy), each ``(3, H, W)``."""
+        convert = self._convert
+        if convert is None:  # try DLPack on the first frame only; else the array interface
+            try:
+                first = self.torch.from_dlpack(frames[0])
+                self._convert = self.torch.from_dlpack
+            except Exception as dl_exc:
+                try:
+                    first = self._from_interface(frames[0])
+                except Exception as exc:
+                    raise RuntimeError(f"decoded frames are readable neither by DLPack "
+                                       f"({dl_exc}) nor by their array interface ({exc})") from exc
+                log.debug("NVDEC frames: DLPack failed (%s), using the array interface", dl_exc)
+                self._convert = self._from_interface
+            return [_planar(first)] + [_planar(self._convert(f)) for f in frames[1:]]
+        return [_planar(convert(f)) for f in frames]
+
+    def _own(self, frames: list) -> Any:
+        """The decoder's frames copied at once into one ``(n, 3, H, W)`` tensor of ours; the
+        copy is complete when this returns, so the decoder may then reuse its surfaces."""
+        views = self._views(frames)
+        out = self.torch.empty((len(views), *views[0].shape), dtype=views[0].dtype,
+                               device=self.device)
+        if self._copy is None:
+            self.torch.stack(views, out=out)
+            return out
+        # ordered after this thread's stream (where ``out`` was allocated), then waited for: a
+        # surface is never read after the next get_batch_frames / end() lets the decoder reuse it
+        self._copy.wait_stream(self.torch.cuda.current_stream(self.device))
+        with self.torch.cuda.stream(self._copy):
+            self.torch.stack(views, out=out)
+        done = self.torch.cuda.Event()
+        done.record(self._copy)
+        done.synchronize()
+        return out
 
     def upright(self, frames: Any) -> Any:
         """``(n, 3, H, W)`` frames turned as :func:`utils.video.upright` turns ``(H, W, 3)``."""
@@ -165,6 +290,11 @@ class NvdecPool:
     ``(kind, index, gen, vid, ...)`` with ``index`` counted from ``first_index``."""
 
     def __init__(self, n: int, device: Any, needs: dict, chunk_frames: int, first_index: int):
+        import torch
+
+        device = torch.device(device)
+        if device.type == "cuda":  # "cuda" means this thread's GPU; the decoding threads' is GPU 0
+            device = torch.device("cuda", _gpu_index(device))
         self.n = n
         self.first = first_index
         self.out: queue.Queue = queue.Queue()
@@ -191,6 +321,8 @@ class NvdecPool:
               chunk_frames: int) -> None:
         import torch
 
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
         while not self._stop.is_set():
             try:
                 task = tasks.get(timeout=0.2)
@@ -208,30 +340,36 @@ class NvdecPool:
     def _decode(self, tag: tuple, path: str, free: Any, device: Any, needs: dict,
                 chunk_frames: int) -> bool:
         """Decode one video; True when it was handed over to the CPU decoders."""
-        try:  # NVDEC must open the stream and decode its first frames, else: the CPU decodes it
-            src = _Source(path, device, needs, chunk_frames)
-            first = src.read()
-            if first is None:
-                raise RuntimeError("no frames decoded")
-        except Exception as exc:
-            self.out.put(("fallback", *tag, f"{type(exc).__name__}: {str(exc).strip()[:200]}"))
-            return True
-        self.out.put(("open", *tag, src.fps))
-        frames = first
-        sent = 0
+        src = None
         try:
-            while frames is not None:
-                picked, stamps, times = src.select(frames)
-                sent += self._send(tag, free, picked, stamps, times, sent)
-                frames = src.read()
-            tail = src.finish()
-            if tail is not None and len(tail[1]):
-                self._send(tag, free, tail[0], tail[1], None, sent)
-            self.out.put(("end", *tag, src.index / src.native_fps))
-        except Exception as exc:
-            self.out.put(("error", *tag, "video", f"NVDEC decoding failed after {src.index} "
-                                                  f"frames ({type(exc).__name__}: {exc})"))
-        return False
+            # NVDEC must open the stream and decode its first frames, else: the CPU decodes it
+            try:
+                src = _Source(path, device, needs, chunk_frames)
+                first = src.read()
+                if first is None:
+                    raise RuntimeError("no frames decoded")
+            except Exception as exc:
+                self.out.put(("fallback", *tag, f"{type(exc).__name__}: {str(exc).strip()[:200]}"))
+                return True
+            self.out.put(("open", *tag, src.fps))
+            frames = first
+            sent = 0
+            try:
+                while frames is not None:
+                    picked, stamps, times = src.select(frames)
+                    sent += self._send(tag, free, picked, stamps, times, sent)
+                    frames = src.read()
+                tail = src.finish()
+                if tail is not None and len(tail[1]):
+                    self._send(tag, free, tail[0], tail[1], None, sent)
+                self.out.put(("end", *tag, src.index / src.native_fps))
+            except Exception as exc:
+                self.out.put(("error", *tag, "video", f"NVDEC decoding failed after {src.index} "
+                                                      f"frames ({type(exc).__name__}: {exc})"))
+            return False
+        finally:  # the decoder's thread and buffers go with the video, however it ended
+            if src is not None:
+                src.close()
 
     def _send(self, tag: tuple, free: Any, frames: Any, stamps: np.ndarray, times: Any,
               first: int) -> int:
