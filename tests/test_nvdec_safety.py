@@ -23,7 +23,7 @@ def fake(monkeypatch):
     from video_features.utils import nvdec
 
     monkeypatch.setattr(nvc, "calls", {"caps": [], "decoders": [], "ends": 0, "dlpack_tries": 0})
-    monkeypatch.setattr(nvc, "options", {"stacked_planes": False, "dlpack": True})
+    monkeypatch.setattr(nvc, "options", {"stacked_planes": False, "dlpack": True, "device": "cpu"})
     monkeypatch.setattr(nvdec, "_CAPS", {}, raising=False)
     return nvc
 
@@ -186,3 +186,19 @@ def test_copy_out_of_the_surfaces_is_waited_for_before_they_can_be_reused(fake, 
     # each batch: asked for, copied (record), waited for (sync), before the next ask or end()
     batches = len(parts)
     assert log == ["get", "wait", "record", "sync"] * batches + ["get", "end"]
+
+
+@pytest.mark.gpu
+def test_frames_copied_on_the_gpu_through_the_copy_stream(fake, clips):
+    """The CUDA path: surfaces in GPU memory, copied on the copy stream and waited for."""
+    from video_features.utils.nvdec import _Source
+
+    fake.options["device"] = "cuda"
+    src = _Source(str(clips[0]), torch.device("cuda"), {"rotation": "raw"}, CHUNK)
+    assert src._copy is not None
+    parts = []
+    while (part := src.read()) is not None:
+        assert part.is_cuda
+        parts.append(part.cpu())
+    np.testing.assert_array_equal(torch.cat(parts).numpy(), _pixels(clips[0]))
+    assert fake.calls["ends"] == 1

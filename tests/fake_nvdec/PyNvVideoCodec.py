@@ -9,7 +9,8 @@ As the real threaded decoder, it hands out views of its own surfaces, which it r
 of one get_batch_frames call are overwritten by the next call, and scrambled by end(). ``calls``
 records what the tests check (capability queries, decoders made, end() calls, DLPack tries);
 ``options`` changes how frames come out: ``stacked_planes`` gives RGBP frames as ``(3H, W)``,
-``dlpack=False`` frames whose DLPack export fails (read through ``__array__`` instead)."""
+``dlpack=False`` frames whose DLPack export fails (read through ``__array__`` instead),
+``device="cuda"`` surfaces in GPU memory."""
 from __future__ import annotations
 
 import enum
@@ -19,7 +20,7 @@ import av
 import torch
 
 calls: dict = {"caps": [], "decoders": [], "ends": 0, "dlpack_tries": 0}
-options: dict = {"stacked_planes": False, "dlpack": True}
+options: dict = {"stacked_planes": False, "dlpack": True, "device": "cpu"}
 
 
 class OutputColorType(enum.Enum):
@@ -105,7 +106,8 @@ class ThreadedDecoder:
         for frame in self._frames:
             img = frame.to_ndarray(format="rgb24")
             if self._surfaces is None:
-                self._surfaces = torch.empty((self._buffer, *img.shape), dtype=torch.uint8)
+                self._surfaces = torch.empty((self._buffer, *img.shape), dtype=torch.uint8,
+                                             device=options.get("device", "cpu"))
             surface = self._surfaces[len(out)]
             surface.copy_(torch.from_numpy(img))  # overwrites what the last call handed out
             t = surface.permute(2, 0, 1).contiguous() if self._planar else surface
