@@ -69,3 +69,25 @@ def test_precision_bf16_runs_the_network_in_bf16_and_returns_fp32(resnet_weights
     assert b.dtype == np.float32 and b.shape == a.shape
     rel = np.abs(a - b).max() / np.abs(a).max()
     assert 1e-4 < rel < 5e-2  # bf16 (8-bit mantissa) really ran, and stayed close
+
+
+def _fake_cuda(monkeypatch):
+    """A CUDA-less torch that behaves as if one GPU were visible: set_device keeps torch's own
+    argument check (a device without an index raises) and records what it selected."""
+    from torch.cuda._utils import _get_device_index
+
+    selected = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device",
+                        lambda d: selected.append(_get_device_index(d, optional=False)))
+    return selected
+
+
+def test_prepare_device_takes_a_bare_cuda_as_the_first_visible_gpu(monkeypatch):
+    from video_features.utils.device import prepare_device
+
+    selected = _fake_cuda(monkeypatch)
+    assert prepare_device("cuda", False) == torch.device("cuda", 0)
+    assert prepare_device("cuda:0", False) == torch.device("cuda", 0)
+    assert selected == [0, 0]

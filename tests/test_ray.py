@@ -38,8 +38,11 @@ def test_two_actors_give_the_local_backends_outputs(videos, tmp_path, resnet_wei
     resnet_weights("resnet18")
     local = run(_cfg(ft, videos, tmp_path / "local", **extra))
     assert local.count("done") == 5
-    remote = run(_cfg(ft, videos + [tmp_path / "missing.mp4"], tmp_path / "ray", backend="ray",
-                      cpu_workers=2, **extra))
+    ray_cfg = _cfg(ft, videos + [tmp_path / "missing.mp4"], tmp_path / "ray", backend="ray",
+                   cpu_workers=2, **extra)
+    if ft == "null":  # decoders=auto reaching the actors: each resolves it on its node
+        ray_cfg = ray_cfg.replace(decoders="auto")
+    remote = run(ray_cfg)
     assert remote.count("done") == 5 and remote.count("failed") == 1
     assert "missing.mp4" in remote.failed[0].reason or remote.failed[0].reason
     for v in videos:
@@ -74,3 +77,35 @@ def test_actor_count_and_clear_errors(monkeypatch, videos, tmp_path):
     monkeypatch.setattr(builtins, "__import__", no_ray)
     with pytest.raises(ConfigError, match=r"backend=ray needs Ray .*pip install"):
         _cfg("null", videos, tmp_path, backend="ray")
+
+
+def test_an_actor_keeps_one_pipeline_for_all_its_chunks(videos, tmp_path):
+    """The decoders and shared memory are built once per actor (not per chunk), sized from the
+    actor's node, and the outputs are the local backend's."""
+    from video_features.utils.ray_backend import ExtractActor, actor_share, connect
+    from video_features.utils.record import run_record
+
+    local = run(_cfg("null", videos, tmp_path / "local"))
+    assert local.count("done") == 5
+    cfg = _cfg("null", videos, tmp_path / "ray", backend="ray", cpu_workers=2)
+    cfg = cfg.replace(decoders="auto")
+    connect(cfg)
+    actor = ray.remote(num_cpus=1)(ExtractActor).remote([cfg], [run_record(cfg)], "cpu")
+    try:
+        info = ray.get(actor.ready.remote())
+        here = ray.get_runtime_context().get_node_id()
+        node = next(n for n in ray.nodes() if n["NodeID"] == here)
+        assert info["decoders"] == actor_share(cfg, False, node["Resources"])[0]
+        results = []
+        for chunk in (videos[:2], videos[2:4], videos[4:]):
+            results += ray.get(actor.process.remote([str(p) for p in chunk]))
+        assert sorted(r.status for r in results) == ["done"] * 5
+        assert ray.get(actor.ready.remote())["pipelines_built"] == 1
+        assert ray.get(actor.close.remote())
+    finally:
+        ray.kill(actor)
+    for v in videos:
+        for key in ("null", "timestamps_ms"):
+            name = f"null/{v.stem}_{key}.npy"
+            np.testing.assert_array_equal(np.load(tmp_path / "ray" / name),
+                                          np.load(tmp_path / "local" / name))

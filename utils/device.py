@@ -56,9 +56,13 @@ def precision_context(device: torch.device, precision: str) -> Any:
 
 
 def prepare_device(device: str, tf32: bool) -> torch.device:
-    """Select ``device`` for this process and apply the numerics policy."""
+    """Select ``device`` for this process and apply the numerics policy. A bare "cuda" is the
+    first visible GPU (cuda:0): where CUDA_VISIBLE_DEVICES narrows a process to one GPU (a Ray
+    actor, a Slurm task), that GPU."""
     dev = torch.device(device)
     if dev.type == "cuda":
+        if dev.index is None:  # set_device needs an index
+            dev = torch.device("cuda", 0)
         torch.cuda.set_device(dev)
     apply_numerics(tf32)
     return dev

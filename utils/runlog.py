@@ -33,16 +33,26 @@ class RunLog:
 
     @staticmethod
     def _nvml(cuda: list[str]) -> list[tuple[int, Any]]:
+        """NVML handles of the run's GPUs, found by UUID: NVML numbers every GPU of the machine,
+        torch only the visible ones (CUDA_VISIBLE_DEVICES under Slurm or Ray), so an index
+        could name another job's GPU. A GPU that cannot be matched gets no figures."""
         if not cuda:
             return []
         try:
             import pynvml
+            import torch
 
             pynvml.nvmlInit()
-            indices = [int(d.split(":")[1]) if ":" in d else 0 for d in cuda]
-            return [(i, pynvml.nvmlDeviceGetHandleByIndex(i)) for i in indices]
         except Exception:  # noqa: BLE001 - no NVML: the report shows no GPU figures
             return []
+        out = []
+        for i in dict.fromkeys(int(d.split(":")[1]) if ":" in d else 0 for d in cuda):
+            try:
+                uuid = str(torch.cuda.get_device_properties(i).uuid)
+                out.append((i, _handle_by_uuid(pynvml, uuid)))
+            except Exception:  # noqa: BLE001
+                continue
+        return out
 
     def _gpu_sample(self) -> list[dict]:
         out = []
@@ -81,6 +91,20 @@ class RunLog:
             self.ok = False
             log.warning("metrics log %s cannot be written (%s); the run goes on without it",
                         self.path, exc)
+
+
+def _handle_by_uuid(pynvml: Any, uuid: str) -> Any:
+    """NVML's handle of the GPU torch reports as ``uuid`` (torch prints it bare, NVML names it
+    GPU-<uuid>, or MIG-<uuid> for a MIG instance)."""
+    names = [uuid] if uuid.startswith(("GPU-", "MIG-")) else [f"GPU-{uuid}", f"MIG-{uuid}"]
+    err: Exception | None = None
+    for name in names:
+        for arg in (name, name.encode()):  # older pynvml releases take bytes only
+            try:
+                return pynvml.nvmlDeviceGetHandleByUUID(arg)
+            except Exception as exc:  # noqa: BLE001
+                err = exc
+    raise LookupError(f"no NVML device with UUID {uuid}") from err
 
 
 def read_runlog(output_path: str | Path) -> list[dict]:

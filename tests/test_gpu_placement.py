@@ -1,0 +1,182 @@
+"""Which GPU a worker uses and reports, without a GPU: Ray actors on cuda:0 of what Ray lets
+them see, decoders sized by the actor's node, and NVML figures of the GPU torch really uses."""
+from __future__ import annotations
+
+import collections
+import sys
+import types
+
+import torch
+
+from video_features.utils.config import Config
+
+
+class _Queue(collections.deque):
+    def drain(self) -> list:
+        out = list(self)
+        self.clear()
+        return out
+
+
+class _Ref:
+    def __init__(self, fn, *args):
+        try:
+            self.value, self.error = fn(*args), None
+        except Exception as exc:  # noqa: BLE001
+            self.value, self.error = None, exc
+
+
+class _FakeRay:
+    """Just what run_on_ray calls, with each actor an object in this process."""
+
+    def __init__(self, gpus: int):
+        self.gpus, self.options, self.killed = gpus, None, 0
+
+    def is_initialized(self):
+        return True
+
+    def cluster_resources(self):
+        return {"CPU": 8.0, "GPU": float(self.gpus)}
+
+    def remote(self, **options):
+        self.options = options
+
+        def wrap(cls):
+            class Handle:
+                def __init__(self, *args):
+                    self.obj = cls(*args)
+
+                def __getattr__(self, name):
+                    method = getattr(self.obj, name)
+                    return types.SimpleNamespace(remote=lambda *a: _Ref(method, *a))
+
+            return types.SimpleNamespace(remote=lambda *a: Handle(*a))
+
+        return wrap
+
+    def get(self, refs, timeout=None):
+        if isinstance(refs, list):
+            return [self.get(r) for r in refs]
+        if refs.error is not None:
+            raise refs.error
+        return refs.value
+
+    def wait(self, refs, num_returns=1, timeout=None):
+        return refs[:num_returns], refs[num_returns:]
+
+    def kill(self, actor):
+        self.killed += 1
+
+
+def test_ray_gpu_actors_select_an_indexed_device(monkeypatch):
+    """Ray narrows each GPU actor to its GPU: the actor must ask for cuda:0 (a bare "cuda"
+    made set_device raise before any work)."""
+    from torch.cuda._utils import _get_device_index
+
+    from video_features.utils import ray_backend, runner
+    from video_features.utils.device import prepare_device
+
+    selected, built = [], []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device",
+                        lambda d: selected.append(_get_device_index(d, optional=False)))
+
+    class Extractor:
+        frame_seam, frames_read = False, 0
+
+        def __init__(self, device):
+            self.device = device
+
+        def autocast(self):
+            import contextlib
+
+            return contextlib.nullcontext()
+
+        def extract(self, path):
+            return {}
+
+    class Writer:
+        def write(self, path, feats, info):
+            pass
+
+    def build_worker(cfgs, records, device):
+        built.append(device)
+        return Extractor(prepare_device(device, cfgs[0].tf32)), Writer()
+
+    fake = _FakeRay(gpus=2)
+    monkeypatch.setattr(ray_backend, "import_ray", lambda: fake)
+    monkeypatch.setattr(runner, "build_worker", build_worker)
+    monkeypatch.setattr(runner, "configure_logging", lambda level: None)
+    monkeypatch.setattr(ray_backend, "_node_resources", lambda: {"CPU": 8.0, "GPU": 2.0},
+                        raising=False)
+    cfg = Config({"device": "cuda", "tf32": False, "log_level": "info", "cpu_workers": 1,
+                  "decoders": 3, "ray_actors": None, "ray_address": None})
+    results = []
+    left = ray_backend.run_on_ray([cfg], [{}], _Queue(["a.mp4", "b.mp4", "c.mp4"]),
+                                  lambda r: results.append(r) or True)
+    assert left == [] and sorted(r.path for r in results) == ["a.mp4", "b.mp4", "c.mp4"]
+    assert all(r.status == "done" for r in results), [r.reason for r in results]
+    assert built == ["cuda:0", "cuda:0"] and selected == [0, 0]
+    assert fake.options["num_gpus"] == 1 and fake.killed == 2
+
+
+def test_actor_decoders_follow_the_actors_node_not_the_driver():
+    from video_features.utils.ray_backend import actor_share
+
+    gpu = Config({"device": "cuda", "cpu_workers": 1, "ray_actors": None, "decoders": "auto"})
+    assert actor_share(gpu, True, {"CPU": 32.0, "GPU": 4.0}) == (8, 1)
+    assert actor_share(gpu.replace(decoders=None), True, {"CPU": 6.0, "GPU": 1.0}) == (6, 1)
+    assert actor_share(gpu.replace(decoders=2), True, {"CPU": 32.0, "GPU": 4.0}) == (2, 4)
+    cpu = Config({"device": "cpu", "cpu_workers": 2, "ray_actors": None, "decoders": "auto"})
+    assert actor_share(cpu, False, {"CPU": 8.0}) == (4, 1)
+    assert actor_share(cpu.replace(ray_actors=4), False, {"CPU": 8.0}) == (2, 1)
+
+
+def _fake_nvml(monkeypatch, uuids: list[str], bytes_only: bool = False):
+    """pynvml whose devices (in NVML's own order) carry ``uuids``."""
+    nvml = types.ModuleType("pynvml")
+    nvml.nvmlInit = lambda: None
+
+    def by_uuid(u):
+        if bytes_only and not isinstance(u, bytes):
+            raise TypeError("bytes expected")
+        u = u.decode() if isinstance(u, bytes) else u
+        if u not in uuids:
+            raise RuntimeError("NVML_ERROR_NOT_FOUND")
+        return f"handle{uuids.index(u)}"
+
+    def by_index(i):
+        return f"handle{i}"
+
+    nvml.nvmlDeviceGetHandleByUUID = by_uuid
+    nvml.nvmlDeviceGetHandleByIndex = by_index
+    nvml.nvmlDeviceGetUtilizationRates = lambda h: types.SimpleNamespace(gpu=50)
+    nvml.nvmlDeviceGetMemoryInfo = lambda h: types.SimpleNamespace(used=123)
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+
+
+def test_gpu_metrics_name_the_gpu_torch_uses_by_its_uuid(monkeypatch, tmp_path):
+    """CUDA_VISIBLE_DEVICES=2: torch's cuda:0 is NVML's third GPU."""
+    from video_features.utils.runlog import RunLog
+
+    machine = [f"GPU-{c * 8}-0000-0000-0000-000000000000" for c in "abc"]
+    visible = {0: "cccccccc-0000-0000-0000-000000000000"}  # as torch prints it, bare
+
+    def props(i):
+        if i not in visible:
+            raise RuntimeError("invalid device ordinal")
+        return types.SimpleNamespace(uuid=visible[i])
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", props)
+    _fake_nvml(monkeypatch, machine)
+    log = RunLog(str(tmp_path), "r", ["resnet"], ["cuda:0"])
+    assert log._gpus == [(0, "handle2")]
+    assert log._gpu_sample() == [{"index": 0, "busy": 0.5, "memory_bytes": 123}]
+
+    _fake_nvml(monkeypatch, machine, bytes_only=True)   # an older pynvml
+    assert RunLog(str(tmp_path), "r", ["resnet"], ["cuda"])._gpus == [(0, "handle2")]
+    # a GPU that cannot be matched gets no figures, never another GPU's
+    _fake_nvml(monkeypatch, machine[:2])
+    assert RunLog(str(tmp_path), "r", ["resnet"], ["cuda:0"])._gpus == []
+    assert RunLog(str(tmp_path), "r", ["resnet"], ["cuda:1"])._gpus == []
