@@ -593,3 +593,31 @@ def test_crops_with_real_networks_and_spatial_maps(i3d_weights, video9):
         features_close(out[s][:, 4], center[s], 1e-5)
     _, maps = _extract(video9, crops="10", streams=["rgb"], spatial=True)
     assert maps["rgb"].shape[:3] == (2, 10, 1024) and maps["rgb"].shape[-2:] == (7, 7)
+
+
+def test_flow_runs_at_the_precision_option_without_index_tensors(i3d_weights, video9, monkeypatch):
+    """precision=bf16 reaches the flow network (as every network), and with step_size >
+    stack_size only the pairs some stack uses are computed, cut as slices (no index tensor)."""
+    ex = I3DExtractor(_cfg(streams=["flow"], stack_size=2, step_size=3, precision="bf16"), CPU)
+    real = ex.flow_net.estimate
+    seen = []
+
+    def estimate(a, b, **kw):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"), len(a)))
+        return real(a, b, **kw)
+    monkeypatch.setattr(ex.flow_net, "estimate", estimate)
+    out = ex.extract(str(video9))
+    assert seen and all(on and dtype == torch.bfloat16 for on, dtype, _ in seen)
+    # 9 frames -> 8 elements; stacks of 2 every 3: elements 0,1 3,4 6,7 -> 6 pairs computed
+    assert sum(n for _, _, n in seen) == 6
+    assert out["flow"].dtype == np.float32 and np.isfinite(out["flow"]).all()
+    fp32 = I3DExtractor(_cfg(streams=["flow"], stack_size=2, step_size=3), CPU).extract(str(video9))
+    assert fp32["flow"].shape == out["flow"].shape
+    assert np.abs(fp32["flow"] - out["flow"]).max() < 0.1 * np.abs(fp32["flow"]).max() + 1e-3
+
+
+def test_runs_of_consecutive_indices():
+    from video_features.models.i3d.extractor import _runs
+
+    assert _runs(np.array([0, 1, 3, 4, 6, 7, 8, 10])) == [(0, 2), (3, 5), (6, 9), (10, 11)]
+    assert _runs(np.array([5])) == [(5, 6)] and _runs(np.array([], int)) == []

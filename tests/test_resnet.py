@@ -153,3 +153,20 @@ def test_crops_equal_torchvision_five_and_ten_crop_per_pil_frame(make_video, res
     np.testing.assert_allclose(out["resnet"], ref, rtol=0.02, atol=0.02 * np.abs(ref).max())
     # the views are distinct crops, not copies of one
     assert not np.allclose(out["resnet"][:, 0], out["resnet"][:, 1])
+
+
+def test_normalisation_constants_are_made_once_per_device_and_dtype():
+    """Mean/std tensors are cached (building them per call is a blocking copy on a GPU) and give
+    the same values as building them in place."""
+    from video_features.utils.transforms import (IMAGENET_MEAN, IMAGENET_STD, channel_constant,
+                                                 normalize)
+
+    x = torch.rand(2, 3, 4, 5) * 255
+    a, b = channel_constant(IMAGENET_MEAN, x), channel_constant(list(IMAGENET_MEAN), x)
+    assert a is b and a.shape == (3, 1, 1) and a.dtype == x.dtype
+    assert channel_constant(IMAGENET_MEAN, x.double()) is not a
+    want = (x - torch.tensor(IMAGENET_MEAN).view(-1, 1, 1)) / torch.tensor(IMAGENET_STD).view(-1, 1, 1)
+    assert torch.equal(normalize(x, IMAGENET_MEAN, IMAGENET_STD), want)
+    with torch.inference_mode():
+        made_inside = channel_constant((0.1, 0.2, 0.3), x)
+    assert not made_inside.is_inference()   # usable outside inference mode too

@@ -7,6 +7,7 @@ levels (see :func:`resize` for how exact that is).
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import numpy as np
@@ -96,11 +97,23 @@ def center_crop(x: torch.Tensor, size: int | tuple[int, int], offset: str = "rou
     return x[..., top:top + th, left:left + tw]
 
 
+def channel_constant(values: tuple[float, ...] | list[float], like: torch.Tensor) -> torch.Tensor:
+    """``values`` as a ``(C, 1, 1)`` tensor of ``like``'s dtype on its device, made once per
+    (values, dtype, device): building it per call is a blocking host-to-device copy on a GPU,
+    which empties the queue of work in front of it."""
+    return _channel_constant(tuple(float(v) for v in values), like.dtype, like.device)
+
+
+@functools.lru_cache(maxsize=64)
+def _channel_constant(values: tuple[float, ...], dtype: torch.dtype,
+                      device: torch.device) -> torch.Tensor:
+    with torch.inference_mode(False):   # a normal tensor, usable in and out of inference mode
+        return torch.tensor(values, dtype=dtype, device=device).view(-1, 1, 1)
+
+
 def normalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
     """(x - mean) / std over the channel axis (dim -3)."""
-    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
-    return (x - m) / s
+    return (x - channel_constant(mean, x)) / channel_constant(std, x)
 
 
 #: values of the ``crops`` option, and the views each yields per frame or stack

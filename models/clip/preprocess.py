@@ -20,7 +20,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from video_features.utils.transforms import crop_views, short_side_size
+from video_features.utils.transforms import crop_views, normalize, short_side_size
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -193,9 +193,7 @@ def preprocess(frames_u8: torch.Tensor, recipe: ImageRecipe, crops: str = "cente
     else:
         raise ValueError(f"resize_mode {recipe.resize_mode!r} is not supported")
     x = x / 255.0
-    mean = torch.tensor(recipe.mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
-    std = torch.tensor(recipe.std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
-    return (x - mean) / std
+    return normalize(x, recipe.mean, recipe.std)
 
 
 __all__ = ["OPENAI_MEAN", "OPENAI_STD", "ImageRecipe", "pil_resize", "pil_weights", "preprocess",

@@ -87,6 +87,8 @@ class I3DExtractor(Extractor):
     auto_batch_size = {"cpu": 1, "cuda": 4}
     schema = I3DOptions
     frame_seam = True
+    # 2: the flow network runs at the precision option (bf16 / fp16 flow changed)
+    revision = 2
 
     @classmethod
     def output_keys_for(cls, cfg: Config) -> tuple[str, ...]:
@@ -142,16 +144,20 @@ class I3DExtractor(Extractor):
         return self.flow_net.estimate(a, b, iters=self.cfg.raft_iters,
                                       unpad=self.cfg.raft_padding == "unpad")
 
-    def _flow_into(self, flow: torch.Tensor, seq: torch.Tensor, need: torch.Tensor) -> None:
-        """Flow of the pairs ``(seq[i], seq[i + 1])`` for ``i`` in ``need``, in batches of
-        ``flow_pairs``; a batch that runs out of GPU memory is retried at half the size."""
+    def _flow_into(self, flow: torch.Tensor, seq: torch.Tensor, need: np.ndarray) -> None:
+        """Flow of the pairs ``(seq[i], seq[i + 1])`` for ``i`` in ``need`` (host indices), in
+        batches of ``flow_pairs``, at the ``precision`` option as every network; a batch that
+        runs out of GPU memory is retried at half the size. Pairs are cut from ``seq`` as slices
+        of runs of consecutive indices: an index tensor would be a blocking copy to the GPU."""
         if self.flow_pairs is None:
             self.flow_pairs = self.auto_flow_pairs(*seq.shape[-2:])
         at = 0
         while at < len(need):
-            group = need[at:at + self.flow_pairs]
+            runs = _runs(need[at:at + self.flow_pairs])
             try:
-                f = self._flow(seq[group], seq[group + 1])
+                with self.autocast():
+                    f = self._flow(_cat([seq[a:b] for a, b in runs]),
+                                   _cat([seq[a + 1:b + 1] for a, b in runs]))
             except torch.cuda.OutOfMemoryError:
                 if self.flow_pairs == 1:
                     raise
@@ -160,8 +166,12 @@ class I3DExtractor(Extractor):
                 log.warning("optical flow ran out of GPU memory: %d frame pairs per batch from now on",
                             self.flow_pairs)
                 continue
-            flow[group] = flow_to_i3d(self.crop(f))
-            at += len(group)
+            f = flow_to_i3d(self.crop(f.float()))
+            k = 0
+            for a, b in runs:
+                flow[a:b] = f[k:k + b - a]
+                k += b - a
+            at += k
 
     def auto_flow_pairs(self, h: int, w: int) -> int:
         """``flow_batch_size: auto`` for frames of ``h x w``: 16 on the CPU; on a GPU as many
@@ -210,9 +220,8 @@ class I3DExtractor(Extractor):
             # flow only for elements some stack uses (step_size > stack_size skips some)
             views = () if self.views == 1 else (self.views,)
             flow = torch.zeros((n, *views, 2, 224, 224), device=self.device)
-            idx = torch.arange(state.index, state.index + n)
-            need = ((idx % cfg.step_size) < cfg.stack_size).nonzero().flatten()
-            self._flow_into(flow, seq, need.to(self.device))
+            idx = np.arange(state.index, state.index + n)
+            self._flow_into(flow, seq, np.flatnonzero((idx % cfg.step_size) < cfg.stack_size))
             out["flow"] = flow
         state.index += n
         return out, np.asarray(stamps[-n:], np.float64)  # element i ends at frame i + 1
@@ -256,6 +265,16 @@ class I3DExtractor(Extractor):
         result["fps"] = np.array(work.fps, dtype=np.float64)
         result["timestamps_ms"] = self.row_times(work, stamps, lead_frames=1)
         return result
+
+
+def _runs(index: np.ndarray) -> list[tuple[int, int]]:
+    """Sorted indices -> ``[start, end)`` runs of consecutive ones."""
+    cuts = np.flatnonzero(np.diff(index) != 1) + 1
+    return [(int(r[0]), int(r[-1]) + 1) for r in np.split(index, cuts) if len(r)]
+
+
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 @dataclasses.dataclass

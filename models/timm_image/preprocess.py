@@ -27,7 +27,7 @@ from typing import Any, Mapping
 import torch
 
 from video_features.models.clip.preprocess import pil_resize
-from video_features.utils.transforms import crop_views
+from video_features.utils.transforms import channel_constant, crop_views, normalize
 
 #: interpolations models.clip.preprocess resamples exactly as PIL does
 INTERPOLATIONS = ("bicubic", "bilinear")
@@ -125,16 +125,14 @@ def preprocess(frames_u8: torch.Tensor, recipe: TimmRecipe, crops: str = "center
         x = _padded(pil_resize(frames_u8, hw, recipe.interpolation), recipe, pad)
         x = x[..., top:top + th, left:left + tw]
     x = x / 255.0                          # ToTensor
-    mean = torch.tensor(recipe.mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
-    std = torch.tensor(recipe.std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
-    return ((x - mean) / std).contiguous()  # Normalize
+    return normalize(x, recipe.mean, recipe.std).contiguous()  # Normalize
 
 
 def _padded(x: torch.Tensor, recipe: TimmRecipe, pad: tuple[int, int, int, int]) -> torch.Tensor:
     """The resized frames ``x`` with ``pad`` (left, top, right, bottom) of the recipe's fill."""
     if not any(pad):
         return x
-    fill = torch.tensor(recipe.fill(), dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    fill = channel_constant(recipe.fill(), x)[None]
     h, w = x.shape[-2:]
     out = fill.expand(x.shape[0], -1, h + pad[1] + pad[3], w + pad[0] + pad[2]).clone()
     out[..., pad[1]:pad[1] + h, pad[0]:pad[0] + w] = x

@@ -26,7 +26,7 @@ from video_features.utils.config import Config, option
 from video_features.utils.errors import ConfigError, VideoError
 from video_features.utils.pipeline import rows_of
 from video_features.utils.weights import use_random_weights
-from video_features.utils.transforms import crop_views
+from video_features.utils.transforms import channel_constant, crop_views
 from video_features.utils.windows import SlidingWindows, stack_windows
 
 log = logging.getLogger(__name__)
@@ -136,11 +136,10 @@ class Preprocess:
             x = crop_views(x, (ch, cw), crops, lambda y: y[..., top:top + ch, left:left + cw])
         x = x.to(torch.float32)
         if self.mean is not None:
-            mean = torch.tensor(self.mean, device=x.device)
-            std = torch.tensor(self.std, device=x.device)
+            mean, std = channel_constant(self.mean, x), channel_constant(self.std, x)
             if self.rescale is not None:  # rescale folded into mean/std, as the processor does
                 mean, std = mean * (1.0 / self.rescale), std * (1.0 / self.rescale)
-            return (x - mean.view(-1, 1, 1)) / std.view(-1, 1, 1)
+            return (x - mean) / std
         return x * self.rescale if self.rescale is not None else x
 
 
