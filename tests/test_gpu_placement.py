@@ -180,3 +180,14 @@ def test_gpu_metrics_name_the_gpu_torch_uses_by_its_uuid(monkeypatch, tmp_path):
     _fake_nvml(monkeypatch, machine[:2])
     assert RunLog(str(tmp_path), "r", ["resnet"], ["cuda:0"])._gpus == []
     assert RunLog(str(tmp_path), "r", ["resnet"], ["cuda:1"])._gpus == []
+
+
+def test_decoders_auto_is_left_to_each_ray_actor():
+    """The command line's default decoders=auto reaches the actors (each sizes it from its own
+    node), while the local backend resolves it up front."""
+    from video_features.utils.config import make_config
+
+    ray_cfg = make_config("null", video_paths=["x"], device="cpu", backend="ray")
+    assert ray_cfg.decoders == "auto"
+    local = make_config("null", video_paths=["x"], device="cpu")
+    assert isinstance(local.decoders, int) and local.decoders >= 1

@@ -628,12 +628,15 @@ def validate(cfg: Config) -> Config:
         why = unavailable()
         if why:
             raise ConfigError(f"decoder=nvdec: {why}")
-    if cfg.decoders == "auto":
+    # with backend=ray each actor resolves auto from its own node's CPUs (utils/ray_backend.py)
+    per_actor = cfg.decoders == "auto" and cfg.get("backend", "local") == "ray"
+    if cfg.decoders == "auto" and not per_actor:
         from video_features.utils.pipeline import default_decoders
 
         n_workers = cfg.cpu_workers if cfg.device == "cpu" else len(ids)
         cfg = cfg.replace(decoders=default_decoders(n_workers))
-    if isinstance(cfg.decoders, bool) or not isinstance(cfg.decoders, int) or cfg.decoders < 1:
+    if not per_actor and (isinstance(cfg.decoders, bool) or not isinstance(cfg.decoders, int)
+                          or cfg.decoders < 1):
         raise ConfigError(f"option decoders must be auto or an integer >= 1, got {cfg.decoders!r}")
     if cfg.batch_size == "auto":
         # with crops, each frame or stack is several network inputs: keep the network's batch
