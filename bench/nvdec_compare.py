@@ -76,7 +76,7 @@ def main() -> int:
 
     def features(frames):
         work = VideoWork(0, "x", fps=25.0)
-        batcher = Batcher(ex.run_batch, cfg.batch_size)
+        batcher = Batcher(ex.run_batch, ex.batch_size_of, ex.keep_rows)
         with torch.inference_mode():
             ex.begin(work)
             ex.video_opened(work)

@@ -87,7 +87,7 @@ class Extractor(abc.ABC):
 
         needs = self.frame_needs()
         work = VideoWork(0, path)
-        batcher = Batcher(self.run_batch, self.cfg.batch_size, self.keep_rows)
+        batcher = Batcher(self.run_batch, self.batch_size_of, self.keep_rows)
 
         def add(items: list) -> None:
             for key, rows_in, ts in items:
@@ -225,13 +225,20 @@ class Extractor(abc.ABC):
             return predict(rows)
         return predict(rows.flatten(0, 1)).unflatten(0, rows.shape[:2]).mean(1)
 
-    def keep_rows(self, work: Any, key: str, rows: Any, stamps: np.ndarray) -> None:
+    def batch_size_of(self, key: str) -> int:
+        """Items per batch of the network ``key`` (``batch_size``; a type with networks of other
+        sizes, such as I3D's optical flow, says so here)."""
+        return self.cfg.batch_size
+
+    def keep_rows(self, work: Any, key: str, rows: Any, stamps: np.ndarray) -> list | None:
         """A block of rows of ``key`` for ``work``, back from a batch, in order. By default they
         are held until ``finish``; a type whose rows are large (optical flow fields) moves them
-        off the device here, so memory does not grow with the video."""
+        off the device here, so memory does not grow with the video. A type whose network feeds
+        another returns that network's work items (as ``add_frames`` does)."""
         from video_features.utils.pipeline import hold_rows
 
         hold_rows(work, key, rows, stamps)
+        return None
 
     def finish(self, work: Any) -> dict[str, np.ndarray]:
         """The rows of one video (``utils.pipeline.rows_of(work, key)``, in order) -> outputs;

@@ -151,6 +151,62 @@ def test_batches_mix_videos_and_rows_go_back_in_order():
     assert rows2.tolist() == [20.0, 21.0] and stamps2.tolist() == [5.0, 6.0] and v2.pending == 0
 
 
+def test_batches_hold_one_item_shape_and_keep_each_videos_order():
+    """Items of another shape (a video of another size) wait for a batch of their own; per-key
+    batch sizes; rows a network's ``keep`` turns into items of a second network are run too."""
+    calls = []
+
+    def forward(key, batch):
+        calls.append((key, tuple(batch.shape)))
+        return batch.flatten(1).sum(dim=1)
+
+    def keep(work, key, rows, stamps):
+        if key == "first":   # feeds "second" with one item per row
+            return [("second", rows[:, None], stamps)]
+        work.rows[key].append(rows)
+        work.stamps[key].append(stamps)
+
+    b = Batcher(forward, lambda key: {"first": 3, "second": 2}[key], keep)
+    small, big = VideoWork(1, "s"), VideoWork(2, "b")
+    b.add(small, "first", torch.ones(2, 2), np.array([0.0, 1.0]))
+    b.add(big, "first", torch.ones(2, 5), np.array([0.0, 1.0]))
+    b.add(small, "first", torch.full((2, 2), 2.0), np.array([2.0, 3.0]))
+    b.run(full_only=False)
+    firsts = [shape for key, shape in calls if key == "first"]
+    assert firsts == [(3, 2), (2, 5), (1, 2)]   # never mixed; small's blocks in order
+    assert all(shape[0] <= 2 for key, shape in calls if key == "second")
+    rows_s, ts_s = rows_of(small, "second")
+    rows_b, _ = rows_of(big, "second")
+    assert rows_s.tolist() == [2.0, 2.0, 4.0, 4.0] and ts_s.tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert rows_b.tolist() == [5.0, 5.0] and small.pending == big.pending == 0
+
+
+def test_i3d_flow_pairs_are_batched_across_chunks_and_videos(videos, make_video, monkeypatch):
+    """Flow runs on batches of flow_batch_size pairs gathered from several chunks and videos
+    (not once per decoded chunk), and the outputs equal the one-video path."""
+    other = make_video("p4.mp4", n_frames=20, fps=25.0, width=64, height=48, seed=4)
+    paths = [videos[0], other]   # one frame size: one pair shape after resizing
+    cfg = make_config("i3d", video_paths=[str(p) for p in paths], device="cpu", stack_size=4,
+                      step_size=4, batch_size=2, flow_batch_size=24, allow_random_weights=True)
+    ex = build_extractor(cfg, "cpu")
+    sizes = []
+    real = ex._flow
+
+    def flow(a, b):
+        sizes.append(len(a))
+        return real(a, b)
+    monkeypatch.setattr(ex, "_flow", flow)
+    results, outputs = _run_pipeline(ex, paths)
+    assert all(r.status == "done" for r in results.values())
+    # every pair once (stacks use every element); each video has fewer than 24 pairs, so a
+    # batch of 24 holds pairs of both videos and of several chunks
+    assert sum(sizes) == (23 - 1) + (20 - 1) and 24 in sizes and ex.chunk_frames() < 24
+    for p in paths:
+        single = build_extractor(cfg, "cpu").extract(str(p))
+        for key in ("rgb", "flow", "timestamps_ms"):
+            np.testing.assert_allclose(outputs[str(p)][key], single[key], rtol=1e-4, atol=1e-4)
+
+
 def test_shared_memory_is_fixed_and_released(videos, resnet_weights):
     import os
 

@@ -170,11 +170,17 @@ class MultiExtractor(Extractor):
         t, _, sub_key = key.partition(SEP)
         return self.subs[t].run_batch(sub_key, batch)  # each type at its own precision
 
-    def keep_rows(self, work: VideoWork, key: str, rows: torch.Tensor, stamps: np.ndarray) -> None:
+    def batch_size_of(self, key: str) -> int:
+        t, _, sub_key = key.partition(SEP)
+        return self.subs[t].batch_size_of(sub_key) if t in self.subs else self.cfg.batch_size
+
+    def keep_rows(self, work: VideoWork, key: str, rows: torch.Tensor, stamps: np.ndarray) -> list:
         t, _, sub_key = key.partition(SEP)
         part = work.state.get(t) if work.state else None
-        if part is not None and part.error is None:
-            self.subs[t].keep_rows(part.work, sub_key, rows, stamps)
+        if part is None or part.error is not None:
+            return []
+        return self._guarded(t, part, lambda: self.subs[t].keep_rows(part.work, sub_key, rows,
+                                                                     stamps) or [])
 
     def finish(self, work: VideoWork) -> dict[str, dict[str, np.ndarray]]:
         """``{feature type: outputs}`` of the types that succeeded; the others' reasons go to

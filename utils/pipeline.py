@@ -336,17 +336,20 @@ class VideoWork:
 
 
 class Batcher:
-    """Work items of every video, per network, run ``batch_size`` at a time.
+    """Work items of every video, per network, run up to a batch size at a time.
 
     Items arrive and leave in blocks (a chunk's items of one video), so the cost in Python is per
-    block, not per frame: a batch is the concatenation of whole or split blocks, and its rows go
-    back to each video as one block.
+    block, not per frame: a batch is the concatenation of whole or split blocks of one item shape
+    (videos of other sizes wait for a batch of their own), and its rows go back to each video as
+    one block. ``batch_size`` is one size for every network or a function of the network's key.
+    ``keep`` may return new work items of the same video (a second network fed by the first's
+    rows, e.g. I3D stacks of optical flow): they are queued before the rows count as done.
     """
 
-    def __init__(self, forward: Callable[[str, Any], Any], batch_size: int,
-                 keep: Callable[[VideoWork, str, Any, np.ndarray], None] | None = None):
+    def __init__(self, forward: Callable[[str, Any], Any], batch_size: int | Callable[[str], int],
+                 keep: Callable[[VideoWork, str, Any, np.ndarray], list | None] | None = None):
         self.forward = forward
-        self.batch_size = batch_size
+        self.size = batch_size if callable(batch_size) else (lambda key, n=batch_size: n)
         #: where a video's rows go (``Extractor.keep_rows``); default: held on the work item
         self.keep = keep or hold_rows
         # key -> queued blocks [work, items (k, ...), stamps (k,)]
@@ -360,39 +363,55 @@ class Batcher:
         self.counts[key] += len(stamps)
         work.pending += len(stamps)
 
-    def _take(self, key: str) -> list:
-        """Up to ``batch_size`` items from the front of ``key``'s queue, as blocks."""
+    def _take(self, key: str, size: int) -> list:
+        """Up to ``size`` items from the front of ``key``'s queue, as blocks of the first block's
+        item shape; a video's blocks keep their order (one skipped stops the search)."""
         q, taken, n = self.queues[key], [], 0
-        while q and n < self.batch_size:
-            work, items, stamps = q[0]
-            k = min(len(stamps), self.batch_size - n)
-            if k == len(stamps):
-                q.popleft()
-            else:  # split the block: its first k items go now
-                q[0] = [work, items[k:], stamps[k:]]
+        shape = tuple(q[0][1].shape[1:])
+        kept: collections.deque = collections.deque()
+        skipped: set[int] = set()
+        while q and n < size:
+            block = q.popleft()
+            work, items, stamps = block
+            if tuple(items.shape[1:]) != shape or id(work) in skipped:
+                skipped.add(id(work))
+                kept.append(block)
+                continue
+            k = min(len(stamps), size - n)
+            if k < len(stamps):  # split the block: its first k items go now
+                q.appendleft([work, items[k:], stamps[k:]])
                 items, stamps = items[:k], stamps[:k]
             taken.append((work, items, stamps))
             n += k
+        q.extendleft(reversed(kept))
         self.counts[key] -= n
         return taken
 
     def run(self, full_only: bool) -> int:
-        """Run the batches that are full (or, with ``full_only=False``, everything queued)."""
+        """Run the batches that are full (or, with ``full_only=False``, everything queued,
+        including what the rows of earlier batches fed in)."""
         import torch
 
-        ran = 0
-        for key in list(self.queues):
-            while self.counts[key] >= self.batch_size or (self.counts[key] and not full_only):
-                blocks = self._take(key)
-                batch = blocks[0][1] if len(blocks) == 1 else torch.cat([b[1] for b in blocks])
-                rows = self.forward(key, batch)
-                at = 0
-                for work, items, stamps in blocks:
-                    self.keep(work, key, rows[at:at + len(stamps)], stamps)
-                    work.pending -= len(stamps)
-                    at += len(stamps)
-                ran += 1
-        return ran
+        ran = -1
+        total = 0
+        while ran:
+            ran = 0
+            for key in list(self.queues):
+                size = max(1, int(self.size(key)))
+                while self.counts[key] >= size or (self.counts[key] and not full_only):
+                    blocks = self._take(key, size)
+                    batch = blocks[0][1] if len(blocks) == 1 else torch.cat([b[1] for b in blocks])
+                    rows = self.forward(key, batch)
+                    at = 0
+                    for work, items, stamps in blocks:
+                        more = self.keep(work, key, rows[at:at + len(stamps)], stamps)
+                        for k2, items2, stamps2 in more or ():
+                            self.add(work, k2, items2, stamps2)
+                        work.pending -= len(stamps)
+                        at += len(stamps)
+                    ran += 1
+            total += ran
+        return total
 
     def drop(self, work: VideoWork) -> None:
         for key, q in self.queues.items():
@@ -400,7 +419,6 @@ class Batcher:
             self.counts[key] = sum(len(b[2]) for b in kept)
             self.queues[key] = kept
         work.pending = 0
-
 
 def hold_rows(work: VideoWork, key: str, rows: Any, stamps: np.ndarray) -> None:
     """Keep a block of rows of ``key`` on ``work`` until the video is finished."""
@@ -428,7 +446,7 @@ class DevicePipeline:
         self.ex = extractor
         self.writer = writer
         self.on_result = on_result
-        self.batcher = Batcher(extractor.run_batch, extractor.cfg.batch_size, extractor.keep_rows)
+        self.batcher = Batcher(extractor.run_batch, extractor.batch_size_of, extractor.keep_rows)
         # rotation is decided once for the run (a run option), so it travels with what to decode
         needs = self.needs = {**extractor.frame_needs(),
                               "rotation": extractor.cfg.get("rotation", "auto")}

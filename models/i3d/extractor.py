@@ -2,10 +2,12 @@
 
 Data flow for one video, all on the device after decoding:
 
-    chunk of frames -> resize (short side 256, PIL-like) -> flow between consecutive frames
-    (PWC-Net or RAFT, ``flow_batch_size`` pairs at a time) -> centre crop 224 -> RGB to
-    [-1, 1], flow clamped/quantised to [-1, 1] -> sliding windows per stream -> stacks, batched
-    with those of other videos (utils/pipeline.py) -> I3D per stream.
+    chunk of frames -> resize (short side 256, PIL-like) -> RGB: centre crop 224, to [-1, 1]
+                                                     -> flow: pairs of consecutive frames
+    flow pairs, batched ``flow_batch_size`` at a time across chunks and videos of one frame size
+    (utils/pipeline.py) -> PWC-Net or RAFT at the ``precision`` option -> centre crop 224,
+    clamped/quantised to [-1, 1] -> back to their video in order
+    -> sliding windows per stream -> stacks, batched with those of other videos -> I3D per stream.
 
 An element of the stream is frame ``i`` together with the flow from frame ``i`` to ``i + 1``,
 so a stack of ``stack_size`` elements covers ``stack_size + 1`` frames, as in the reference
@@ -16,6 +18,7 @@ after reading the stack).
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 from typing import List, Optional, Union
@@ -34,6 +37,8 @@ from video_features.utils.windows import SlidingWindows, stack_windows
 log = logging.getLogger(__name__)
 
 STREAMS = ("rgb", "flow")
+#: the work items of the flow network: frame pairs, batched across chunks and videos
+PAIRS = "flow_pairs"
 #: GPU memory one frame pair takes in PWC-Net at 256x512 (a 256-short-side frame padded to
 #: multiples of 64), fp32, cuDNN benchmark off: from measured peaks (64 pairs in bf16 ~2 GB);
 #: bf16/fp16 halve it, RAFT's all-pairs volume doubles it
@@ -144,34 +149,40 @@ class I3DExtractor(Extractor):
         return self.flow_net.estimate(a, b, iters=self.cfg.raft_iters,
                                       unpad=self.cfg.raft_padding == "unpad")
 
-    def _flow_into(self, flow: torch.Tensor, seq: torch.Tensor, need: np.ndarray) -> None:
-        """Flow of the pairs ``(seq[i], seq[i + 1])`` for ``i`` in ``need`` (host indices), in
-        batches of ``flow_pairs``, at the ``precision`` option as every network; a batch that
-        runs out of GPU memory is retried at half the size. Pairs are cut from ``seq`` as slices
-        of runs of consecutive indices: an index tensor would be a blocking copy to the GPU."""
-        if self.flow_pairs is None:
-            self.flow_pairs = self.auto_flow_pairs(*seq.shape[-2:])
-        at = 0
-        while at < len(need):
-            runs = _runs(need[at:at + self.flow_pairs])
-            try:
-                with self.autocast():
-                    f = self._flow(_cat([seq[a:b] for a, b in runs]),
-                                   _cat([seq[a + 1:b + 1] for a, b in runs]))
-            except torch.cuda.OutOfMemoryError:
-                if self.flow_pairs == 1:
-                    raise
-                torch.cuda.empty_cache()
-                self.flow_pairs = max(1, self.flow_pairs // 2)
-                log.warning("optical flow ran out of GPU memory: %d frame pairs per batch from now on",
-                            self.flow_pairs)
-                continue
-            f = flow_to_i3d(self.crop(f.float()))
-            k = 0
-            for a, b in runs:
-                flow[a:b] = f[k:k + b - a]
-                k += b - a
-            at += k
+    def batch_size_of(self, key: str) -> int:
+        """Stacks per I3D batch (``batch_size``); frame pairs per flow batch (``flow_pairs``)."""
+        if key == PAIRS:
+            return self.flow_pairs or 16
+        return self.cfg.batch_size
+
+    def run_batch(self, key: str, batch: torch.Tensor) -> torch.Tensor:
+        if key != PAIRS:
+            return super().run_batch(key, batch)
+        with self.autocast():   # the precision option, as for every network
+            return self._flow_elements(batch)
+
+    def _flow_elements(self, pairs: torch.Tensor) -> torch.Tensor:
+        """(B, 2, 3, H, W) uint8 frame pairs -> I3D flow elements (B, [views,] 2, 224, 224);
+        a batch that runs out of GPU memory is split in halves, and later batches are sized at
+        half (one warning each time)."""
+        try:
+            f = self._flow(pairs[:, 0].float(), pairs[:, 1].float())
+        except torch.cuda.OutOfMemoryError:
+            if len(pairs) == 1:
+                raise
+            torch.cuda.empty_cache()
+            half = len(pairs) // 2
+            if self.flow_pairs is None or self.flow_pairs > half:
+                self.flow_pairs = max(1, half)
+                log.warning("optical flow ran out of GPU memory: %d frame pairs per batch from now "
+                            "on", self.flow_pairs)
+            out, at = [], 0
+            while at < len(pairs):   # at the size in force (a part may lower it again)
+                part = pairs[at:at + self.flow_pairs]
+                out.append(self._flow_elements(part))
+                at += len(part)
+            return torch.cat(out)
+        return flow_to_i3d(self.crop(f.float()))
 
     def auto_flow_pairs(self, h: int, w: int) -> int:
         """``flow_batch_size: auto`` for frames of ``h x w``: 16 on the CPU; on a GPU as many
@@ -203,8 +214,11 @@ class I3DExtractor(Extractor):
 
     def elements(self, state: "_I3DVideo", frames: torch.Tensor,
                  stamps: np.ndarray) -> tuple[dict[str, torch.Tensor], np.ndarray]:
-        """The elements a chunk of frames completes, per stream (rgb ``(n, 3, 224, 224)``, flow
-        ``(n, 2, 224, 224)``), and the timestamp of the frame after each element."""
+        """What a chunk of frames completes: RGB elements ``rgb (n, 3, 224, 224)``, and the frame
+        pairs ``pairs (k, 2, 3, H, W)`` (uint8, resized) of the flow elements some stack uses
+        (``step_size > stack_size`` skips the others, which are zeros); with the timestamp of
+        the frame after each of the n elements. The flow stream's plan (which elements are
+        computed, which are zeros) is noted in ``state``."""
         cfg = self.cfg
         resized = resize_short_side(frames, 256)
         seq = resized if state.prev is None else torch.cat([state.prev[None], resized])
@@ -212,19 +226,23 @@ class I3DExtractor(Extractor):
         state.prev = seq[-1].clone()
         if n <= 0:
             return {}, np.zeros(0, np.float64)
+        ts = np.asarray(stamps[-n:], np.float64)  # element i ends at frame i + 1
         out = {}
-        for stream in self.streams:
-            if stream == "rgb":
-                out["rgb"] = rgb_to_i3d(self.crop(seq[:n]))
-                continue
-            # flow only for elements some stack uses (step_size > stack_size skips some)
-            views = () if self.views == 1 else (self.views,)
-            flow = torch.zeros((n, *views, 2, 224, 224), device=self.device)
-            idx = np.arange(state.index, state.index + n)
-            self._flow_into(flow, seq, np.flatnonzero((idx % cfg.step_size) < cfg.stack_size))
-            out["flow"] = flow
+        if "rgb" in self.streams:
+            out["rgb"] = rgb_to_i3d(self.crop(seq[:n]))
+        if "flow" in self.streams:
+            if self.flow_pairs is None:
+                self.flow_pairs = self.auto_flow_pairs(*seq.shape[-2:])
+            need = (np.arange(state.index, state.index + n) % cfg.step_size) < cfg.stack_size
+            state.plan.append([need, ts])
+            runs = _runs(np.flatnonzero(need))   # slices: an index tensor is a copy to the GPU
+            if runs:
+                levels = seq.round().clamp(0, 255).to(torch.uint8)   # whole levels: exact
+                out["pairs"] = _cat([torch.stack([levels[a:b], levels[a + 1:b + 1]], 1)
+                                     for a, b in runs])
+                out["pair_stamps"] = ts[need]
         state.index += n
-        return out, np.asarray(stamps[-n:], np.float64)  # element i ends at frame i + 1
+        return out, ts
 
     @staticmethod
     def _stacks(windows: dict[str, list]) -> list:
@@ -232,11 +250,57 @@ class I3DExtractor(Extractor):
         return [(stream, *st) for stream, st in stacked.items() if st]
 
     def add_frames(self, work, frames: torch.Tensor, stamps: np.ndarray) -> list:
-        elements, ts = self.elements(work.state, frames, stamps)
-        return self._stacks({s: work.state.windows[s].push(e, ts) for s, e in elements.items()})
+        st = work.state
+        elements, ts = self.elements(st, frames, stamps)
+        items = []
+        if "rgb" in elements:
+            items += self._stacks({"rgb": st.windows["rgb"].push(elements["rgb"], ts)})
+        if "pairs" in elements:   # batched with other chunks' and videos' pairs
+            items.append((PAIRS, elements["pairs"], elements["pair_stamps"]))
+        if "flow" in self.streams:
+            items += self._flow_stacks(st)
+        return items
+
+    def keep_rows(self, work, key: str, rows, stamps: np.ndarray):
+        if key != PAIRS:
+            return super().keep_rows(work, key, rows, stamps)
+        work.state.flow.append(rows)
+        return self._flow_stacks(work.state)
+
+    def _flow_stacks(self, st: "_I3DVideo") -> list:
+        """Flow elements in order as far as they are known (zeros for the skipped ones, flow
+        for the computed ones that are back) into the flow windows -> stacks; the padded tail
+        once the video has ended and every element is in."""
+        elems, times = [], []
+        while st.plan:
+            need, ts = st.plan[0]
+            k = int(np.argmin(need == need[0])) or len(need)   # the run of need[0] in front
+            if need[0]:
+                k = min(k, sum(len(r) for r in st.flow))
+                if k == 0:
+                    break    # its flow is not back yet
+                elems.append(_take(st.flow, k))
+            else:
+                views = () if self.views == 1 else (self.views,)
+                elems.append(torch.zeros((k, *views, 2, 224, 224), device=self.device))
+            times.append(ts[:k])
+            if k == len(need):
+                st.plan.popleft()
+            else:
+                st.plan[0] = [need[k:], ts[k:]]
+        windows = st.windows["flow"]
+        wins = windows.push(_cat(elems), np.concatenate(times)) if elems else []
+        if st.ended and not st.plan:
+            wins += windows.finish()
+        return self._stacks({"flow": wins})
 
     def end_frames(self, work, end_s: float | None = None) -> list:
-        return self._stacks({s: w.finish() for s, w in work.state.windows.items()})
+        st = work.state
+        st.ended = True
+        items = self._stacks({"rgb": st.windows["rgb"].finish()}) if "rgb" in self.streams else []
+        if "flow" in self.streams:
+            items += self._flow_stacks(st)
+        return items
 
     def forward(self, key: str, batch: torch.Tensor) -> torch.Tensor:
         x = batch.permute(0, 2, 1, 3, 4).contiguous()  # (B, T, C, H, W) -> (B, C, T, H, W)
@@ -277,11 +341,29 @@ def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
+def _take(blocks: collections.deque, k: int) -> torch.Tensor:
+    """The first ``k`` rows of a deque of row blocks, removed from it."""
+    out, n = [], 0
+    while n < k:
+        block = blocks.popleft()
+        if n + len(block) > k:
+            blocks.appendleft(block[k - n:])
+            block = block[:k - n]
+        out.append(block)
+        n += len(block)
+    return _cat(out)
+
+
 @dataclasses.dataclass
 class _I3DVideo:
     """Per-video state: stack windows per stream, the last resized frame (flow needs the pair
-    across chunks) and the index of the next element."""
+    across chunks), the index of the next element; for the flow stream, which elements are
+    computed (``plan``: blocks of [computed?, timestamps]) and the computed ones back from
+    their batches, not yet in a window (``flow``); ``ended``: the video's frames are over."""
 
     windows: dict
     prev: torch.Tensor | None = None
     index: int = 0
+    plan: collections.deque = dataclasses.field(default_factory=collections.deque)
+    flow: collections.deque = dataclasses.field(default_factory=collections.deque)
+    ended: bool = False
