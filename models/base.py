@@ -153,12 +153,13 @@ class Extractor(abc.ABC):
         """Frames per decoded chunk (the unit of transfer and of ``add_frames``)."""
         return 32
 
-    def to_device_frames(self, frames: np.ndarray) -> torch.Tensor:
+    def to_device_frames(self, frames: np.ndarray, pinned: bool = False) -> torch.Tensor:
         """(n, H, W, 3) uint8 host frames -> (n, 3, H, W) uint8 on the device. On the CPU this is
-        a view of the host buffer, which is reused once ``add_frames`` returns."""
+        a view of the host buffer, which is reused once ``add_frames`` returns. ``pinned``: the
+        host memory is page-locked already, so the copy to a GPU runs straight from it."""
         from video_features.utils.transforms import to_device
 
-        return to_device(frames, self.device)
+        return to_device(frames, self.device, pinned)
 
     def begin(self, work: Any) -> None:
         """Set up ``work.state`` for a new input, before anything of it is decoded."""

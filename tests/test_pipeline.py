@@ -324,3 +324,98 @@ def test_nvdec_needs_a_gpu_and_the_library(videos, monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", no_library)
     assert "pip install pynvvideocodec" in unavailable()
+
+
+class _FakeCudart:
+    """The two CUDA runtime calls that page-lock host memory; ``refuse`` fails the n-th one."""
+
+    def __init__(self, refuse: int | None = None):
+        self.locked, self.calls, self.refuse = set(), 0, refuse
+
+    def cudaHostRegister(self, ptr, size, flags):
+        self.calls += 1
+        if self.calls == self.refuse:
+            return 1
+        self.locked.add(ptr)
+        return 0
+
+    def cudaHostUnregister(self, ptr):
+        self.locked.remove(ptr)
+        return 0
+
+
+class _FakeEvent:
+    """A copy that completes after two polls (or when waited for)."""
+
+    def __init__(self):
+        self.polls = 2
+
+    def query(self):
+        self.polls -= 1
+        return self.polls <= 0
+
+    def synchronize(self):
+        self.polls = 0
+
+
+@pytest.mark.parametrize("refuse", [None, 3])
+def test_chunks_copy_from_page_locked_slots_released_after_their_copy(
+        videos, resnet_weights, monkeypatch, refuse):
+    """On a GPU the decoders' slots are page-locked once, chunks are copied straight from them
+    (no pinned copy on the device thread), and a slot goes back to its decoder only once its
+    copy's event says done; a refused page-lock leaves nothing locked and uses pinned copies."""
+    import video_features.utils.pipeline as pipeline
+
+    resnet_weights("resnet18")
+    cudart = _FakeCudart(refuse)
+    monkeypatch.setattr(pipeline, "_lock_for_device",
+                        lambda pool, device: cudart if pool.lock_slots(cudart) else None)
+    events = []
+
+    def copy_event(self):
+        events.append(_FakeEvent())
+        return events[-1]
+    monkeypatch.setattr(DevicePipeline, "_copy_event", copy_event)
+    cfg = make_config("resnet", video_paths=[str(v) for v in videos], device="cpu",
+                      model_name="resnet18", batch_size=8)
+    ex = build_extractor(cfg, "cpu")
+    pinned_flags = []
+    real_to_device = ex.to_device_frames
+
+    def to_device(frames, pinned=False):
+        pinned_flags.append(pinned)
+        return real_to_device(frames, pinned)
+    ex.to_device_frames = to_device
+    results, writer = [], Collect()
+    pipe = DevicePipeline(ex, writer, 2, results.append)
+    slots = 2 * SLOTS_PER_DECODER
+    assert len(cudart.locked) == (slots if refuse is None else 0)
+    early, copy_of = [], {}   # slots given back while their copy was still running
+    real_release = pipe.pool.release
+
+    def release(d, slot, event=None):
+        copy_of[id(d), slot] = event
+        real_release(d, slot, event)
+    pipe.pool.release = release
+    for d in pipe.pool.decoders:
+        real_put = d.free.put
+
+        def put(slot, d=d, real_put=real_put):
+            event = copy_of.pop((id(d), slot), None)
+            if event is not None and event.polls > 0:
+                early.append(slot)
+            real_put(slot)
+        d.free.put = put
+    try:
+        with torch.inference_mode():
+            pipe.run([str(v) for v in videos])
+    finally:
+        pipe.close()
+    assert {r.status for r in results} == {"done"}
+    assert pinned_flags and set(pinned_flags) == {refuse is None}
+    assert len(events) == (len(pinned_flags) if refuse is None else 0)
+    assert not early and not pipe.pool.copying     # every slot back, none before its copy
+    assert not cudart.locked                         # unlocked at close
+    for v in videos:
+        np.testing.assert_allclose(writer.outputs[str(v)]["resnet"], ex.extract(str(v))["resnet"],
+                                   rtol=1e-5, atol=1e-5)

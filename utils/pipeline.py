@@ -257,6 +257,50 @@ class DecoderPool:
             shms = [shared_memory.SharedMemory(create=True, size=SLOT_BYTES)
                     for _ in range(SLOTS_PER_DECODER)]
             self.decoders.append(self._start(i, _Decoder(None, None, None, shms)))
+        #: the slots page-locked for the GPU (register_slots), unregistered at close
+        self.locked: list[int] = []
+        #: (decoder, generation, slot, event): slots whose copy to the GPU may still run
+        self.copying: list[tuple[_Decoder, int, int, Any]] = []
+
+    def lock_slots(self, cudart: Any) -> bool:
+        """Page-lock every slot (``cudaHostRegister``), so chunks go to the GPU straight from
+        their slot, asynchronously: no copy into a pinned buffer on the device thread. All or
+        none: False (and nothing left locked) when the driver refuses one."""
+        for d in self.decoders:
+            for shm in d.shms:
+                view = np.frombuffer(shm.buf, np.uint8)
+                ptr = view.ctypes.data
+                del view   # no export of the buffer may outlive this (close needs none)
+                if int(cudart.cudaHostRegister(ptr, shm.size, 0)) != 0:
+                    self.unlock_slots(cudart)
+                    return False
+                self.locked.append(ptr)
+        return True
+
+    def unlock_slots(self, cudart: Any) -> None:
+        for ptr in self.locked:
+            cudart.cudaHostUnregister(ptr)
+        self.locked = []
+
+    def release(self, d: _Decoder, slot: int, event: Any = None) -> None:
+        """Give ``slot`` back to its decoder, at once or, with ``event`` (the copy out of a
+        page-locked slot), once that copy is done."""
+        if event is None:
+            d.free.put(slot)
+        else:
+            self.copying.append((d, d.gen, slot, event))
+
+    def release_copied(self, wait: bool = False) -> None:
+        """Slots whose copy is done go back to their decoders (``wait``: all, after their copy)."""
+        still = []
+        for d, gen, slot, event in self.copying:
+            if wait:
+                event.synchronize()
+            if not event.query():
+                still.append((d, gen, slot, event))
+            elif d.gen == gen:   # a replaced decoder got all its slots back already
+                d.free.put(slot)
+        self.copying = still
 
     def _start(self, i: int, d: _Decoder) -> _Decoder:
         d.tasks, d.free, d.vid = self._ctx.Queue(), self._ctx.Queue(), None
@@ -294,6 +338,9 @@ class DecoderPool:
             if d.proc.is_alive():
                 continue
             lost.append((d.proc.exitcode, d.vid))
+            for other, _, _, event in self.copying:   # its slots are reused from now on
+                if other is d:
+                    event.synchronize()
             d.gen += 1
             self._start(i, d)
         return lost
@@ -435,6 +482,25 @@ def rows_of(work: VideoWork, key: str) -> tuple[Any, np.ndarray]:
     return torch.cat(work.rows[key]), np.concatenate(work.stamps[key])
 
 
+def _lock_for_device(pool: DecoderPool, device: Any) -> Any:
+    """Page-lock ``pool``'s slots when the frames go to a GPU; returns the CUDA runtime used, or
+    None (CPU, or the driver refused: chunks then pass through a pinned buffer, with one line)."""
+    import torch
+
+    if torch.device(device).type != "cuda":
+        return None
+    try:
+        cudart = torch.cuda.cudart()
+        if pool.lock_slots(cudart):
+            return cudart
+        why = "cudaHostRegister failed"
+    except Exception as exc:   # noqa: BLE001 - any failure: the pinned-buffer path still works
+        why = f"{type(exc).__name__}: {exc}"
+    log.info("the decoders' slots could not be page-locked (%s): chunks pass through a pinned "
+             "buffer", why)
+    return None
+
+
 class DevicePipeline:
     """Runs many videos through one extractor on its device, decoding in ``n_decoders``
     processes. ``submit`` inputs, then call ``step`` until ``busy`` is false; each input comes
@@ -461,11 +527,15 @@ class DevicePipeline:
                                      extractor.chunk_frames(), first_index=n_decoders)
         self.pool = DecoderPool(n_decoders if self.gpu is None else min(n_decoders, 2), needs,
                                 extractor.chunk_frames(), decode_threads)
+        #: the CUDA runtime when the slots are page-locked (chunks copied straight from them)
+        self.cudart = _lock_for_device(self.pool, extractor.device)
         self.works: dict[int, VideoWork] = {}
         self.waiting: collections.deque[int] = collections.deque()  # submitted, no decoder yet
         self.cpu_only: set[int] = set()  # NVDEC could not decode them
         self._next = 0
         self._writes = ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer")
+        #: the event of the chunk being handled's copy out of its page-locked slot
+        self._copying: Any = None
         self._writing: list[tuple[VideoWork, Future]] = []
 
     @property
@@ -527,9 +597,17 @@ class DevicePipeline:
     def _queued(self) -> bool:
         return not self.pool.out.empty() or (self.gpu is not None and not self.gpu.out.empty())
 
+    def _copy_event(self) -> Any:
+        import torch
+
+        event = torch.cuda.Event()
+        event.record()
+        return event
+
     def step(self, timeout: float = 0.05) -> None:
         """Handle what the decoders sent (waiting up to ``timeout`` for the first message), run
         full batches, and partial ones when no more frames are waiting; finish done videos."""
+        self.pool.release_copied()
         got = 0
         deadline = time.monotonic() + timeout
         while got < 64:
@@ -571,8 +649,12 @@ class DevicePipeline:
                     self._data(work, decoder, kind, msg)
             except FeatureError as exc:
                 self._fail(work, str(exc))
-            finally:
-                decoder.free.put(slot)  # the extractor keeps nothing of the slot (its contract)
+            finally:   # the extractor keeps nothing of the slot (its contract) but its copy
+                if kind == "chunk":   # CPU decoders' slots (NVDEC's are its own)
+                    self.pool.release(decoder, slot, self._copying)
+                else:
+                    decoder.free.put(slot)
+                self._copying = None
             return
         if kind == "done":
             decoder.vid = None
@@ -610,8 +692,12 @@ class DevicePipeline:
         work.frames += n
         self.ex.count_frames(n)
         # a frame larger than a slot came in the message itself
-        host = msg[10][None] if len(msg) > 10 else self.pool.slot(decoder, slot, n, shape)
-        frames = self.ex.to_device_frames(host)
+        in_slot = len(msg) <= 10
+        host = self.pool.slot(decoder, slot, n, shape) if in_slot else msg[10][None]
+        locked = in_slot and self.cudart is not None
+        frames = self.ex.to_device_frames(host, pinned=locked)
+        if locked:   # the slot is free again only once this copy has run
+            self._copying = self._copy_event()
         self._add(work, self.ex.add_frames(work, frames, stamps))
         del frames
 
@@ -688,6 +774,9 @@ class DevicePipeline:
         for _, fut in self._writing:
             fut.exception()
         self._writes.shutdown(wait=True)
+        self.pool.release_copied(wait=True)
+        if self.cudart is not None:
+            self.pool.unlock_slots(self.cudart)
         self.pool.close()
         if self.gpu is not None:
             self.gpu.close()

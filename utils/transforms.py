@@ -18,12 +18,14 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def to_device(frames: np.ndarray, device: torch.device) -> torch.Tensor:
-    """(N, H, W, 3) uint8 numpy -> (N, 3, H, W) uint8 tensor on ``device`` (async from pinned memory)."""
+def to_device(frames: np.ndarray, device: torch.device, pinned: bool = False) -> torch.Tensor:
+    """(N, H, W, 3) uint8 numpy -> (N, 3, H, W) uint8 tensor on ``device``, copied
+    asynchronously from page-locked memory: ``frames`` itself when ``pinned`` (the caller keeps
+    it unchanged until the copy has run), else a pinned copy of it."""
     t = torch.from_numpy(np.ascontiguousarray(frames))
     device = torch.device(device)
     if device.type == "cuda":
-        t = t.pin_memory().to(device, non_blocking=True)
+        t = (t if pinned else t.pin_memory()).to(device, non_blocking=True)
     return t.permute(0, 3, 1, 2)
 
 
