@@ -419,3 +419,38 @@ def test_chunks_copy_from_page_locked_slots_released_after_their_copy(
     for v in videos:
         np.testing.assert_allclose(writer.outputs[str(v)]["resnet"], ex.extract(str(v))["resnet"],
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_videos_are_finished_off_the_device_loop(videos, resnet_weights):
+    """``finish`` (rows copied off the device: a wait on a GPU) runs on the writer thread, so
+    the device loop keeps queueing work; its errors still end as the input's result, and an
+    error that is not the input's (a device error) fails what is in flight, as from a batch."""
+    import threading
+
+    from video_features.utils.errors import VideoError
+
+    resnet_weights("resnet18")
+    cfg = make_config("resnet", video_paths=[str(v) for v in videos], device="cpu",
+                      model_name="resnet18", batch_size=8)
+    ex = build_extractor(cfg, "cpu")
+    real_finish, threads = ex.finish, set()
+
+    def finish(work):
+        threads.add(threading.get_ident())
+        if work.path == str(videos[1]):
+            raise VideoError("no rows worth keeping")
+        return real_finish(work)
+    ex.finish = finish
+    results, outputs = _run_pipeline(ex, videos)
+    assert threading.get_ident() not in threads and len(threads) == 1
+    assert results[str(videos[1])].status == "failed"
+    assert results[str(videos[1])].reason == "no rows worth keeping"
+    assert {results[str(v)].status for v in (videos[0], videos[2])} == {"done"}
+    assert set(outputs) == {str(videos[0]), str(videos[2])}
+
+    def broken(work):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    ex.finish = broken
+    results, outputs = _run_pipeline(ex, videos[:2])
+    assert {r.status for r in results.values()} == {"failed"} and len(results) == 2
+    assert all("illegal memory access" in r.reason for r in results.values())

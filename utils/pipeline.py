@@ -482,6 +482,14 @@ def rows_of(work: VideoWork, key: str) -> tuple[Any, np.ndarray]:
     return torch.cat(work.rows[key]), np.concatenate(work.stamps[key])
 
 
+class _FinishFailed(Exception):
+    """``Extractor.finish`` raised ``cause`` (on the writer thread)."""
+
+    def __init__(self, cause: BaseException):
+        super().__init__(str(cause))
+        self.cause = cause
+
+
 def _lock_for_device(pool: DecoderPool, device: Any) -> Any:
     """Page-lock ``pool``'s slots when the frames go to a GPU; returns the CUDA runtime used, or
     None (CPU, or the driver refused: chunks then pass through a pinned buffer, with one line)."""
@@ -719,21 +727,22 @@ class DevicePipeline:
 
         for work in [w for w in self.works.values() if w.decoded and w.pending == 0]:
             self.works.pop(work.vid)
-            try:
-                feats = self.ex.finish(work)
-            except FeatureError as exc:
-                self._fail(work, str(exc))
-                continue
-            seconds = time.perf_counter() - work.t0
-            info = {"frames": work.frames, "seconds": round(seconds, 3), "device": str(self.ex.device)}
-            self._writing.append((work, self._writes.submit(self.writer.write, work.path, feats, info)))
+            self._writing.append((work, self._writes.submit(self._finish_and_write, work)))
         still = []
-        for work, fut in self._writing:
+        for i, (work, fut) in enumerate(self._writing):
             if not fut.done():
                 still.append((work, fut))
                 continue
             exc = fut.exception()
-            if exc is None and work.partial_errors:  # others of its feature types were written
+            if isinstance(exc, _FinishFailed):
+                if not isinstance(exc.cause, FeatureError):
+                    # e.g. a device error: as if raised by a batch (this input and those not
+                    # yet reported are in flight; the ones reported above are not)
+                    self._writing = still + self._writing[i:]
+                    raise exc.cause
+                res = Result(work.path, "failed", reason=str(exc.cause), frames=work.frames,
+                             seconds=time.perf_counter() - work.t0)
+            elif exc is None and work.partial_errors:  # others of its feature types were written
                 res = Result(work.path, "failed", reason="; ".join(work.partial_errors),
                              frames=work.frames, seconds=time.perf_counter() - work.t0)
             elif exc is None:
@@ -744,6 +753,20 @@ class DevicePipeline:
                              frames=work.frames)
             self.on_result(res)
         self._writing = still
+
+    def _finish_and_write(self, work: VideoWork) -> None:
+        """On the writer thread: the video's outputs (``finish`` copies rows off the device, a
+        wait that would otherwise stall the device loop) and their files."""
+        import torch
+
+        try:
+            with torch.inference_mode():
+                feats = self.ex.finish(work)
+        except Exception as exc:  # noqa: BLE001 - judged on the device loop
+            raise _FinishFailed(exc) from exc
+        seconds = time.perf_counter() - work.t0
+        info = {"frames": work.frames, "seconds": round(seconds, 3), "device": str(self.ex.device)}
+        self.writer.write(work.path, feats, info)
 
     def run(self, paths: Iterable[str], max_in_flight: int | None = None) -> None:
         """Every path through the pipeline, keeping ``max_in_flight`` inputs open at a time. A
