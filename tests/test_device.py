@@ -1,6 +1,7 @@
 """The per-process numerics policy and the classification of device errors."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from video_features.utils.device import apply_numerics, fp32_precision, is_sticky_device_error
@@ -91,3 +92,22 @@ def test_prepare_device_takes_a_bare_cuda_as_the_first_visible_gpu(monkeypatch):
     assert prepare_device("cuda", False) == torch.device("cuda", 0)
     assert prepare_device("cuda:0", False) == torch.device("cuda", 0)
     assert selected == [0, 0]
+
+
+def test_to_host_async_on_the_cpu_is_the_tensor_itself():
+    from video_features.utils.device import to_host_async
+
+    t = torch.arange(6.0).view(2, 3)
+    host, ready = to_host_async(t)
+    ready()
+    assert host is t
+
+
+@pytest.mark.gpu
+def test_to_host_async_copies_a_gpu_tensor_behind_queued_work():
+    from video_features.utils.device import to_host_async
+
+    t = torch.arange(1 << 20, dtype=torch.float32, device="cuda")
+    host, ready = to_host_async(t * 2)
+    ready()
+    assert host.is_pinned() and torch.equal(host, (torch.arange(1 << 20) * 2).float())

@@ -55,6 +55,20 @@ def precision_context(device: torch.device, precision: str) -> Any:
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
+def to_host_async(t: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """``t`` copied to host memory without waiting for it: ``(host tensor, ready)``; call
+    ``ready()`` before reading the host tensor. On a GPU the copy goes into a pinned buffer
+    behind the work already queued (a ``.cpu()`` would stall the caller until all of it ran);
+    a CPU tensor is returned as it is."""
+    if t.device.type != "cuda":
+        return t, lambda: None
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event.synchronize
+
+
 def prepare_device(device: str, tf32: bool) -> torch.device:
     """Select ``device`` for this process and apply the numerics policy. A bare "cuda" is the
     first visible GPU (cuda:0): where CUDA_VISIBLE_DEVICES narrows a process to one GPU (a Ray

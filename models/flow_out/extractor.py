@@ -31,6 +31,7 @@ import torch
 from video_features.models import flow_weights
 from video_features.models.base import Extractor
 from video_features.utils.config import Config, SharedOptions, option
+from video_features.utils.device import to_host_async
 from video_features.utils.errors import ConfigError, VideoError
 from video_features.utils.transforms import resize
 
@@ -90,6 +91,7 @@ class _FlowVideo:
     pairs: int = 0
     size: tuple[int, int] | None = None
     spill: Any = None           # flow_format=npy: unlinked file holding the rows so far
+    queued: Any = None          # (host rows, ready) of the last batch, still being copied
     jpg_dir: Path | None = None  # flow_format=jpg: temporary folder of the JPEGs so far
     jpg_stem: str = ""
 
@@ -193,9 +195,21 @@ class FlowExtractor(Extractor):
         else:
             if st.spill is None:
                 st.spill = tempfile.TemporaryFile(dir=self._spill_dir(), prefix=".flow-spill-")
-            st.spill.write(rows.to(torch.float16 if self.cfg.dtype == "float16" else torch.float32)
-                           .cpu().numpy().tobytes())
+            # one batch in flight: its copy off the device is written when the next one comes
+            # (or at the end), so the device loop never waits for the GPU here
+            queued = to_host_async(rows.to(torch.float16 if self.cfg.dtype == "float16"
+                                           else torch.float32))
+            self._write_queued(st)
+            st.queued = queued
         st.pairs += len(rows)
+
+    @staticmethod
+    def _write_queued(st: _FlowVideo) -> None:
+        if st.queued is not None:
+            host, ready = st.queued
+            ready()
+            st.spill.write(host.numpy().tobytes())
+            st.queued = None
 
     def _write_jpgs(self, work: Any, st: _FlowVideo, rows: torch.Tensor) -> None:
         from torchvision.io import encode_jpeg
@@ -230,6 +244,7 @@ class FlowExtractor(Extractor):
             st.jpg_dir.rename(target)
             st.jpg_dir = None
             return out
+        self._write_queued(st)
         st.spill.flush()
         shape = (st.pairs, 2, *st.size)
         # the map keeps the data after the (already unlinked) file is closed
