@@ -446,3 +446,51 @@ def test_the_heartbeat_stops_holding_a_claim_taken_over_and_says_it_once(tmp_pat
         assert not _left_behind(out)
     finally:
         a.close()
+
+
+def test_a_run_killed_while_claiming_blocks_nobody(tmp_path, monkeypatch):
+    """A claim is written under a temporary name and linked into place whole: a run stopped
+    before the link leaves no claim; an empty claim (an older version killed between creating
+    and writing it) says no holder to wait for, so it is stale after a few seconds, not after
+    claim_timeout; where hard links are refused the claim is created directly."""
+    import errno
+
+    from video_features.utils import claims as claims_mod
+
+    inputs = [tmp_path / f"v{i}.mp4" for i in range(3)]
+    out = tmp_path / "out"
+    a = Claims([_writer(out, inputs)], 600)
+    b = Claims([_writer(out, inputs)], 600)
+    try:
+        real_link = os.link
+
+        def killed(src, dst):
+            raise KeyboardInterrupt("killed while claiming")
+        monkeypatch.setattr(os, "link", killed)
+        with pytest.raises(KeyboardInterrupt):
+            a.take(str(inputs[0]))
+        monkeypatch.setattr(os, "link", real_link)
+        assert not _left_behind(out)
+        assert b.take(str(inputs[0]))                     # nothing to wait for
+        assert json.loads(b.files(str(inputs[0]))[0].read_text())["run"] == b.me["run"]
+
+        empty = _claim_file(out, inputs, inputs[1])
+        empty.write_text("")
+        assert not a.take(str(inputs[1]))                 # maybe being written right now
+        old = time.time() - claims_mod.UNSAID_S - 5
+        os.utime(empty, (old, old))
+        assert a.take(str(inputs[1]))                     # its writer is gone
+
+        def no_links(src, dst):
+            raise OSError(errno.EPERM, "hard links not supported")
+        monkeypatch.setattr(os, "link", no_links)
+        assert a.take(str(inputs[2]))
+        f = a.files(str(inputs[2]))[0]
+        assert json.loads(f.read_text())["run"] == a.me["run"]
+        a.release(str(inputs[2]))
+        assert not f.exists()                             # released as its own claim
+    finally:
+        monkeypatch.undo()
+        a.close()
+        b.close()
+    assert not _left_behind(out)

@@ -1,8 +1,9 @@
 """Work claims: several runs on one list and output folder do each input once.
 
 Before a run starts an input it creates ``.<stem>.claim`` beside the input's outputs (in every
-feature type's folder of the run) with ``O_CREAT | O_EXCL``, holding its host, pid, run id and
-start time, and remembers the inode it created. Right after taking a claim the run looks again
+feature type's folder of the run), holding its host, pid, run id and start time: written under a
+temporary name and linked into place, which fails when the claim exists (as ``O_EXCL`` does), so
+no claim file is ever seen empty; it remembers the inode it created. Right after taking a claim the run looks again
 whether the input is done (another run may have finished it since the plan): then it releases
 the claim and reports the input skipped. The run touches its claims every ``claim_timeout / 10``
 seconds (the heartbeat; an error of one touch, e.g. ``ESTALE`` on NFS, is logged once per kind
@@ -28,6 +29,7 @@ NFSv3+, Lustre, GPFS do).
 from __future__ import annotations
 
 import collections
+import errno
 import json
 import logging
 import os
@@ -43,6 +45,8 @@ log = logging.getLogger(__name__)
 
 #: the suffix of a claim file
 SUFFIX = ".claim"
+#: seconds after which a claim file that does not say who holds it is stale
+UNSAID_S = 10.0
 
 
 def claim_file(writer: Any, path: str) -> Path:
@@ -116,22 +120,31 @@ class Claims:
         return ""
 
     def _take_one(self, f: Path) -> _Held | None:
-        """Create ``f`` (taking over a stale one), or None: a live holder has it."""
+        """Create ``f`` (taking over a stale one), or None: a live holder has it. The claim is
+        written under a temporary name and linked into place (``link`` fails when ``f`` exists,
+        as ``O_EXCL`` does), so a claim file always says who holds it: a run killed while
+        claiming leaves no empty claim that others could only judge by its age."""
         f.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(3):
+            tmp = temp_name(f)
+            fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
             try:
-                fd = os.open(f, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
+                os.write(fd, json.dumps({**self.me, "started": time.time()}).encode())
+                _link(tmp, f)
             except FileExistsError:
+                os.close(fd)
                 if not _remove_if_stale(f, self.timeout):
                     return None
                 continue       # the stale claim is gone: try to create ours again
-            held = _Held(f, fd)
-            try:
-                os.write(fd, json.dumps({**self.me, "started": time.time()}).encode())
-            except OSError:    # e.g. a full disk: leave no empty claim behind
-                _remove_own(held)
+            except BaseException:   # e.g. a full disk: no claim, and no temporary file
+                os.close(fd)
                 raise
-            return held
+            finally:
+                os.unlink(tmp)
+            if os.fstat(fd).st_ino != os.stat(f).st_ino:   # no hard links: f was written anew
+                os.close(fd)
+                fd = os.open(f, os.O_RDWR)
+            return _Held(f, fd)
         return None
 
     def release(self, path: str) -> None:
@@ -198,6 +211,24 @@ class _Gone(Exception):
     """The claim file is not there (any more)."""
 
 
+def _link(tmp: Path, f: Path) -> None:
+    """``tmp`` linked as ``f``; FileExistsError if ``f`` exists. Where the file system has no
+    hard links, ``f`` is created with ``O_EXCL`` and written (a kill in between leaves an empty
+    claim, which is stale after UNSAID_S)."""
+    try:
+        os.link(tmp, f)
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+        fd = os.open(f, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        try:
+            os.write(fd, Path(tmp).read_bytes())
+        finally:
+            os.close(fd)
+
+
 def _judge(fd: int, timeout: float) -> bool:
     """Whether the claim open at ``fd`` is stale: content and age from the same file."""
     age = time.time() - os.fstat(fd).st_mtime
@@ -206,14 +237,16 @@ def _judge(fd: int, timeout: float) -> bool:
         os.lseek(fd, 0, os.SEEK_SET)
         while chunk := os.read(fd, 65536):
             chunks.append(chunk)
-    except OSError:        # not readable by this user
-        chunks = []
+    except OSError:        # not readable by this user: judged by its age
+        return age > timeout
     try:
         info = json.loads(b"".join(chunks))
     except ValueError:
         info = None
-    if not isinstance(info, dict):  # being written right now, or garbage: judged by its age
-        return age > timeout
+    if not isinstance(info, dict):
+        # claims are linked into place whole, so this one's writer died while making it (or
+        # an older version was killed between creating and writing it): no holder to wait for
+        return age > min(timeout, UNSAID_S)
     try:
         pid = int(info.get("pid") or 0)
     except (TypeError, ValueError):
