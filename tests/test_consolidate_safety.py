@@ -319,10 +319,10 @@ def test_a_truncated_hdf5_file_of_an_earlier_version_keeps_what_can_be_read(tmp_
 def test_parquet_parts_left_with_mixed_types_are_widened(tmp_path, monkeypatch):
     root, out = tmp_path / "in", tmp_path / "out"
     root.mkdir()
-    half = OutputWriterHalf = writer("save_parquet", str(out), str(root))
+    half = writer("save_parquet", str(out), str(root))
     half.dtype = "float16"
     for i in range(2):   # two float16 parts
-        stage(OutputWriterHalf, str(root / f"h{i}.mp4"), 3, rows=2)
+        stage(half, str(root / f"h{i}.mp4"), 3, rows=2)
         cons.consolidate(half)
     real = ParquetStore._rewrite
     calls = []

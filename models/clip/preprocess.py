@@ -13,7 +13,6 @@ more than twice as many pixels as the width; the order follows the installed Pil
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import lru_cache
 
