@@ -201,7 +201,9 @@ class OutputWriter:
             written.append(path)
         from video_features.utils.video import media_info
 
-        meta = {"input": str(Path(video_path).expanduser().resolve()),
+        # "id": this write, so that two extractions with equal records and timings still differ
+        # (consolidation tells a staged input that already landed by its whole meta)
+        meta = {"id": os.urandom(8).hex(), "input": str(Path(video_path).expanduser().resolve()),
                 "media": media_info(video_path), "record": self.record,
                 "outputs": outputs, "config": self.config, **({"extraction": dict(info)} if info else {})}
         text = json.dumps(meta, indent=1, default=str).encode()
