@@ -198,13 +198,6 @@ class Staged:
                 opened = None
             yield opened
 
-    def arrays(self) -> Iterator[dict[str, np.ndarray] | None]:
-        with self.open() as files:
-            if files is None:
-                yield None
-            else:
-                yield {k: np.load(f, allow_pickle=False) for k, f in files.items()}
-
     def remove(self) -> None:
         """Delete the staged files read (the record first), leaving any newer ones in place."""
         for path, ident in self.idents.items():
@@ -214,6 +207,18 @@ class Staged:
             while folder.name != STAGING:
                 folder.rmdir()
                 folder = folder.parent
+
+
+def _still_as_read(batch: list[Staged], written: list[Staged]) -> Iterator[tuple[Staged, dict]]:
+    """Each item of ``batch`` whose files are still those read, with them open; an item is
+    added to ``written`` once the caller has used it (the others are being written again and
+    stay staged)."""
+    for item in batch:
+        with item.open() as files:
+            if files is None:
+                continue
+            yield item, files
+        written.append(item)
 
 
 def _remove_if_same(path: Path, ident: tuple[int, ...]) -> None:
@@ -531,16 +536,12 @@ class HDF5Store(_Store):
 
         def build(tmp: str) -> None:
             with h5py.File(tmp, "w") as f:
-                for item in batch:
-                    with item.open() as files:
-                        if files is None:
-                            continue
-                        group = f.create_group(hdf5_key(item.name))
-                        for key, fh in files.items():
-                            group.create_dataset(key, data=np.load(fh, allow_pickle=False))
-                        group.attrs["name"] = item.name
-                        group.attrs["meta"] = json.dumps(item.meta, default=str)
-                        written.append(item)
+                for item, files in _still_as_read(batch, written):
+                    group = f.create_group(hdf5_key(item.name))
+                    for key, fh in files.items():
+                        group.create_dataset(key, data=np.load(fh, allow_pickle=False))
+                    group.attrs["name"] = item.name
+                    group.attrs["meta"] = json.dumps(item.meta, default=str)
 
         atomic_build(path, build)
         if not written:
@@ -669,22 +670,18 @@ class ShardStore(_Store):
 
         def build(tmp: str) -> None:
             with tarfile.open(tmp, "w") as tar:
-                for item in batch:
-                    with item.open() as files:
-                        if files is None:
-                            continue
-                        key = sample_key(item.name)
-                        for k, fh in files.items():
-                            member = tarfile.TarInfo(f"{key}.{k}.npy")
-                            member.size = os.fstat(fh.fileno()).st_size
-                            member.mtime = int(time.time())
-                            tar.addfile(member, fh)
-                        data = json.dumps(item.meta, default=str).encode()
-                        member = tarfile.TarInfo(f"{key}.json")
-                        member.size = len(data)
+                for item, files in _still_as_read(batch, written):
+                    key = sample_key(item.name)
+                    for k, fh in files.items():
+                        member = tarfile.TarInfo(f"{key}.{k}.npy")
+                        member.size = os.fstat(fh.fileno()).st_size
                         member.mtime = int(time.time())
-                        tar.addfile(member, io.BytesIO(data))
-                        written.append(item)
+                        tar.addfile(member, fh)
+                    data = json.dumps(item.meta, default=str).encode()
+                    member = tarfile.TarInfo(f"{key}.json")
+                    member.size = len(data)
+                    member.mtime = int(time.time())
+                    tar.addfile(member, io.BytesIO(data))
 
         atomic_build(tar_path, build)
         if not written:
@@ -805,7 +802,8 @@ class ParquetStore(_Store):
         pa, pq = pyarrow_modules()
         import pyarrow.compute as pc
 
-        if drop and not (self.parts().get(part, {}).keys() - drop):
+        # its rows as last read (under the lock, just before): no listing of every part again
+        if drop and not (self._cache.get(str(part), (None, {}))[1].keys() - drop):
             part.unlink(missing_ok=True)
             return
         schema = _schema(pa, layout)
@@ -845,13 +843,9 @@ class ParquetStore(_Store):
         def dump(f: Any) -> None:
             with pq.ParquetWriter(f, schema) as out:
                 rows, size = [], 0
-                for item in batch:
-                    with item.open() as files:
-                        if files is None:
-                            continue
-                        arrays = {k: np.load(fh, allow_pickle=False) for k, fh in files.items()}
+                for item, files in _still_as_read(batch, written):
+                    arrays = {k: np.load(fh, allow_pickle=False) for k, fh in files.items()}
                     rows.append((item.name, item.meta, arrays))
-                    written.append(item)
                     size += sum(a.nbytes for a in arrays.values())
                     if size >= ROW_GROUP_BYTES:
                         out.write_table(group(rows))
