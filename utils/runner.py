@@ -498,13 +498,13 @@ def plan(cfgs: Config | list[Config], records: dict | list[dict]) -> tuple[list[
     return todo, settled
 
 
-def _done_now(cfgs: list[Config], records: list[dict]) -> Callable[[str], bool]:
+def _done_now(cfgs: list[Config], writers: list[OutputWriter]) -> Callable[[str], bool]:
     """Whether an input is done now for every feature type, as :func:`plan` judges "skipped",
     seeing what other runs wrote since (for an input just claimed)."""
     from video_features.models.registry import get_extractor_class
 
     saving = [(w, get_extractor_class(c.feature_type).output_keys_for(c))
-              for c, r in zip(cfgs, records) if (w := OutputWriter.from_config(c, r)).saves]
+              for c, w in zip(cfgs, writers) if w.saves]
 
     def done(path: str) -> bool:
         for w, _ in saving:
@@ -514,14 +514,12 @@ def _done_now(cfgs: list[Config], records: list[dict]) -> Callable[[str], bool]:
     return done
 
 
-def _remove_stale_claims(cfgs: list[Config], records: list[dict], settled: list[Result]) -> None:
+def _remove_stale_claims(writers: list[OutputWriter], settled: list[Result], timeout: float) -> None:
     """Claims left beside inputs found done by runs that are gone (killed between writing an
     input and releasing its claim) are removed; a live holder's are left to it."""
     skipped = [r.path for r in settled if r.status == "skipped"]
-    if not skipped:
-        return
-    writers = [OutputWriter.from_config(c, r) for c, r in zip(cfgs, records)]
-    remove_stale_claims(writers, skipped, cfgs[0].get("claim_timeout", 600))
+    if skipped:
+        remove_stale_claims(writers, skipped, timeout)
 
 
 def run(cfg: Config | list[Config]) -> Summary:
@@ -542,7 +540,7 @@ def run(cfg: Config | list[Config]) -> Summary:
     todo, settled = plan(cfgs, records)
     summary = Summary(list(settled), run_id=run_id)
     summary.errors += early
-    _remove_stale_claims(cfgs, records, settled)
+    _remove_stale_claims(writers, settled, cfg.get("claim_timeout", 600))
     for r in summary.results:
         if r.status == "failed":
             log.warning("failed: %s: %s", r.path, r.reason)
@@ -568,7 +566,7 @@ def run(cfg: Config | list[Config]) -> Summary:
     # several runs on one list and output folder: each input is started by one of them
     claims = Claims(writers, cfg.get("claim_timeout", 600)) if writers[0].saves else None
     progress.claims = claims
-    finished_elsewhere = None if cfg.overwrite or claims is None else _done_now(cfgs, records)
+    finished_elsewhere = None if cfg.overwrite or claims is None else _done_now(cfgs, writers)
 
     def skipped(path: str) -> None:   # another run finished it after the plan
         summary.results.append(res := Result(path, "skipped"))
@@ -597,7 +595,8 @@ def run(cfg: Config | list[Config]) -> Summary:
         while queue.elsewhere and not summary.stopped:
             time.sleep(min(5.0, claims.timeout / 10))
             again, settled = plan([c.replace(video_paths=queue.elsewhere) for c in cfgs], records)
-            _remove_stale_claims(cfgs, records, settled)   # its holder died after finishing it
+            # their holder may have died after finishing them
+            _remove_stale_claims(writers, settled, cfg.get("claim_timeout", 600))
             for res in settled:
                 summary.results.append(res)
                 progress.update(res)
