@@ -27,6 +27,7 @@ _EXTRACTORS = {
     "clap": "video_features.models.clap.extractor:CLAPExtractor",
     "raft": "video_features.models.flow_out.extractor:RAFTFlowExtractor",
     "pwc": "video_features.models.flow_out.extractor:PWCFlowExtractor",
+    "tvl1": "video_features.models.flow_out.extractor:TVL1FlowExtractor",
 }
 
 PLUGINS_ENV = "VIDEO_FEATURES_PLUGINS"

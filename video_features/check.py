@@ -35,7 +35,7 @@ DUPLICATE_REL = 1e-3
 #: the shortest run of near-duplicate rows worth a warning
 RUN_ROWS = 8
 #: outputs whose rows are optical flow between frames: one more timestamp than rows (reference form)
-FLOW_TYPES = ("raft", "pwc")
+FLOW_TYPES = ("raft", "pwc", "tvl1")
 AUDIO_TYPES = ("vggish", "clap")
 NOT_FEATURES = ("fps", "timestamps_ms")
 

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from video_features.models.tvl1.options import TVL1Options, check_tvl1_options
 from video_features.utils.config import (CONFIG_DIR, Config, _add_option, _from_text, _omegaconf_error, _split_words,
                                          check_fields, option, parse_flags, read_yaml,
                                          schema_fields)
@@ -55,7 +56,7 @@ WEIGHTS = {
 
 
 @dataclasses.dataclass
-class FinetuneOptions:
+class FinetuneOptions(TVL1Options):
     config: Optional[str] = option("YAML file with option values")
     model: str = option("the network to fine-tune (i3d)", choices=("i3d",))
     stream: str = option("rgb or flow", choices=("rgb", "flow"))
@@ -76,10 +77,12 @@ class FinetuneOptions:
                                        "<id>/; generic: relative paths; default: the file's folder)")
     num_classes: Optional[int] = option("classes of the new classifier; null: from the "
                                         "annotations (Charades: 157)", at_least=1)
-    flow_source: str = option("flow stream: net (PWC-Net / RAFT on the fly, as extraction) or jpg "
+    flow_source: str = option("flow stream: net (PWC-Net / RAFT / TV-L1 on the fly, as "
+                              "extraction) or jpg "
                               "(x/y JPEG folders under flow_root: <stem>/<stem>-000001x.jpg)",
                               choices=("net", "jpg"))
-    flow_type: str = option("pwc or raft (flow_source=net)", choices=("pwc", "raft"))
+    flow_type: str = option("pwc, raft or tvl1 (flow_source=net; tvl1_* options)",
+                            choices=("pwc", "raft", "tvl1"))
     flow_checkpoint_path: Optional[str] = option("explicit PWC-Net / RAFT checkpoint")
     flow_root: Optional[str] = option("flow_source=jpg: folder of the x/y JPEG folders")
     fps: float = option("frame rate clips are taken at (frame folders and JPEG flow are "
@@ -137,7 +140,8 @@ def parse_options(argv: list[str]) -> Config:
         description="Fine-tune I3D on labelled videos (Charades' CSV or a generic CSV/JSON), then "
                     "extract with --feature_type i3d checkpoint_path_rgb=OUTPUT_DIR/best_rgb.pt")
     for key, (tp, f) in fields.items():
-        _add_option(parser, key, tp, defaults.get(key), f.metadata["help"])
+        default = defaults.get(key, f.default if f.default is not dataclasses.MISSING else None)
+        _add_option(parser, key, tp, default, f.metadata["help"])
     ns = parse_flags(parser, flags)
     for key in words:
         if key not in fields:
@@ -165,6 +169,11 @@ def validate(cfg: Config) -> Config:
                           "<id>/ frame folders)")
     if cfg.stream == "flow" and cfg.flow_source == "jpg" and not cfg.flow_root:
         raise ConfigError("flow_source=jpg needs flow_root (the folder of <stem>/ x/y JPEG folders)")
+    if cfg.flow_type == "tvl1":
+        if cfg.flow_checkpoint_path:
+            raise ConfigError("option flow_checkpoint_path is for flow_type=pwc or raft: TV-L1 "
+                              "has no weights")
+        check_tvl1_options(cfg)
     if cfg.crop_size > cfg.side_size:
         raise ConfigError(f"crop_size {cfg.crop_size} is larger than side_size {cfg.side_size}")
     if cfg.frame_loss_weight + cfg.video_loss_weight <= 0:
@@ -351,7 +360,11 @@ class Inputs:
     def __init__(self, cfg: Config, device: Any):
         self.cfg, self.device = cfg, device
         self.flow_net = None
-        if cfg.stream == "flow" and cfg.flow_source == "net":
+        if cfg.stream == "flow" and cfg.flow_source == "net" and cfg.flow_type == "tvl1":
+            from video_features.models.tvl1 import TVL1, TVL1Params
+
+            self.flow_net = TVL1(TVL1Params.from_config(cfg)).to(device)
+        elif cfg.stream == "flow" and cfg.flow_source == "net":
             from video_features.models import flow_weights
 
             load = flow_weights.load_pwc if cfg.flow_type == "pwc" else flow_weights.load_raft
@@ -383,7 +396,7 @@ class Inputs:
         return flow_to_i3d(flow)
 
     def _flow(self, a, b):
-        if self.cfg.flow_type == "pwc":
+        if self.cfg.flow_type != "raft":
             return self.flow_net.estimate(a, b)
         return self.flow_net.estimate(a, b, iters=20)
 

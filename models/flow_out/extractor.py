@@ -1,4 +1,5 @@
-"""Optical flow as the output: ``feature_type=raft`` / ``pwc`` save the flow field itself.
+"""Optical flow as the output: ``feature_type=raft`` / ``pwc`` / ``tvl1`` save the flow field
+itself.
 
 For frames ``0..N-1`` (at the chosen rate) the output holds the flow from frame ``i`` to
 ``i + 1``: ``N-1 x 2 x H x W`` (x then y, in pixels of the frames the network saw), with
@@ -30,6 +31,7 @@ import torch
 
 from video_features.models import flow_weights
 from video_features.models.base import Extractor
+from video_features.models.tvl1.options import TVL1Options, check_tvl1_options
 from video_features.utils.config import Config, SharedOptions, option
 from video_features.utils.device import to_host_async
 from video_features.utils.errors import ConfigError, VideoError
@@ -39,6 +41,8 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"float16": np.float16, "float32": np.float32}
 FORMATS = ("npy", "jpg")
+#: TV-L1's coarsest pyramid level has sides of at least 16 pixels; frames below have no pyramid
+MIN_TVL1_SIDE = 16
 JPEG_QUALITY = 95  # what OpenCV writes by default, as the TV-L1 extraction tools do
 
 
@@ -82,6 +86,11 @@ class RAFTFlowOptions(FlowOptions):
 
 
 @dataclasses.dataclass
+class TVL1FlowOptions(FlowOptions, TVL1Options):
+    pass
+
+
+@dataclasses.dataclass
 class _FlowVideo:
     """Per-video state: the last frame (pairs cross chunks), every frame's timestamp, and where
     the rows go."""
@@ -97,7 +106,7 @@ class _FlowVideo:
 
 
 class FlowExtractor(Extractor):
-    """Shared by raft and pwc; subclasses name the network."""
+    """Shared by raft, pwc and tvl1; subclasses name the network (or solver)."""
 
     auto_batch_size = {"cpu": 4, "cuda": 16}
     frame_seam = True
@@ -286,3 +295,33 @@ class PWCFlowExtractor(FlowExtractor):
 
     def estimate(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return self.net.estimate(a, b)
+
+
+class TVL1FlowExtractor(FlowExtractor):
+    """Dual TV-L1 (:mod:`models.tvl1`): no weights; float32 whatever the ``precision``."""
+
+    schema = TVL1FlowOptions
+    # the solver's work is parallel over pairs (threads on the CPU, the GPU's width)
+    auto_batch_size = {"cpu": 8, "cuda": 64}
+
+    @classmethod
+    def validate(cls, cfg: Config) -> None:
+        super().validate(cfg)
+        check_tvl1_options(cfg)
+
+    @classmethod
+    def weights_for(cls, cfg: Config) -> dict:
+        return {}
+
+    def load_net(self) -> torch.nn.Module:
+        from video_features.models.tvl1 import TVL1, TVL1Params
+
+        return TVL1(TVL1Params.from_config(self.cfg)).to(self.device)
+
+    def estimate(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.net.estimate(a, b)
+
+    def check_size(self, h: int, w: int) -> None:
+        if min(h, w) < MIN_TVL1_SIDE:
+            raise VideoError(f"frames of {w}x{h} are too small for TV-L1: it needs at least "
+                             f"{MIN_TVL1_SIDE} pixels per side (set side_size)")

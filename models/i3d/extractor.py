@@ -5,7 +5,8 @@ Data flow for one video, all on the device after decoding:
     chunk of frames -> resize (short side 256, PIL-like) -> RGB: centre crop 224, to [-1, 1]
                                                      -> flow: pairs of consecutive frames
     flow pairs, batched ``flow_batch_size`` at a time across chunks and videos of one frame size
-    (utils/pipeline.py) -> PWC-Net or RAFT at the ``precision`` option -> centre crop 224,
+    (utils/pipeline.py) -> PWC-Net or RAFT at the ``precision`` option, or TV-L1 (float32, on the
+    8-bit gray of the resized frames, as Kinetics' flow was made) -> centre crop 224,
     clamped/quantised to [-1, 1] -> back to their video in order
     -> sliding windows per stream -> stacks, batched with those of other videos -> I3D per stream.
 
@@ -28,6 +29,7 @@ import torch
 
 from video_features.models.base import Extractor, StackOptions
 from video_features.models.i3d.weights import get_card, load_i3d, load_labels
+from video_features.models.tvl1.options import TVL1Options, check_tvl1_options
 from video_features.utils.config import Config, option
 from video_features.utils.errors import ConfigError, VideoError
 from video_features.utils.pipeline import rows_of
@@ -43,9 +45,12 @@ PAIRS = "flow_pairs"
 #: multiples of 64), fp32, cuDNN benchmark off: from measured peaks (64 pairs in bf16 ~2 GB);
 #: bf16/fp16 halve it, RAFT's all-pairs volume doubles it
 PAIR_BYTES = 64 << 20
+#: GPU memory one frame pair takes in TV-L1 at 256x341 (its pyramid, warped images, flow, dual
+#: variables and the temporaries of the warp and the median filter), any precision
+TVL1_PAIR_BYTES = 16 << 20
 #: the most memory flow batches are sized to (the peak target at defaults is 8 GB in all)
 FLOW_MEMORY_CAP = 6 << 30
-FLOW_TYPES = ("pwc", "raft")
+FLOW_TYPES = ("pwc", "raft", "tvl1")
 WEIGHTS = {
     "reference": {"rgb": "i3d_rgb", "flow": "i3d_flow"},
     "imagenet": {"rgb": "pytorch_i3d_rgb_imagenet", "flow": "pytorch_i3d_flow_imagenet"},
@@ -67,10 +72,12 @@ def flow_to_i3d(flow: torch.Tensor) -> torch.Tensor:
 
 
 @dataclasses.dataclass
-class I3DOptions(StackOptions):
+class I3DOptions(StackOptions, TVL1Options):
     streams: List[str] = option("rgb, flow or both (space separated)", choices=STREAMS,
                                 changes_values=True)
-    flow_type: str = option("pwc (PWC-Net) or raft (RAFT)", choices=FLOW_TYPES, changes_values=True)
+    flow_type: str = option("pwc (PWC-Net), raft (RAFT) or tvl1 (Dual TV-L1, the flow the "
+                            "original I3D was trained on; tvl1_* options)", choices=FLOW_TYPES,
+                            changes_values=True)
     weights: str = option("I3D checkpoints: reference (the reference tool's i3d_rgb.pt/i3d_flow.pt), "
                           "imagenet (pytorch-i3d rgb/flow_imagenet.pt) or charades "
                           "(rgb/flow_charades.pt)", choices=tuple(WEIGHTS), changes_values=True)
@@ -103,7 +110,7 @@ class I3DExtractor(Extractor):
     def weights_for(cls, cfg: Config) -> dict:
         out = {s: (get_card(WEIGHTS[cfg.weights][s]), cfg.get(f"checkpoint_path_{s}"))
                for s in cfg.streams}
-        if "flow" in cfg.streams:
+        if "flow" in cfg.streams and cfg.flow_type != "tvl1":   # TV-L1 has no weights
             from video_features.models import flow_weights
 
             card = flow_weights.PWC_CARD if cfg.flow_type == "pwc" else flow_weights.RAFT_CARD
@@ -120,6 +127,11 @@ class I3DExtractor(Extractor):
         fb = cfg.flow_batch_size
         if fb != "auto" and (isinstance(fb, bool) or not isinstance(fb, int) or fb < 1):
             raise ConfigError(f"option flow_batch_size must be auto or an integer >= 1, got {fb!r}")
+        if cfg.flow_type == "tvl1":
+            if cfg.flow_checkpoint_path:
+                raise ConfigError("option flow_checkpoint_path is for flow_type=pwc or raft: "
+                                  "TV-L1 has no weights")
+            check_tvl1_options(cfg)
 
     def __init__(self, cfg: Config, device: torch.device) -> None:
         super().__init__(cfg, device)
@@ -136,7 +148,11 @@ class I3DExtractor(Extractor):
         self.flow_net = None
         #: frame pairs per flow forward pass; None: sized on the first frames (auto)
         self.flow_pairs = None if cfg.flow_batch_size == "auto" else int(cfg.flow_batch_size)
-        if "flow" in self.streams:
+        if "flow" in self.streams and cfg.flow_type == "tvl1":
+            from video_features.models.tvl1 import TVL1, TVL1Params
+
+            self.flow_net = TVL1(TVL1Params.from_config(cfg)).to(self.device)
+        elif "flow" in self.streams:
             from video_features.models import flow_weights
 
             load = flow_weights.load_pwc if cfg.flow_type == "pwc" else flow_weights.load_raft
@@ -144,7 +160,7 @@ class I3DExtractor(Extractor):
 
     # -- per chunk ---------------------------------------------------------------------------
     def _flow(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        if self.cfg.flow_type == "pwc":
+        if self.cfg.flow_type != "raft":
             return self.flow_net.estimate(a, b)
         return self.flow_net.estimate(a, b, iters=self.cfg.raft_iters,
                                       unpad=self.cfg.raft_padding == "unpad")
@@ -190,9 +206,12 @@ class I3DExtractor(Extractor):
         if self.device.type != "cuda":
             return 16
         free, _ = torch.cuda.mem_get_info(self.device)
-        per = PAIR_BYTES * (-(-h // 64) * 64) * (-(-w // 64) * 64) / (256 * 512)
-        per *= 0.5 if self.cfg.get("precision", "fp32") != "fp32" else 1.0
-        per *= 2.0 if self.cfg.flow_type == "raft" else 1.0
+        if self.cfg.flow_type == "tvl1":
+            per = TVL1_PAIR_BYTES * h * w / (256 * 341)
+        else:
+            per = PAIR_BYTES * (-(-h // 64) * 64) * (-(-w // 64) * 64) / (256 * 512)
+            per *= 0.5 if self.cfg.get("precision", "fp32") != "fp32" else 1.0
+            per *= 2.0 if self.cfg.flow_type == "raft" else 1.0
         pairs = int(min(free // 2, FLOW_MEMORY_CAP) // per)
         log.info("flow_batch_size auto: %d frame pairs of %dx%d (%.0f MB free on %s)",
                  max(1, min(64, pairs)), w, h, free / 2**20, self.device)
