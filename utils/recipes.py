@@ -2,7 +2,9 @@
 
 A recipe is ``configs/recipes/<name>.yml``: ``name``, ``version``, ``source`` (paper and
 repository), ``matches`` (which released features it reproduces, and how closely) and
-``options`` (``feature_type`` included). ``--recipe NAME`` applies the options as a layer after
+``options`` (``feature_type`` included). A recipe whose options changed keeps its earlier
+versions under ``previous`` (version -> ``matches`` and the complete ``options``), so
+``NAME@1`` still gives what version 1 gave. ``--recipe NAME`` applies the options as a layer after
 the defaults and before ``--config``, flags and ``key=value`` words, so any of them can still be
 overridden; the run's ``recipe`` option (recorded with every output) then reads
 ``NAME@VERSION``. This module stays free of torch so that ``--list_recipes`` is instant.
@@ -40,8 +42,8 @@ def recipe_names() -> list[str]:
 
 
 def load_recipe(spec: str) -> Recipe:
-    """``NAME`` or ``NAME@VERSION`` -> the recipe (a version that is not the shipped one is an
-    error: the options of older versions are not kept)."""
+    """``NAME`` (its current version) or ``NAME@VERSION`` (any version the file keeps) -> the
+    recipe; a version the file does not have is an error."""
     from video_features.utils.config import read_yaml
 
     name, _, version = str(spec).partition("@")
@@ -56,9 +58,23 @@ def load_recipe(spec: str) -> Recipe:
                           "matches and options with a feature_type")
     recipe = Recipe(name, int(data["version"]), str(data["source"]).strip(),
                     str(data["matches"]).strip(), dict(data["options"]))
-    if version and version != str(recipe.version):
-        raise ConfigError(f"option recipe: {name} is at version {recipe.version} here, not {version}")
-    return recipe
+    if not version or version == str(recipe.version):
+        return recipe
+    previous = {str(k): v for k, v in (data.get("previous") or {}).items()}
+    old = previous.get(version)
+    if not isinstance(old, dict) or "feature_type" not in (old.get("options") or {}):
+        kept = ", ".join(sorted([*previous, str(recipe.version)], key=int))
+        raise ConfigError(f"option recipe: {name} is at version {recipe.version} here, not "
+                          f"{version} (versions kept: {kept})")
+    return Recipe(name, int(version), recipe.source, str(old.get("matches", "")).strip(),
+                  dict(old["options"]))
+
+
+def previous_versions(name: str) -> list[int]:
+    """The earlier versions recipe ``name`` still gives."""
+    from video_features.utils.config import read_yaml
+
+    return sorted(int(k) for k in (read_yaml(RECIPE_DIR / f"{name}.yml").get("previous") or {}))
 
 
 def recipe_layer(spec: str, feature_types: list[str] | None) -> dict[str, Any]:
@@ -78,7 +94,12 @@ def describe_recipes() -> str:
         r = load_recipe(name)
         opts = " ".join(f"{k}={_text(v)}" for k, v in r.options.items())
         lines += [f"{r.tag}", f"  options: {opts}", f"  source:  {r.source}",
-                  f"  matches: {r.matches}", ""]
+                  f"  matches: {r.matches}"]
+        older = previous_versions(name)
+        if older:
+            lines.append("  earlier: " + ", ".join(f"{name}@{v}" for v in older)
+                         + " (--recipe NAME@VERSION gives its options)")
+        lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 
 
