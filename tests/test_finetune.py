@@ -247,14 +247,28 @@ def test_a_video_that_fails_to_decode_is_skipped_and_counted(data, tmp_path, cap
     assert "left out of training: " in caplog.text and "broken" in caplog.text
 
 
-def test_flow_stream_on_the_fly_with_pwc(data, tmp_path):
+@pytest.mark.parametrize("flow_type", ["pwc", "tvl1"])
+def test_flow_stream_on_the_fly(data, tmp_path, flow_type):
     from video_features.models import flow_weights
+    from video_features.models.tvl1 import TVL1, TVL1Params
 
-    pwc = flow_weights.write_random_checkpoint(tmp_path / "pwc.pth", "pwc")
+    extra = dict(flow_checkpoint_path=flow_weights.write_random_checkpoint(
+        tmp_path / "pwc.pth", "pwc")) if flow_type == "pwc" else dict(tvl1_warps=2,
+                                                                       tvl1_outer_iterations=2)
     flow_start = write_random_checkpoint(tmp_path / "flow_imagenet.pt", "pytorch_i3d", "flow", 400)
-    result = train(_opts(data, tmp_path / "flow", stream="flow", checkpoint_path=flow_start,
-                         flow_checkpoint_path=pwc, max_steps=2, eval_every=2,
-                         max_eval_videos=2, clip_frames=9, batch_size=2))
+    cfg = _opts(data, tmp_path / "flow", stream="flow", checkpoint_path=flow_start,
+                flow_type=flow_type, max_steps=2, eval_every=2, max_eval_videos=2, clip_frames=9,
+                batch_size=2, **extra)
+    if flow_type == "tvl1":   # the clip's flow is TV-L1's at the options, cropped and mapped
+        inputs = Inputs(cfg, "cpu")
+        assert inputs.flow_net.params == TVL1Params(warps=2, outer_iterations=2)
+        frames = torch.randint(0, 256, (4, 3, 40, 48), dtype=torch.uint8)
+        got = inputs.one(frames, None)
+        flow = TVL1(TVL1Params(warps=2, outer_iterations=2)).estimate(frames[:-1].float(),
+                                                                      frames[1:].float())
+        want = 2 * torch.round(128 + 255 / 40 * flow[..., 4:36, 8:40].clamp(-20, 20)) / 255 - 1
+        torch.testing.assert_close(got, want)
+    result = train(cfg)
     assert result["step"] == 2 and math.isfinite(result["loss"]) and result["videos"] == 2
     assert (tmp_path / "flow" / "best_flow.pt").is_file()
 

@@ -68,3 +68,15 @@ def test_list_recipes_on_the_command_line():
     for name in EXPECTED:
         assert f"{name}@" in res.stdout
     assert "ActionFormer" in res.stdout and "options: feature_type=i3d" in res.stdout
+
+
+def test_an_earlier_version_of_a_recipe_still_gives_its_options():
+    (now,) = parse_configs(["--recipe", "i3d_thumos14_16x4", "--video_paths", "a.mp4"])
+    (old,) = parse_configs(["--recipe", "i3d_thumos14_16x4@1", "--video_paths", "a.mp4"])
+    assert (now.recipe, now.flow_type) == ("i3d_thumos14_16x4@2", "tvl1")
+    assert (old.recipe, old.flow_type) == ("i3d_thumos14_16x4@1", "pwc")
+    assert (old.stack_size, old.step_size, old.extraction_fps) == (16, 4, 30)
+    assert "PWC-Net" in load_recipe("i3d_thumos14_16x4@1").matches
+    with pytest.raises(ConfigError, match=r"not 3 \(versions kept: 1, 2\)"):
+        load_recipe("i3d_thumos14_16x4@3")
+    assert "i3d_thumos14_16x4@1" in describe_recipes()

@@ -226,3 +226,100 @@ def test_frames_too_small_for_a_gradient_are_refused():
 def test_bad_parameters_name_themselves(kw, match):
     with pytest.raises(ValueError, match=match):
         TVL1Params(**kw)
+
+
+# -- through the feature types -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def video9(make_video):
+    return make_video("tvl1_9.mp4", n_frames=9, fps=25.0, width=64, height=48)
+
+
+def decoded(path) -> np.ndarray:
+    with av.open(str(path)) as c:
+        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+
+
+def test_i3d_flow_features_from_ours_and_from_opencvs_flow_agree(hub_checkpoints, video9):
+    from video_features.models.i3d.extractor import I3DExtractor
+    from video_features.models.i3d.weights import get_card, write_random_checkpoint
+    from video_features.utils.config import make_config
+    from video_features.utils.transforms import resize_short_side
+
+    card = get_card("i3d_flow")
+    write_random_checkpoint(hub_checkpoints / card.filename, card.layout, "flow", card.num_classes)
+    p = TVL1Params(warps=2, outer_iterations=2)
+    cfg = make_config("i3d", video_paths=["x"], device="cpu", streams=["flow"], flow_type="tvl1",
+                      stack_size=4, step_size=4, batch_size=2, tvl1_warps=2,
+                      tvl1_outer_iterations=2)
+    ex = I3DExtractor(cfg, torch.device("cpu"))
+    got = ex.extract(str(video9))["flow"]
+    assert got.shape == (2, 1024)
+    # the same frames (the pipeline's resize to 256 x 341), OpenCV's flow, the same I3D path
+    frames = torch.from_numpy(decoded(video9)).permute(0, 3, 1, 2).float()
+    rgb = resize_short_side(frames, 256).round().clamp(0, 255).to(torch.uint8)
+    flow = torch.from_numpy(opencv_flows(rgb.permute(0, 2, 3, 1).numpy(), p))
+    crop = flow[..., 16:240, 58:282]
+    x = 2 * torch.round(128 + 255 / 40 * crop.clamp(-20, 20)) / 255 - 1    # (8, 2, 224, 224)
+    with torch.no_grad():
+        want = torch.stack([ex.nets["flow"].features(x[s:s + 4].permute(1, 0, 2, 3)[None])[0]
+                            for s in (0, 4)]).numpy()
+    assert np.abs(got - want).max() <= 1e-2 * np.abs(want).max()
+    assert np.abs(got[1] - want[0]).max() > 5e-2 * np.abs(want).max()   # the check has teeth
+
+
+def _flow_cfg(**kw):
+    from video_features.utils.config import make_config
+
+    base = dict(video_paths=["x"], device="cpu", batch_size=3, dtype="float32", tvl1_warps=2,
+                tvl1_outer_iterations=2, timestamps_form="reference")
+    return make_config("tvl1", **{**base, **kw})
+
+
+def test_the_tvl1_feature_type_saves_the_solvers_flow(video9, tmp_path):
+    from video_features.models.flow_out.extractor import TVL1FlowExtractor
+
+    out = TVL1FlowExtractor(_flow_cfg(), torch.device("cpu")).extract(str(video9))
+    flow = np.asarray(out["tvl1"])
+    assert flow.shape == (8, 2, 48, 64) and out["timestamps_ms"].shape == (9,)
+    x = torch.from_numpy(decoded(video9)).permute(0, 3, 1, 2).float()
+    want = TVL1(TVL1Params(warps=2, outer_iterations=2)).estimate(x[:-1], x[1:]).numpy()
+    np.testing.assert_allclose(flow, want, atol=1e-4)
+
+
+def test_the_tvl1_feature_type_writes_jpeg_pairs_on_the_command_line(video9, tmp_path):
+    from tests.conftest import run_main
+
+    res = run_main("--feature_type", "tvl1", "--video_paths", str(video9), "--on_extraction",
+                   "save_numpy", "--output_path", str(tmp_path), "flow_format=jpg",
+                   "tvl1_warps=1", "tvl1_outer_iterations=1", "device=cpu")
+    assert res.returncode == 0, res.stderr
+    found = sorted((tmp_path / "tvl1").rglob("*.jpg"))
+    assert {p.parent.name for p in found} == {video9.stem}
+    assert len(found) == 16 and [p.name for p in found[:2]] == [f"{video9.stem}-000001x.jpg",
+                                                                f"{video9.stem}-000001y.jpg"]
+
+
+def test_too_short_and_too_small_inputs_get_one_line(make_video, video9):
+    from video_features.models.flow_out.extractor import TVL1FlowExtractor
+    from video_features.utils.errors import VideoError
+
+    one = make_video("tvl1_1.mp4", n_frames=1, fps=25.0, width=64, height=48)
+    with pytest.raises(VideoError, match="at least 2 frames"):
+        TVL1FlowExtractor(_flow_cfg(), torch.device("cpu")).extract(str(one))
+    with pytest.raises(VideoError, match="too small for TV-L1"):
+        TVL1FlowExtractor(_flow_cfg(side_size=8), torch.device("cpu")).extract(str(video9))
+
+
+@pytest.mark.parametrize("ft,kw,match", [
+    ("tvl1", dict(tvl1_scale_step=1.5), "tvl1_scale_step"),
+    ("tvl1", dict(tvl1_median_filtering=4), "tvl1_median_filtering"),
+    ("tvl1", dict(tvl1_tau=0.0), "tvl1_tau"),
+    ("i3d", dict(flow_type="tvl1", flow_checkpoint_path="x.pth"), "TV-L1 has no weights"),
+    ("i3d", dict(flow_type="tvl1", tvl1_warps=0), "tvl1_warps"),
+])
+def test_bad_tvl1_options_are_config_errors(ft, kw, match):
+    from video_features.utils.config import make_config
+    from video_features.utils.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        make_config(ft, video_paths=["x"], device="cpu", **kw)
