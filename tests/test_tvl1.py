@@ -323,3 +323,13 @@ def test_bad_tvl1_options_are_config_errors(ft, kw, match):
 
     with pytest.raises(ConfigError, match=match):
         make_config(ft, video_paths=["x"], device="cpu", **kw)
+
+
+def test_the_yaml_defaults_are_opencvs_in_every_feature_type():
+    from video_features.utils.config import CONFIG_DIR, read_yaml
+
+    want = TVL1Params()
+    for name in ("i3d", "tvl1", "finetune"):
+        values = read_yaml(CONFIG_DIR / f"{name}.yml")
+        assert TVL1Params(**{k[len("tvl1_"):] + ("_" if k == "tvl1_lambda" else ""): v
+                             for k, v in values.items() if k.startswith("tvl1_")}) == want, name

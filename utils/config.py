@@ -39,11 +39,10 @@ def option(help: str, *, choices: Sequence[Any] | None = None, at_least: float |
     """A schema field. Its value normally comes from the YAML defaults (``default`` stays
     MISSING); ``choices`` / ``at_least`` / ``above`` are checked for every value (each element of
     a list); ``changes_values`` marks options whose value changes the features, so outputs made
-    under another value are not reused (see utils/output.py). A field with its ``default`` here
-    is keyword-only, so a group of such options can be mixed into any schema."""
+    under another value are not reused (see utils/output.py)."""
     meta = {"help": help, "choices": tuple(choices) if choices else None, "at_least": at_least,
             "above": above, "changes_values": changes_values}
-    return dataclasses.field(default=default, metadata=meta, kw_only=default is not MISSING)
+    return dataclasses.field(default=default, metadata=meta)
 
 
 @dataclasses.dataclass
