@@ -215,6 +215,22 @@ def test_the_cpu_loops_give_the_tensor_ops_flow():
     np.testing.assert_allclose(ours(rgb, QUICK, "auto"), ours(rgb, QUICK, "torch"), atol=2e-3)
 
 
+def test_a_fused_kernel_that_fails_gives_way_to_tensor_ops_once(monkeypatch, caplog):
+    from video_features.models.tvl1 import net
+
+    def broken(d, u, dual, p):
+        raise RuntimeError("no C compiler\nmore lines")
+
+    monkeypatch.setitem(net._FUSED, "cpu", broken)
+    rgb = sample_frames(3, (32, 40))
+    with caplog.at_level("WARNING"):
+        got = ours(rgb, QUICK, "auto")
+    np.testing.assert_allclose(got, ours(rgb, QUICK, "torch"), atol=1e-6)
+    warned = [r for r in caplog.records if "fused kernel failed" in r.getMessage()]
+    assert len(warned) == 1 and "RuntimeError: no C compiler" in warned[0].getMessage()
+    assert net._FUSED["cpu"] is None
+
+
 def test_frames_too_small_for_a_gradient_are_refused():
     with pytest.raises(ValueError, match="at least 3 x 3"):
         TVL1().estimate(torch.zeros(1, 3, 2, 10), torch.zeros(1, 3, 2, 10))

@@ -336,33 +336,44 @@ class TVL1(nn.Module):
         i1x, i1y = centred_gradient(i1)
         images = torch.stack([i1, i1x, i1y], 1)
         dual = [torch.zeros_like(i0) for _ in range(2 * len(u))]
-        solve = _solver(self.kernel, i0)
         for _ in range(p.warps):
             warped = warp_cubic(images, u[0], u[1])
             i1w, i1wx, i1wy = warped.unbind(1)
             d = WarpData(i1wx.contiguous(), i1wy.contiguous(), i1wx * i1wx + i1wy * i1wy,
                          i1w - i1wx * u[0] - i1wy * u[1] - i0)
-            solve(d, u, dual, p)
+            solve_warp(self.kernel, d, u, dual, p)
         return u
 
 
-def _solver(kernel: str, like: torch.Tensor):
-    """The warp solver for tensors like ``like``: a fused kernel where one can run, else tensor
-    ops."""
-    if kernel == "torch":
-        return solve_warp_torch
-    fused = _fused(like)
-    return fused if fused is not None else solve_warp_torch
+def solve_warp(kernel: str, d: WarpData, u: list, dual: list, p: TVL1Params) -> None:
+    """One warp's iterations: the fused kernel for the tensors' device where one can run
+    (``kernel="auto"``), tensor ops otherwise. A fused kernel that fails to compile or launch
+    (no C compiler, no ``libcuda``; it fails before writing anything) is turned off for the rest
+    of the process with one warning, and tensor ops do this warp and every later one."""
+    fused = None if kernel == "torch" else _fused(d.grad)
+    if fused is not None:
+        try:
+            fused(d, u, dual, p)
+            return
+        except torch.cuda.OutOfMemoryError:
+            raise   # the callers split batches on OOM; tensor ops would need more memory
+        except Exception as exc:
+            _disable_fused(fused, exc)
+    solve_warp_torch(d, u, dual, p)
 
 
 _FUSED: dict = {}
 _FUSED_LOCK = threading.Lock()
 
 
+def _kind(like: torch.Tensor) -> str:
+    return "cuda" if like.is_cuda else "cpu"
+
+
 def _fused(like: torch.Tensor):
     """The fused warp solver for ``like``'s device type, or None (turned off with
     ``VIDEO_FEATURES_TVL1=torch``, or its library is missing); one log line each."""
-    kind = "cuda" if like.is_cuda else "cpu"
+    kind = _kind(like)
     with _FUSED_LOCK:
         if kind not in _FUSED:
             solver = None
@@ -379,3 +390,14 @@ def _fused(like: torch.Tensor):
                              str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
             _FUSED[kind] = solver
         return _FUSED[kind]
+
+
+def _disable_fused(solver, exc: Exception) -> None:
+    with _FUSED_LOCK:
+        for kind, current in _FUSED.items():
+            if current is solver:
+                _FUSED[kind] = None
+                lines = str(exc).strip().splitlines()
+                log.warning("TV-L1 on %s: the fused kernel failed (%s: %s); tensor ops for the "
+                            "rest of this process", kind, type(exc).__name__,
+                            lines[0] if lines else "")
