@@ -8,11 +8,16 @@ Prints, for the same videos and the same number of decoding processes:
 * ``full``     - the feature type end to end (outputs built, not saved);
 
 each as frames/s and real-time factor (video seconds per wall second), plus peak RSS and, on a
-GPU, peak GPU memory and the share of wall time the GPU was busy.
+GPU, peak GPU memory and the share of wall time the GPU was busy. With ``--tvl1 PAIRS``, also:
+
+* ``tvl1``     - the Dual TV-L1 solver alone (``TVL1().estimate``, i3d's ``flow_type=tvl1``) on
+  that many consecutive frame pairs of the first video (synthetic frames without videos),
+  resized to ``--tvl1_size``, as pairs/s and, on a GPU, peak GPU memory.
 
     python bench/throughput.py --make 8 --seconds 10 --size 640x360 --feature_type resnet \\
         --device cpu --random_weights
     python bench/throughput.py --videos a.mp4 b.mp4 --feature_type r21d --device cuda:0
+    python bench/throughput.py --tvl1 64 --device cuda:0           # the TV-L1 solver alone
 """
 from __future__ import annotations
 
@@ -177,6 +182,74 @@ def network_only(ex, sample_path: str, n_items: int) -> float:
     return time.perf_counter() - t0
 
 
+def _tvl1_frames(path: str | None, n: int, w: int, h: int):
+    """``n`` consecutive RGB frames (n, 3, h, w) float in whole levels 0..255: decoded from
+    ``path`` (played back and forth if it is shorter) or, without one, synthetic."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    if path is None:
+        from sample.make_samples import synth_frame
+
+        arrays = [synth_frame(i, w, h, 25.0) for i in range(n)]
+    else:
+        from video_features.utils.video import open_frames
+
+        arrays = []
+        with open_frames(path) as src:
+            for _, _, rgb in src.timed_frames():
+                arrays.append(rgb)
+                if len(arrays) == n:
+                    break
+        if len(arrays) < 2:
+            raise SystemExit(f"{path}: fewer than 2 frames for the TV-L1 pairs")
+        k = len(arrays)
+        arrays = [arrays[abs((i + k - 1) % (2 * k - 2) - (k - 1))] for i in range(n)]
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float()
+    if x.shape[2:] != (h, w):
+        x = F.interpolate(x, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
+    return x.round_().clamp_(0, 255).contiguous()
+
+
+def tvl1_rate(path: str | None, pairs: int, size: str, batch: int, device: str, threads: int):
+    """The TV-L1 solver alone on ``pairs`` consecutive frame pairs at ``size`` (WxH), ``batch``
+    pairs per ``estimate`` call, on ``threads`` torch threads (on the CPU: that many pairs at a
+    time), after an untimed warm-up (numba / Triton compilation): pairs, wall seconds, a note
+    (peak GPU memory)."""
+    import torch
+
+    from video_features.models.tvl1.net import TVL1
+
+    torch.set_num_threads(threads)   # the null stage leaves 1
+    w, h = (int(v) for v in size.split("x"))
+    dev = torch.device(device)
+    frames = _tvl1_frames(path, pairs + 1, w, h).to(dev)
+    model = TVL1().to(dev)
+    warm = sorted({min(batch, pairs), pairs % batch or batch}) if dev.type == "cuda" else [1]
+    for b in warm:   # the batch sizes the timed run will see on a GPU; one pair on the CPU
+        model.estimate(frames[:b], frames[1:b + 1])
+    cuda = dev.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+    t0 = time.perf_counter()
+    for i in range(0, pairs, batch):
+        j = min(pairs, i + batch)
+        model.estimate(frames[i:j], frames[i + 1:j + 1])
+    if cuda:
+        torch.cuda.synchronize(dev)
+    wall = time.perf_counter() - t0
+    note = f"{w}x{h}, {min(batch, pairs)} pairs per call"
+    if cuda:
+        peak = torch.cuda.max_memory_allocated(dev)
+        note += (f", peak GPU memory {peak / 2 ** 30:.2f} GB ({peak / min(batch, pairs) / 2 ** 20:.0f}"
+                 f" MB per pair in a batch, the {pairs + 1} input frames included)")
+    else:
+        note += f", {torch.get_num_threads()} threads"
+    return pairs, wall, note
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--videos", nargs="*", default=[])
@@ -189,8 +262,26 @@ def main() -> None:
     ap.add_argument("--decoders", type=int, default=0, help="decoding processes (0: auto)")
     ap.add_argument("--random_weights", action="store_true")
     ap.add_argument("--skip", nargs="*", default=[], choices=["decode", "null", "network", "full"])
+    ap.add_argument("--tvl1", type=int, default=0, metavar="PAIRS",
+                    help="also time the TV-L1 solver alone on this many frame pairs (its cost "
+                         "depends on the content: decoded from the first video; synthetic frames, "
+                         "and this row alone, without videos)")
+    ap.add_argument("--tvl1_size", default="341x256",
+                    help="WxH of the TV-L1 frames (as --size; i3d's flow size for 4:3 video)")
+    ap.add_argument("--tvl1_batch", type=int, default=0,
+                    help="pairs per TV-L1 call (0: 16 on the CPU, 64 on a GPU, what i3d's "
+                         "flow_batch_size auto picks at 341x256)")
     ap.add_argument("overrides", nargs="*", help="key=value options of the feature type")
     args = ap.parse_args()
+    import torch
+
+    threads = torch.get_num_threads()   # before any stage changes it
+
+    def tvl1_row(path: str | None) -> None:
+        batch = args.tvl1_batch or (64 if args.device.startswith("cuda") else 16)
+        pairs, wall, note = tvl1_rate(path, args.tvl1, args.tvl1_size, batch, args.device, threads)
+        print(f"{'tvl1':8s} {pairs:7d} pairs  {wall:8.2f} s {pairs / wall:9.2f} pairs/s  {note}",
+              flush=True)
 
     from video_features.utils.config import _split_words, canonical_feature_type, make_config, typed_words
     from video_features.utils.runner import _decode_threads, configure_logging
@@ -202,6 +293,11 @@ def main() -> None:
         paths += _make_videos(args.make, args.seconds, args.size, args.fps)
         print(f"generated {args.make} videos of {args.seconds:g} s {args.size} in "
               f"{time.perf_counter() - t:.0f} s", flush=True)
+    if not paths and args.tvl1:   # the solver alone, on synthetic frames
+        print(f"TV-L1 alone on synthetic frames; device {args.device}, torch {torch.__version__}, "
+              f"{torch.get_num_threads()} torch threads", flush=True)
+        tvl1_row(None)
+        return
     if not paths:
         ap.error("give --videos or --make")
     seconds = _durations(paths)
@@ -214,8 +310,6 @@ def main() -> None:
     _, words = _split_words(args.overrides)
     cfg = make_config(ft, allow_random_weights=args.random_weights, **common,
                       **typed_words(ft, words))
-    import torch
-
     print(f"{len(paths)} videos, {seconds:.0f} s of video; device {args.device}, "
           f"{os.cpu_count()} CPU cores, {cfg.decoders} decoders x {_decode_threads(cfg)} threads, "
           f"torch {torch.__version__}, {torch.get_num_threads()} torch threads", flush=True)
@@ -249,6 +343,8 @@ def main() -> None:
             net_s = network_only(ex, paths[0], n_items)
             print(f"network  {n_items:7d} items  {net_s:8.2f} s (the network alone; end to end "
                   f"took {wall / net_s:.2f}x that)", flush=True)
+    if args.tvl1:
+        tvl1_row(paths[0])
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GB "
           "(this process)")
 
