@@ -5,6 +5,7 @@ tensor ops, and the i3d flow stream fed by it against OpenCV's flow through the 
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import av
 import numpy as np
@@ -213,15 +214,30 @@ def test_each_pair_is_solved_as_if_alone_in_its_batch():
 def test_the_cpu_loops_give_the_tensor_ops_flow():
     rgb = sample_frames(3, (44, 60))
     np.testing.assert_allclose(ours(rgb, QUICK, "auto"), ours(rgb, QUICK, "torch"), atol=2e-3)
+    # and one warp alone (the loops' solve_warp, used where the warping is done in tensor ops)
+    from video_features.models.tvl1.net import WarpData, centred_gradient, solve_warp_torch
+
+    x = torch.from_numpy(rgb).permute(0, 3, 1, 2).float()
+    i0, i1 = rgb_to_gray(x[:-1]), rgb_to_gray(x[1:])
+    i1x, i1y = centred_gradient(i1)
+    u = [0.5 * torch.ones_like(i0), -0.25 * torch.ones_like(i0)]
+    w1, wx, wy = warp_cubic(torch.stack([i1, i1x, i1y], 1), *u).unbind(1)
+    d = WarpData(wx.contiguous(), wy.contiguous(), wx * wx + wy * wy, w1 - wx * u[0] - wy * u[1] - i0)
+    results = []
+    for solve in (solve_warp_torch, cpu_loop.solve_warp):
+        state, dual = [t.clone() for t in u], [torch.zeros_like(i0) for _ in range(4)]
+        solve(d, state, dual, TVL1Params(inner_iterations=10, outer_iterations=3))
+        results.append(torch.stack(state + dual))
+    torch.testing.assert_close(results[1], results[0], atol=1e-4, rtol=0)
 
 
 def test_a_fused_kernel_that_fails_gives_way_to_tensor_ops_once(monkeypatch, caplog):
     from video_features.models.tvl1 import net
 
-    def broken(d, u, dual, p):
+    def broken(*args):
         raise RuntimeError("no C compiler\nmore lines")
 
-    monkeypatch.setitem(net._FUSED, "cpu", broken)
+    monkeypatch.setitem(net._FUSED, "cpu", SimpleNamespace(solve_level=broken, solve_warp=broken))
     rgb = sample_frames(3, (32, 40))
     with caplog.at_level("WARNING"):
         got = ours(rgb, QUICK, "auto")

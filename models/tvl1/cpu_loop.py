@@ -51,7 +51,7 @@ def median_network(n: int) -> tuple[np.ndarray, np.ndarray]:
     return (np.array([a for a, _ in kept], np.int64), np.array([b for _, b in kept], np.int64))
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=True, error_model="numpy")
 def _median(u, k, lo, hi, win, tmp):
     """k x k median of ``u`` in place, replicated borders; ``win`` (k*k, W) and ``tmp`` (H, W)
     are scratch."""
@@ -66,28 +66,86 @@ def _median(u, k, lo, hi, win, tmp):
                     win[n, x] = u[yy, min(max(x + dx, 0), w - 1)]
                 n += 1
         for c in range(lo.shape[0]):
-            a = lo[c]
-            b = hi[c]
-            for x in range(w):
-                va = win[a, x]
-                vb = win[b, x]
-                win[a, x] = min(va, vb)
-                win[b, x] = max(va, vb)
+            a = win[lo[c]]
+            b = win[hi[c]]
+            for x in range(w):   # selects, not min() / max(): they vectorise
+                va = a[x]
+                vb = b[x]
+                a[x] = va if va < vb else vb
+                b[x] = vb if va < vb else va
         m = (k * k) // 2
         for x in range(w):
             tmp[y, x] = win[m, x]
     u[:, :] = tmp
 
 
-@numba.njit(nogil=True, cache=True)
-def _solve_pair(ix_, iy_, grad, rho_c, u1, u2, u3, p11, p12, p21, p22, p31, p32, l_t, theta,
-                taut, gamma, eps, inner, outer, median, lo, hi, win, tmp, row):
-    """One warp of one pair, in place on u and p: OpenCV's procOneScale loop body."""
-    h, w = u1.shape
-    use_gamma = gamma != 0
+@numba.njit(nogil=True, cache=True, error_model="numpy")
+def _primal_row(ix, iy, g, rc, u1, u2, u3, p11, p12, p21, p22, p31, p32, p12u, p22u, p32u,
+                first_row, l_t, theta, gamma, use_gamma, change):
+    """One row of the primal step in place on u; ``p*2u`` are the dual rows above (ignored on the
+    first row); each pixel's squared change of the flow into ``change``."""
+    w = u1.shape[0]
     zero = np.float32(0.0)
     one = np.float32(1.0)
     feps = np.float32(FLT_EPSILON)
+    for x in range(w):
+        gx = g[x]
+        rho = rc[x] + (ix[x] * u1[x] + iy[x] * u2[x])
+        if use_gamma:
+            rho = rho + gamma * u3[x]
+        lg = l_t * gx
+        # OpenCV's if / else-if chain as selects (the cases exclude each other)
+        fi = -rho / (gx if gx > feps else one)
+        s = fi if gx > feps else zero
+        s = -l_t if rho > lg else s
+        s = l_t if rho < -lg else s
+        l11 = p11[x - 1] if x > 0 else zero
+        l21 = p21[x - 1] if x > 0 else zero
+        a12 = zero if first_row else p12u[x]
+        a22 = zero if first_row else p22u[x]
+        n1 = (u1[x] + s * ix[x]) + theta * ((p11[x] - l11) + (p12[x] - a12))
+        n2 = (u2[x] + s * iy[x]) + theta * ((p21[x] - l21) + (p22[x] - a22))
+        d1 = n1 - u1[x]
+        d2 = n2 - u2[x]
+        c = d1 * d1 + d2 * d2
+        if use_gamma:
+            l31 = p31[x - 1] if x > 0 else zero
+            a32 = zero if first_row else p32u[x]
+            n3 = (u3[x] + s * gamma) + theta * ((p31[x] - l31) + (p32[x] - a32))
+            d3 = n3 - u3[x]
+            c = c + d3 * d3
+            u3[x] = n3
+        u1[x] = n1
+        u2[x] = n2
+        change[x] = c
+
+
+@numba.njit(nogil=True, cache=True, error_model="numpy")
+def _dual_row(u, un, pa, pb, taut):
+    """One row of the dual step of one flow component in place on (pa, pb): forward differences
+    of ``u`` (``un``: the next row, or ``u`` itself on the last row, giving zero), zero on the
+    last column."""
+    w = u.shape[0]
+    one = np.float32(1.0)
+    for x in range(w - 1):
+        gx = u[x + 1] - u[x]
+        gy = un[x] - u[x]
+        ng = one + taut * np.sqrt(gx * gx + gy * gy)
+        pa[x] = (pa[x] + taut * gx) / ng
+        pb[x] = (pb[x] + taut * gy) / ng
+    x = w - 1
+    gy = un[x] - u[x]
+    ng = one + taut * np.sqrt(gy * gy)
+    pa[x] = pa[x] / ng
+    pb[x] = (pb[x] + taut * gy) / ng
+
+
+@numba.njit(nogil=True, cache=True, error_model="numpy")
+def _solve_pair(ix, iy, grad, rho_c, u1, u2, u3, p11, p12, p21, p22, p31, p32, l_t, theta,
+                taut, gamma, eps, inner, outer, median, lo, hi, win, tmp, change):
+    """One warp of one pair, in place on u and p: OpenCV's procOneScale loop body."""
+    h, w = u1.shape
+    use_gamma = gamma != 0
     error = np.float32(np.inf)
     n_outer = 0
     while n_outer < outer and error > eps:
@@ -96,72 +154,93 @@ def _solve_pair(ix_, iy_, grad, rho_c, u1, u2, u3, p11, p12, p21, p22, p31, p32,
             _median(u2, median, lo, hi, win, tmp)
         n_inner = 0
         while n_inner < inner and error > eps:
-            # primal step: threshold (v), divergence of p, new u; the change summed in order
-            error = zero
+            # primal step; the change is summed in float32 in row-major order, as OpenCV does
+            error = np.float32(0.0)
             for y in range(h):
+                yu = max(y - 1, 0)
+                g3 = min(y, u3.shape[0] - 1)   # u3 / p3* are 1 x 1 placeholders without gamma
+                _primal_row(ix[y], iy[y], grad[y], rho_c[y], u1[y], u2[y], u3[g3], p11[y],
+                            p12[y], p21[y], p22[y], p31[g3], p32[g3], p12[yu], p22[yu],
+                            p32[min(yu, g3)], y == 0, l_t, theta, gamma, use_gamma, change)
                 for x in range(w):
-                    ix = ix_[y, x]
-                    iy = iy_[y, x]
-                    g = grad[y, x]
-                    rho = rho_c[y, x] + (ix * u1[y, x] + iy * u2[y, x])
-                    if use_gamma:
-                        rho = rho + gamma * u3[y, x]
-                    lg = l_t * g
-                    if rho < -lg:
-                        s = l_t
-                    elif rho > lg:
-                        s = -l_t
-                    elif g > feps:
-                        s = -rho / g
-                    else:
-                        s = zero
-                    left1 = p11[y, x - 1] if x > 0 else zero
-                    left2 = p21[y, x - 1] if x > 0 else zero
-                    up1 = p12[y - 1, x] if y > 0 else zero
-                    up2 = p22[y - 1, x] if y > 0 else zero
-                    n1 = (u1[y, x] + s * ix) + theta * ((p11[y, x] - left1) + (p12[y, x] - up1))
-                    n2 = (u2[y, x] + s * iy) + theta * ((p21[y, x] - left2) + (p22[y, x] - up2))
-                    d1 = n1 - u1[y, x]
-                    d2 = n2 - u2[y, x]
-                    change = d1 * d1 + d2 * d2
-                    if use_gamma:
-                        left3 = p31[y, x - 1] if x > 0 else zero
-                        up3 = p32[y - 1, x] if y > 0 else zero
-                        n3 = (u3[y, x] + s * gamma) + theta * ((p31[y, x] - left3) + (p32[y, x] - up3))
-                        d3 = n3 - u3[y, x]
-                        change = change + d3 * d3
-                        u3[y, x] = n3
-                    u1[y, x] = n1
-                    u2[y, x] = n2
-                    row[x] = change
-                for x in range(w):
-                    error += row[x]
-            # dual step: forward differences of the new u (zero on the last column / row)
+                    error += change[x]
+            # dual step from the new flow
             for y in range(h):
                 yn = min(y + 1, h - 1)
-                for x in range(w):
-                    xn = min(x + 1, w - 1)
-                    a = u1[y, x]
-                    gx = u1[y, xn] - a
-                    gy = u1[yn, x] - a
-                    ng = one + taut * np.sqrt(gx * gx + gy * gy)
-                    p11[y, x] = (p11[y, x] + taut * gx) / ng
-                    p12[y, x] = (p12[y, x] + taut * gy) / ng
-                    a = u2[y, x]
-                    gx = u2[y, xn] - a
-                    gy = u2[yn, x] - a
-                    ng = one + taut * np.sqrt(gx * gx + gy * gy)
-                    p21[y, x] = (p21[y, x] + taut * gx) / ng
-                    p22[y, x] = (p22[y, x] + taut * gy) / ng
-                    if use_gamma:
-                        a = u3[y, x]
-                        gx = u3[y, xn] - a
-                        gy = u3[yn, x] - a
-                        ng = one + taut * np.sqrt(gx * gx + gy * gy)
-                        p31[y, x] = (p31[y, x] + taut * gx) / ng
-                        p32[y, x] = (p32[y, x] + taut * gy) / ng
+                _dual_row(u1[y], u1[yn], p11[y], p12[y], taut)
+                _dual_row(u2[y], u2[yn], p21[y], p22[y], taut)
+                if use_gamma:
+                    _dual_row(u3[y], u3[yn], p31[y], p32[y], taut)
             n_inner += 1
         n_outer += 1
+
+
+@numba.njit(nogil=True, cache=True, error_model="numpy")
+def _cubic(t):
+    """Keys' weights (a = -0.75) of the taps at -1, 0, 1, 2 for the fraction ``t``, in float32
+    as :func:`models.tvl1.net.cubic_weights`."""
+    a = np.float32(-0.75)
+    one = np.float32(1.0)
+    t1 = t + one
+    c0 = ((a * t1 - np.float32(5.0) * a) * t1 + np.float32(8.0) * a) * t1 - np.float32(4.0) * a
+    c1 = ((a + np.float32(2.0)) * t - (a + np.float32(3.0))) * t * t + one
+    r = one - t
+    c2 = ((a + np.float32(2.0)) * r - (a + np.float32(3.0))) * r * r + one
+    return c0, c1, c2, one - c0 - c1 - c2
+
+
+@numba.njit(nogil=True, cache=True, error_model="numpy")
+def _warp_pair(i0, i1, i1x, i1y, u1, u2, i1wx, i1wy, grad, rho_c):
+    """The second image and its derivatives sampled at x + u (bicubic, zeros outside, as
+    :func:`models.tvl1.net.warp_cubic`), then the squared gradient and the constant part of the
+    residual (OpenCV's remap + calcGradRho)."""
+    h, w = u1.shape
+    zero = np.float32(0.0)
+    wf = np.float32(w + 4)
+    hf = np.float32(h + 4)
+    lo = np.float32(-4.0)
+    for y in range(h):
+        for x in range(w):
+            px = min(max(np.float32(x) + u1[y, x], lo), wf)
+            py = min(max(np.float32(y) + u2[y, x], lo), hf)
+            fx = np.floor(px)
+            fy = np.floor(py)
+            wx0, wx1, wx2, wx3 = _cubic(px - fx)
+            wy0, wy1, wy2, wy3 = _cubic(py - fy)
+            wxs = (wx0, wx1, wx2, wx3)
+            wys = (wy0, wy1, wy2, wy3)
+            x0 = int(fx) - 1
+            y0 = int(fy) - 1
+            a = zero
+            b = zero
+            c = zero
+            for i in range(4):
+                yi = y0 + i
+                for j in range(4):
+                    xj = x0 + j
+                    if 0 <= yi < h and 0 <= xj < w:
+                        wgt = wys[i] * wxs[j]
+                        a += i1[yi, xj] * wgt
+                        b += i1x[yi, xj] * wgt
+                        c += i1y[yi, xj] * wgt
+            i1wx[y, x] = b
+            i1wy[y, x] = c
+            grad[y, x] = b * b + c * c
+            rho_c[y, x] = a - b * u1[y, x] - c * u2[y, x] - i0[y, x]
+
+
+@numba.njit(nogil=True, cache=True, error_model="numpy")
+def _solve_level_pair(i0, i1, i1x, i1y, u1, u2, u3, p11, p12, p21, p22, p31, p32, warps, l_t,
+                      theta, taut, gamma, eps, inner, outer, median, lo, hi, win, tmp, change,
+                      i1wx, i1wy, grad, rho_c):
+    """One pyramid level of one pair (OpenCV's procOneScale): dual variables from zero, then per
+    warp the warping and the iterations, in place on u."""
+    for p in (p11, p12, p21, p22, p31, p32):
+        p[:, :] = 0
+    for _ in range(warps):
+        _warp_pair(i0, i1, i1x, i1y, u1, u2, i1wx, i1wy, grad, rho_c)
+        _solve_pair(i1wx, i1wy, grad, rho_c, u1, u2, u3, p11, p12, p21, p22, p31, p32, l_t,
+                    theta, taut, gamma, eps, inner, outer, median, lo, hi, win, tmp, change)
 
 
 _POOL: list = []
@@ -179,29 +258,69 @@ def _pool() -> concurrent.futures.ThreadPoolExecutor:
         return _POOL[0][1]
 
 
-def solve_warp(d: WarpData, u: list, dual: list, p: TVL1Params) -> None:
-    """Same contract as :func:`models.tvl1.net.solve_warp_torch`, for CPU tensors."""
-    b, h, w = d.grad.shape
-    arrays = [t.contiguous().numpy() for t in (d.I1wx, d.I1wy, d.grad, d.rho_c)]
-    state = [t.numpy() for t in u + dual]   # the callers' tensors: contiguous float32, shared
-    if not all(t.is_contiguous() and t.dtype == torch.float32 for t in u + dual):
-        raise ValueError("TV-L1 state tensors must be contiguous float32")
-    k = p.median_filtering if p.median_filtering > 1 else 1
-    lo, hi = median_network(k * k) if k > 1 else (np.zeros(0, np.int64), np.zeros(0, np.int64))
-    eps = np.float32(_f32(p.epsilon * p.epsilon * h * w))
-    scalars = (np.float32(p.l_t), np.float32(_f32(p.theta)), np.float32(p.taut),
-               np.float32(_f32(p.gamma)), eps, p.inner_iterations, p.outer_iterations, k, lo, hi)
-    none = np.zeros((1, 1), np.float32)
-
-    def one(i: int) -> None:
-        u1, u2 = state[0][i], state[1][i]
-        u3 = state[2][i] if p.gamma else none
-        duals = [s[i] for s in state[len(u):]] + ([] if p.gamma else [none, none])
-        _solve_pair(*(a[i] for a in arrays), u1, u2, u3, *duals, *scalars,
-                    np.empty((k * k, w), np.float32), np.empty((h, w), np.float32),
-                    np.empty(w, np.float32))
-
+def _for_each_pair(b: int, one) -> None:
     if b == 1:
         one(0)
     else:
         list(_pool().map(one, range(b)))
+
+
+def _scalars(p: TVL1Params, h: int, w: int) -> tuple:
+    k = p.median_filtering if p.median_filtering > 1 else 1
+    lo, hi = median_network(k * k) if k > 1 else (np.zeros(0, np.int64), np.zeros(0, np.int64))
+    eps = np.float32(_f32(p.epsilon * p.epsilon * h * w))
+    return (np.float32(p.l_t), np.float32(_f32(p.theta)), np.float32(p.taut),
+            np.float32(_f32(p.gamma)), eps, p.inner_iterations, p.outer_iterations, k, lo, hi)
+
+
+def _scratch(k: int, h: int, w: int) -> tuple:
+    return (np.empty((k * k, w), np.float32), np.empty((h, w), np.float32),
+            np.empty(w, np.float32))
+
+
+def _state(u: list, dual: list, p: TVL1Params):
+    """numpy views of the callers' (B, H, W) tensors, and per pair the 13 u / p arguments
+    (1 x 1 placeholders for u3 / p3* without gamma)."""
+    if not all(t.is_contiguous() and t.dtype == torch.float32 for t in u + dual):
+        raise ValueError("TV-L1 state tensors must be contiguous float32")
+    state = [t.numpy() for t in u + dual]
+    none = np.zeros((1, 1), np.float32)
+
+    def of(i: int) -> list:
+        u3 = [state[2][i]] if p.gamma else [none]
+        duals = [s[i] for s in state[len(u):]] + ([] if p.gamma else [none, none])
+        return [state[0][i], state[1][i], *u3, *duals]
+    return of
+
+
+def solve_warp(d: WarpData, u: list, dual: list, p: TVL1Params) -> None:
+    """Same contract as :func:`models.tvl1.net.solve_warp_torch`, for CPU tensors."""
+    b, h, w = d.grad.shape
+    arrays = [t.contiguous().numpy() for t in (d.I1wx, d.I1wy, d.grad, d.rho_c)]
+    of = _state(u, dual, p)
+    scalars = _scalars(p, h, w)
+
+    def one(i: int) -> None:
+        _solve_pair(*(a[i] for a in arrays), *of(i), *scalars, *_scratch(scalars[7], h, w))
+
+    _for_each_pair(b, one)
+
+
+def solve_level(i0: torch.Tensor, i1: torch.Tensor, i1x: torch.Tensor, i1y: torch.Tensor,
+                u: list, p: TVL1Params) -> None:
+    """One pyramid level for CPU tensors (B, H, W), in place on ``u``: the warping as well as the
+    iterations run in the compiled per-pair code, so between warps nothing waits on tensor ops
+    (whose idle OpenMP threads would compete with the solver's threads for the cores)."""
+    b, h, w = i0.shape
+    images = [t.contiguous().numpy() for t in (i0, i1, i1x, i1y)]
+    dual = [torch.empty_like(u[0]) for _ in range(2 * len(u))]
+    of = _state(u, dual, p)
+    scalars = _scalars(p, h, w)
+
+    def one(i: int) -> None:
+        state = of(i)
+        _solve_level_pair(*(a[i] for a in images), *state, p.warps, *scalars,
+                          *_scratch(scalars[7], h, w), *(np.empty((h, w), np.float32)
+                                                         for _ in range(4)))
+
+    _for_each_pair(b, one)

@@ -334,6 +334,13 @@ class TVL1(nn.Module):
     def _level(self, i0: torch.Tensor, i1: torch.Tensor, u: list) -> list:
         p = self.params
         i1x, i1y = centred_gradient(i1)
+        level = None if self.kernel == "torch" else getattr(_fused(i0), "solve_level", None)
+        if level is not None:   # the whole level in one fused call (the CPU loops)
+            try:
+                level(i0, i1, i1x, i1y, u, p)
+                return u
+            except Exception as exc:
+                _disable_fused(level, exc)
         images = torch.stack([i1, i1x, i1y], 1)
         dual = [torch.zeros_like(i0) for _ in range(2 * len(u))]
         for _ in range(p.warps):
@@ -350,7 +357,7 @@ def solve_warp(kernel: str, d: WarpData, u: list, dual: list, p: TVL1Params) -> 
     (``kernel="auto"``), tensor ops otherwise. A fused kernel that fails to compile or launch
     (no C compiler, no ``libcuda``; it fails before writing anything) is turned off for the rest
     of the process with one warning, and tensor ops do this warp and every later one."""
-    fused = None if kernel == "torch" else _fused(d.grad)
+    fused = None if kernel == "torch" else getattr(_fused(d.grad), "solve_warp", None)
     if fused is not None:
         try:
             fused(d, u, dual, p)
@@ -371,8 +378,9 @@ def _kind(like: torch.Tensor) -> str:
 
 
 def _fused(like: torch.Tensor):
-    """The fused warp solver for ``like``'s device type, or None (turned off with
-    ``VIDEO_FEATURES_TVL1=torch``, or its library is missing); one log line each."""
+    """The fused solver module for ``like``'s device type (``solve_level`` and / or
+    ``solve_warp``), or None (turned off with ``VIDEO_FEATURES_TVL1=torch``, or its library is
+    missing); one log line each."""
     kind = _kind(like)
     with _FUSED_LOCK:
         if kind not in _FUSED:
@@ -380,11 +388,9 @@ def _fused(like: torch.Tensor):
             if os.environ.get("VIDEO_FEATURES_TVL1", "auto") != "torch":
                 try:
                     if kind == "cuda":
-                        from video_features.models.tvl1 import triton_step
-                        solver = triton_step.solve_warp
+                        from video_features.models.tvl1 import triton_step as solver
                     else:
-                        from video_features.models.tvl1 import cpu_loop
-                        solver = cpu_loop.solve_warp
+                        from video_features.models.tvl1 import cpu_loop as solver
                 except Exception as exc:
                     log.info("TV-L1 on %s: tensor ops (fused kernel unavailable: %s)", kind,
                              str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
@@ -392,10 +398,12 @@ def _fused(like: torch.Tensor):
         return _FUSED[kind]
 
 
-def _disable_fused(solver, exc: Exception) -> None:
+def _disable_fused(function, exc: Exception) -> None:
+    """Turn off the fused module that ``function`` belongs to, for the rest of the process."""
     with _FUSED_LOCK:
         for kind, current in _FUSED.items():
-            if current is solver:
+            if current is not None and function in (getattr(current, "solve_level", None),
+                                                    getattr(current, "solve_warp", None)):
                 _FUSED[kind] = None
                 lines = str(exc).strip().splitlines()
                 log.warning("TV-L1 on %s: the fused kernel failed (%s: %s); tensor ops for the "
