@@ -54,7 +54,7 @@ class SharedOptions:
         "recorded as NAME@VERSION; other options still override it")
     feature_type: Optional[str] = option(
         "what to extract: resnet (alias resnet50), i3d, r21d (alias r21d_rgb), s3d, tv_video, "
-        "videomae, clip, timm, raft, pwc, vggish, clap, null; several share one decode")
+        "videomae, clip, timm, raft, pwc, tvl1, vggish, clap, null; several share one decode")
     video_paths: List[str] = option("input videos (or frame folders / audio files), space separated")
     file_with_video_paths: Optional[str] = option(
         "text file with one input path per line (blank lines and # comments ignored)")
@@ -96,6 +96,13 @@ class SharedOptions:
         "with extraction_fps", at_least=1, changes_values=True)
     frames_fps: float = option("frame rate assumed for folders of frames (timestamps); videos "
                                "ignore it", above=0, changes_values=True)
+    video_stream: Optional[int] = option(
+        "which video stream of a file with several: its index among the file's video streams "
+        "(0: the first); null: the one FFmpeg picks by default (av_find_best_stream)",
+        at_least=0, changes_values=True)
+    audio_stream: Optional[int] = option(
+        "which audio stream (audio feature types): its index among the file's audio streams; "
+        "null: the one FFmpeg picks by default", at_least=0, changes_values=True)
     timestamps: str = option(
         "pts: each frame's presentation time from the container (right for variable frame "
         "rates); index: frame index / fps, the reference tool's form", choices=("pts", "index"),
@@ -354,7 +361,7 @@ RUN_OPTIONS = ("video_paths", "file_with_video_paths", "device", "device_ids", "
                "on_extraction", "output_path", "input_root", "decoders", "overwrite",
                "on_mismatch", "worker_timeout", "log_level", "progress", "frames_fps", "timestamps",
                "decoder", "shard", "rotation", "backend", "ray_address", "ray_actors",
-               "claim_timeout")
+               "claim_timeout", "video_stream", "audio_stream")
 
 
 def feature_types_of(raw: Any) -> list[str]:
