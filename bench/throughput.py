@@ -326,6 +326,9 @@ def main() -> None:
         null_cfg = make_config("null", **common)
         _, frames, wall = run_pipeline(null_cfg, args.device, paths)
         row("null", frames, wall)
+        # the null type sets this process to one torch thread (it has no network to run): the
+        # later stages get the thread count the header names
+        torch.set_num_threads(threads)
     if "full" not in args.skip or "network" not in args.skip:
         if cuda:
             torch.cuda.reset_peak_memory_stats()
