@@ -234,8 +234,6 @@ def test_damaged_inputs_are_counted_and_listed(folder, tmp_path, monkeypatch):
     _assert_damaged_shown(page)
 
 
-@pytest.mark.xfail("damaged" not in check_module._slim({"damaged": "x"}), strict=True,
-                   reason="video_features/check.py's _slim drops the record's 'damaged' key")
 def test_damaged_inputs_are_counted_and_listed_from_the_records(folder, tmp_path, monkeypatch):
     page, _ = _build(_damaged_copy(folder, tmp_path), monkeypatch)
     _assert_damaged_shown(page)

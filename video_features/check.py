@@ -175,7 +175,7 @@ def _parquet_outputs(part: Path) -> Iterator[Output]:
 def _slim(meta: dict) -> dict:
     """The parts of a record the checks and the report read (every option of the run is left
     out: kept for 100,000 outputs it would be most of the memory)."""
-    return {k: meta[k] for k in ("input", "media", "record", "outputs", "extraction") if k in meta}
+    return {k: meta[k] for k in ("input", "media", "record", "outputs", "extraction", "damaged") if k in meta}
 
 
 def _raiser(why: str) -> Callable[[], Any]:
