@@ -8,8 +8,13 @@ options that configs/ does not know.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
 
 from video_features.utils.errors import ConfigError
 
@@ -63,3 +68,130 @@ def get_extractor_class(feature_type: str) -> type:
         if feature_type in _EXTRACTORS:
             raise
         raise ConfigError(f"feature_type {feature_type}: cannot import {target} ({exc})") from None
+
+
+# -- the option index: what --help and usage errors need, without importing torch -------------
+#: models/options_index.py, written by ``python -m video_features.models.registry --write-index``
+INDEX_VERSION = 1
+_PACKAGE_DIRS = {"models": Path(__file__).resolve().parent,
+                 "utils": Path(__file__).resolve().parent.parent / "utils"}
+_texts: dict[Path, str] = {}
+
+
+def indexed_options(feature_type: str) -> list[tuple[str, bool, str, Any, Any]] | None:
+    """The own options of a built-in ``feature_type`` (beyond :class:`SharedOptions`) as
+    ``(name, takes a list, help, schema default, choices)`` (utils/config.py schema_rows), read from the generated index without
+    importing the extractor (and so torch); None where the type is not in the index or the
+    sources it was made from changed since (their class texts are compared by digest): the
+    caller then reads the schema itself."""
+    try:
+        from video_features.models.options_index import INDEX, VERSION
+    except ImportError:
+        return None
+    entry = INDEX.get(feature_type)
+    if entry is None or VERSION != INDEX_VERSION or _all().get(feature_type) != entry["target"]:
+        return None
+    for module, name, kind, digest in entry["sources"]:
+        if _class_digest(module, name, kind) != digest:
+            return None
+    return [tuple(row) for row in entry["options"]]
+
+
+def _module_file(module: str) -> Path | None:
+    parts = module.split(".")
+    if len(parts) < 3 or parts[0] != "video_features" or parts[1] not in _PACKAGE_DIRS:
+        return None
+    return _PACKAGE_DIRS[parts[1]].joinpath(*parts[2:]).with_suffix(".py")
+
+
+def _class_text(module: str, name: str) -> str | None:
+    """The source of top-level class ``name`` of ``module``: its ``class`` line and every line
+    up to the next one that starts in column 0 (checked against the AST by the index writer)."""
+    path = _module_file(module)
+    if path is None:
+        return None
+    if path not in _texts:
+        try:
+            _texts[path] = path.read_text(encoding="utf-8")
+        except OSError:
+            _texts[path] = ""
+    match = re.search(rf"^class {re.escape(name)}\b.*$", _texts[path], re.M)
+    if match is None:
+        return None
+    lines = [match.group(0)]
+    for line in _texts[path][match.end() + 1:].splitlines():
+        if line[:1] not in ("", " ", "\t", ")"):
+            break
+        lines.append(line)
+    return "\n".join(lines).rstrip()
+
+
+def _class_digest(module: str, name: str, kind: str) -> str | None:
+    """A schema class counts whole; of an extractor class only what decides its schema: the
+    ``class`` line (its bases) and the ``schema = ...`` line."""
+    text = _class_text(module, name)
+    if text is None:
+        return None
+    if kind == "extractor":
+        lines = text.splitlines()
+        text = "\n".join([lines[0], *(ln for ln in lines[1:] if re.match(r"    schema\b", ln))])
+    return hashlib.sha1(text.encode()).hexdigest()
+
+
+def build_index() -> dict[str, dict]:
+    """The index of every built-in feature type, from the schemas themselves (imports them all)."""
+    import ast
+    import inspect
+
+    from video_features.utils.config import SharedOptions, schema_rows
+
+    index = {}
+    for feature_type, target in _EXTRACTORS.items():
+        cls = get_extractor_class(feature_type)
+        chain = []
+        for klass in cls.__mro__:  # up to the class that sets the schema
+            chain.append((klass, "extractor"))
+            if "schema" in vars(klass):
+                break
+        # SharedOptions is read live (its fields are never part of a type's rows)
+        chain += [(k, "schema") for k in cls.schema.__mro__ if k not in (object, SharedOptions)]
+        sources = []
+        for klass, kind in chain:
+            text = _class_text(klass.__module__, klass.__qualname__)
+            tree = ast.parse(inspect.getsource(sys.modules[klass.__module__]))
+            node = next((n for n in tree.body if isinstance(n, ast.ClassDef)
+                         and n.name == klass.__qualname__), None)
+            if text is None or node is None or text != "\n".join(
+                    inspect.getsource(sys.modules[klass.__module__]).splitlines()
+                    [node.lineno - 1:node.end_lineno]).rstrip():
+                raise RuntimeError(f"{feature_type}: cannot index class {klass.__module__}."
+                                   f"{klass.__qualname__} (not a top-level class of the package, "
+                                   "or its text ends before its last line)")
+            sources.append((klass.__module__, klass.__qualname__, kind,
+                            _class_digest(klass.__module__, klass.__qualname__, kind)))
+        rows = schema_rows(cls.schema)
+        for row in rows:
+            if ast.literal_eval(repr(row)) != row:
+                raise RuntimeError(f"{feature_type}: option {row[0]} is not made of literals")
+        index[feature_type] = {"target": target, "sources": sources, "options": rows}
+    return index
+
+
+def write_index(path: Path | None = None) -> Path:
+    import pprint
+
+    path = path or _PACKAGE_DIRS["models"] / "options_index.py"
+    body = pprint.pformat(build_index(), width=100, sort_dicts=False)
+    path.write_text(
+        '"""Generated by ``python -m video_features.models.registry --write-index`` (do not edit):\n'
+        "the options of each built-in feature type, read by --help and the command line's usage\n"
+        "checks without importing torch. An entry whose classes changed since is ignored (see\n"
+        'models/registry.py); tests/test_cli.py fails until the index is written again."""\n'
+        f"VERSION = {INDEX_VERSION}\n\nINDEX = {body}\n", encoding="utf-8")
+    return path
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--write-index"]:
+        raise SystemExit("usage: python -m video_features.models.registry --write-index")
+    print(f"wrote {write_index()}")

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import logging
+import sys
 import typing
 from pathlib import Path
 from typing import Any, Iterable, Iterator, List, Mapping, Optional, Sequence, Union
@@ -208,6 +210,37 @@ def schema_fields(schema: type) -> dict[str, tuple[Any, dataclasses.Field]]:
     return {f.name: (hints[f.name], f) for f in dataclasses.fields(schema)}
 
 
+def schema_rows(schema: type, shared: bool = False) -> list[tuple[str, bool, str, Any, Any]]:
+    """The options of ``schema`` beyond :class:`SharedOptions` (with ``shared``: also those), as
+    the command line knows them: ``(name, takes a list, help, schema default or None, choices)``;
+    choices only for text options, whose words are their values (checked before any import)."""
+    rows = []
+    for key, (tp, f) in schema_fields(schema).items():
+        if key in SharedOptions.__dataclass_fields__ and not shared:
+            continue
+        default = f.default
+        if default is MISSING or default is dataclasses.MISSING:
+            default = (None if f.default_factory is dataclasses.MISSING  # type: ignore[misc]
+                       else f.default_factory())  # type: ignore[misc]
+        element = _list_element(tp)
+        choices = f.metadata.get("choices")
+        text = _is_text(element if element is not None else tp)
+        rows.append((key, element is not None, f.metadata.get("help", ""), default,
+                     tuple(choices) if choices and text else None))
+    return rows
+
+
+def option_rows(feature_type: str) -> list[tuple[str, bool, str, Any, Any]]:
+    """:func:`schema_rows` of ``feature_type``: from the generated index while it matches the
+    sources (no torch import: --help and usage errors stay fast), else from the schema."""
+    from video_features.models.registry import indexed_options
+
+    rows = indexed_options(feature_type)
+    if rows is None:
+        return schema_rows(schema_for(feature_type))
+    return [r for r in rows if r[0] not in SharedOptions.__dataclass_fields__]
+
+
 def value_options(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """The options of ``cfg`` that change feature values (marked ``changes_values``)."""
     fields = schema_fields(schema_for(cfg["feature_type"]))
@@ -259,14 +292,15 @@ def _yaml_scalar(text: str) -> Any:
 
 # -- sources ---------------------------------------------------------------------------------
 def canonical_feature_type(name: Any) -> str:
-    if not name:
-        raise ConfigError("feature_type is required (--feature_type resnet|i3d|r21d|vggish)")
     from video_features.models.registry import feature_types
 
+    if not name:
+        raise ConfigError(f"feature_type is required (--feature_type {'|'.join(feature_types())})")
     name = ALIASES.get(str(name), str(name))
     if name not in feature_types():
-        raise ConfigError(f"feature_type {name!r} is unknown; choose one of "
-                          f"{', '.join(sorted(feature_types()) + sorted(ALIASES))}")
+        known = sorted(feature_types()) + sorted(ALIASES)
+        raise ConfigError(f"feature_type {name!r} is unknown{_did_you_mean(name, known)}; choose "
+                          f"one of {', '.join(known)}")
     return name
 
 
@@ -313,47 +347,196 @@ def typed_words(feature_type: str, words: Mapping[str, str]) -> dict[str, Any]:
     out = {}
     for key, raw in words.items():
         if key not in fields:
-            raise ConfigError(f"unknown option {key!r} for feature_type={feature_type} (see --help)")
+            raise ConfigError(f"unknown option {key!r} for feature_type={feature_type}"
+                              f"{_option_hint(key, fields, [feature_type])}")
         out[key] = _from_text(fields[key][0], raw)
     return out
 
 
-def build_parser(feature_type: str | None) -> argparse.ArgumentParser:
+# -- the command line ------------------------------------------------------------------------
+#: the subcommands of ``main.py`` / ``video-features`` (video_features/cli.py), for --help
+SUBCOMMANDS = (
+    ("check OUTPUT_PATH", "flag broken or suspicious outputs (exit code 1: one is broken)"),
+    ("report OUTPUT_PATH", "write one self-contained HTML report of an output folder"),
+    ("finetune OPTIONS", "fine-tune I3D on labelled videos, then extract with the result"),
+)
+
+
+def _prog() -> str:
+    name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    return name if name in ("main.py", "video-features") else "main.py"
+
+
+class _Parser(argparse.ArgumentParser):
+    """The extraction command's parser. argparse takes a flag once, so each feature type's
+    options are registered once, hidden, for parsing; the help then shows under each feature
+    type every option it takes, with that type's own text and default (an option whose text
+    another type already showed reads "as under feature_type=...")."""
+
+    def __init__(self, shown: list[tuple[str, list]], tail: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.shown = shown  # (feature type, its option rows)
+        self.tail = tail
+
+    def format_help(self) -> str:
+        text = super().format_help()
+        first: dict[tuple[str, str], str] = {}
+        for ft, rows in self.shown:
+            defaults = defaults_for(ft)
+            section = argparse.ArgumentParser(prog=self.prog, usage=argparse.SUPPRESS,
+                                              add_help=False, allow_abbrev=False)
+            group = section.add_argument_group(f"options of feature_type={ft}",
+                                               None if rows else "none beyond the shared ones")
+            for key, is_list, help_text, default, _ in rows:
+                owner = first.setdefault((key, help_text), ft)
+                _add_flag(group, key, is_list, help_text if owner == ft else
+                          f"as under feature_type={owner}", defaults.get(key, default))
+            text += "\n" + section.format_help()
+        return text + self.tail
+
+
+def build_parser(feature_type: str | Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser of the extraction command for one feature type, several, or (None) every one.
+    Their options come from :func:`option_rows`, which needs no torch while the option index is
+    current, so that --help and usage errors answer at once."""
     from video_features.models.registry import feature_types
 
-    parser = argparse.ArgumentParser(
-        prog="main.py",
+    types = ([feature_type] if isinstance(feature_type, str)
+             else list(feature_type or sorted(feature_types())))
+    prog = _prog()
+    width = max(len(cmd) for cmd, _ in SUBCOMMANDS) + len(prog) + 1
+    tail = ("\nsubcommands (each has its own --help):\n"
+            + "".join(f"  {prog + ' ' + cmd:<{width}}  {what}\n" for cmd, what in SUBCOMMANDS)
+            + "\nDefaults live in configs/<feature_type>.yml; --help --feature_type TYPE shows one "
+              "type's options.\nExample: "
+            + f"{prog} --feature_type resnet --video_paths a.mp4 --on_extraction save_numpy \\\n"
+            + " " * (10 + len(prog)) + "model_name=resnet101\n")
+    parser = _Parser(
+        [(ft, option_rows(ft)) for ft in types], tail,
+        prog=prog, allow_abbrev=False,
+        usage=(f"%(prog)s --feature_type TYPE [TYPE ...] --video_paths PATH [PATH ...]\n"
+               f"       {' ' * len(prog)} [--OPTION VALUE ...] [OPTION=VALUE ...]\n"
+               "       %(prog)s --list_recipes\n"
+               "       %(prog)s {check,report,finetune} ...   (subcommands, see below)"),
         description="Extract deep features from videos with pretrained networks. Options can be "
                     "given as --flag value(s), as key=value words, or in a YAML file (--config).",
-        epilog="Defaults live in configs/<feature_type>.yml. Example: python main.py "
-               "--feature_type resnet --video_paths a.mp4 --on_extraction save_numpy model_name=resnet101",
     )
     parser.add_argument("--config", default=None, help="YAML file with option values")
     parser.add_argument("--list_recipes", action="store_true",
                         help="list the recipes (--recipe NAME) with their options and sources")
     shared = parser.add_argument_group("options shared by every feature type")
-    defaults = defaults_for(feature_type)
+    defaults = defaults_for(types[0] if len(types) == 1 else None)
     for key, (tp, f) in schema_fields(SharedOptions).items():
-        _add_option(shared, key, tp, defaults.get(key), f.metadata["help"])
-    for ft in ([feature_type] if feature_type else sorted(feature_types())):
-        ft_defaults = defaults_for(ft)
-        group = parser.add_argument_group(f"options of feature_type={ft}")
-        for key, (tp, f) in schema_fields(schema_for(ft)).items():
-            if key in SharedOptions.__dataclass_fields__:
-                continue
-            default = ft_defaults.get(key, f.default if f.default is not MISSING else None)
-            try:
-                _add_option(group, key, tp, default, f.metadata.get("help", ""))
-            except argparse.ArgumentError:
-                pass  # same option documented by an earlier feature type
+        _add_flag(shared, key, _list_element(tp) is not None, f.metadata["help"], defaults.get(key))
+    added: set[str] = set()
+    for _, rows in parser.shown:
+        for key, is_list, *_ in rows:
+            if key not in added:  # shown per feature type by format_help
+                added.add(key)
+                parser.add_argument(f"--{key}", dest=key, metavar=key.upper(), help=argparse.SUPPRESS,
+                                    default=argparse.SUPPRESS, nargs="+" if is_list else None)
     return parser
 
 
+def _add_flag(group: Any, key: str, is_list: bool, text: str, default: Any) -> None:
+    group.add_argument(f"--{key}", dest=key, metavar=key.upper(), default=argparse.SUPPRESS,
+                       nargs="+" if is_list else None,
+                       help=f"{text} (default: {default!r})".replace("%", "%%"))
+
+
 def _add_option(group: Any, key: str, tp: Any, default: Any, text: str) -> None:
-    kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": f"{text} (default: {default!r})"}
-    if _list_element(tp) is not None:
-        kwargs["nargs"] = "+"
-    group.add_argument(f"--{key}", dest=key, metavar=key.upper(), **kwargs)
+    _add_flag(group, key, _list_element(tp) is not None, text, default)
+
+
+def _closest(name: str, known: Iterable[str]) -> str | None:
+    """The known name ``name`` most likely stands for: the only one it begins (an abbreviation),
+    else the closest spelling (difflib), else None."""
+    known = sorted(set(known))
+    starts = [k for k in known if k.startswith(name)]
+    if len(name) >= 3 and len(starts) == 1:
+        return starts[0]
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def _did_you_mean(name: str, known: Iterable[str], prefix: str = "") -> str:
+    match = _closest(name, known)
+    return f" (did you mean {prefix}{match}?)" if match else ""
+
+
+def _option_hint(name: str, known: Iterable[str], types: Sequence[str] | None,
+                 prefix: str = "") -> str:
+    """What to add to "unknown option NAME": the feature types that have it, when the run's
+    types do not, else the closest known option."""
+    from video_features.models.registry import feature_types
+
+    if types:
+        others = []
+        for ft in feature_types():
+            if ft in types:
+                continue
+            try:
+                if any(row[0] == name for row in option_rows(ft)):
+                    others.append(ft)
+            except (ConfigError, ImportError):  # a plugin that cannot load: no hint from it
+                continue
+        if others:
+            return f" (an option of feature_type {', '.join(others)})"
+    return _did_you_mean(name, known, prefix) or " (see --help)"
+
+
+def _is_number(word: str) -> bool:
+    try:
+        float(word)
+    except ValueError:
+        return False
+    return True
+
+
+def _unknown_flags(parser: argparse.ArgumentParser, unknown: list[str],
+                   types: Sequence[str] | None) -> str:
+    """One line naming every unknown flag (with the option it may stand for), or the first
+    stray word when there is no unknown flag."""
+    # argparse keeps the flags of a parser in _actions (also those of groups)
+    known = [s[2:] for a in parser._actions for s in a.option_strings if s.startswith("--")]
+    names: list[str] = []
+    strays: list[str] = []
+    values_follow = False
+    for word in unknown:
+        if word.startswith("-") and not _is_number(word):
+            name, eq, _ = word.partition("=")
+            names.append(name)
+            values_follow = not eq
+        elif not values_follow:
+            strays.append(word)
+    of = f" for feature_type={types[0]}" if types and len(types) == 1 else (
+        f" for feature types {', '.join(types)}" if types else "")
+    if names:
+        hints = [_option_hint(n.lstrip("-"), known, types, "--").replace(" (see --help)", "")
+                 for n in names]
+        see = "" if all(hints) else f" (see {parser.prog} --help)"
+        if len(names) == 1:
+            return f"unknown option {names[0]}{of}{hints[0]}{see}"
+        return (f"unknown options{of}: {', '.join(n + h for n, h in zip(names, hints))}{see}")
+    return (f"unexpected argument {strays[0]!r}: options are --name value(s) or name=value "
+            f"(see {parser.prog} --help)")
+
+
+def parse_flags(parser: argparse.ArgumentParser, flags: list[str],
+                types: Sequence[str] | None = None) -> argparse.Namespace:
+    """``--flag value`` words -> namespace; a bad or unknown flag is a ConfigError (exit 2
+    without a traceback) naming the flag and the option it may stand for, not argparse's own
+    exit; abbreviations are refused (``--video_path`` is a typo, not ``--video_paths``).
+    ``--help`` still prints and exits."""
+    parser.exit_on_error = False
+    parser.allow_abbrev = False
+    try:
+        ns, unknown = parser.parse_known_args(flags)
+    except argparse.ArgumentError as exc:
+        raise ConfigError(str(exc)) from None
+    if unknown:
+        raise ConfigError(_unknown_flags(parser, unknown, types))
+    return ns
 
 
 #: options of the run as a whole: one value for every feature type of a run
@@ -385,17 +568,58 @@ def parse_args(argv: Iterable[str]) -> Config:
     return cfgs[0]
 
 
-def parse_flags(parser: argparse.ArgumentParser, flags: list[str]) -> argparse.Namespace:
-    """``--flag value`` words -> namespace; a bad or unknown flag is a ConfigError (exit 2
-    without a traceback), not argparse's own exit. ``--help`` still prints and exits."""
-    parser.exit_on_error = False
-    try:
-        ns, unknown = parser.parse_known_args(flags)
-    except argparse.ArgumentError as exc:
-        raise ConfigError(str(exc)) from None
-    if unknown:
-        raise ConfigError(f"unknown option(s): {' '.join(unknown)} (see {parser.prog} --help)")
-    return ns
+def _check_usage(types: list[str], words: Mapping[str, str], flag_values: Mapping[str, Any],
+                 file_values: Mapping[str, Any]) -> None:
+    """The mistakes found without the schemas themselves (option index only, no torch): unknown
+    ``key=value`` words, a missing feature type, a word outside a text option's choices
+    (``--device gpu``), a run without inputs."""
+    from video_features.models.registry import feature_types
+
+    shared = {row[0]: row for row in schema_rows(SharedOptions, shared=True)}
+    run_types = types or feature_types()
+    own = {t: {**shared, **{row[0]: row for row in option_rows(t)}} for t in run_types}
+    known = set().union(*own.values())
+    for key in words:
+        t, dot, opt = key.partition(".")
+        if dot and ALIASES.get(t, t) in own:
+            t = ALIASES.get(t, t)
+            if opt not in own[t]:
+                raise ConfigError(f"unknown option {opt!r} for feature_type={t}"
+                                  f"{_option_hint(opt, own[t], [t])}")
+        elif not dot and key not in known:
+            of = (f" for feature_type={types[0]}" if len(types) == 1 else
+                  f" for feature types {', '.join(types)}" if types else "")
+            raise ConfigError(f"unknown option {key!r}{of}{_option_hint(key, known, types)}")
+    if not types:
+        feature_types_of(None)  # raises: feature_type is required, naming every type
+    for key, raw in [*flag_values.items(), *words.items()]:
+        t, dot, opt = key.partition(".")
+        for ft in ([ALIASES.get(t, t)] if dot else types):
+            row = own.get(ft, {}).get(opt if dot else key)
+            if row is not None:
+                _check_choice(opt if dot else key, raw, row)
+    sources = [words, flag_values, file_values,
+               *(v for v in file_values.values() if isinstance(v, dict))]
+    inputs = ("video_paths", "file_with_video_paths")
+    if any(k.partition(".")[2] in inputs for k in words):
+        return  # TYPE.video_paths=...: an error of its own, reported later
+    if not any(src.get(k) not in (None, "", [], ()) for src in sources for k in inputs) and \
+            not any(defaults_for(t).get(k) for t in types for k in inputs):
+        raise ConfigError("no inputs: give --video_paths or --file_with_video_paths")
+
+
+def _check_choice(key: str, raw: Any, row: tuple) -> None:
+    """The word(s) of a text option with choices against them, as :func:`check_fields` does
+    after typing (null is left to it)."""
+    choices = row[4]
+    if not choices:
+        return
+    values = raw if isinstance(raw, list) else [raw]
+    if row[1] and isinstance(raw, str) and raw.strip().startswith("["):
+        values = _yaml_scalar(raw)
+    for v in values if isinstance(values, list) else []:
+        if isinstance(v, str) and v not in ("null", "~") and v not in choices:
+            raise ConfigError(f"option {key}: {v!r} is not one of {', '.join(choices)}")
 
 
 def parse_configs(argv: Iterable[str]) -> list[Config]:
@@ -405,14 +629,20 @@ def parse_configs(argv: Iterable[str]) -> list[Config]:
     With several feature types (``--feature_type resnet i3d`` or ``feature_type=resnet,i3d``)
     an option applies to every type that has it (one no type has is an error), ``TYPE.option=
     value`` (or a ``TYPE:`` section of the ``--config`` file) to that type only; the options of
-    the run as a whole (:data:`RUN_OPTIONS`) take one value for all."""
+    the run as a whole (:data:`RUN_OPTIONS`) take one value for all.
+
+    Unknown options, a missing feature type and a run without inputs are reported before any
+    extractor (or torch) is imported."""
     flags, words = _split_words(list(argv))
     # first pass: only what decides which schemas and defaults apply
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
     pre.add_argument("--config", default=None)
     pre.add_argument("--feature_type", default=None, nargs="+")
     pre.add_argument("--recipe", default=None)
-    known, rest = pre.parse_known_args(flags)
+    try:
+        known, rest = pre.parse_known_args(flags)
+    except argparse.ArgumentError as exc:
+        raise ConfigError(str(exc)) from None
     file_values = read_yaml(known.config) if known.config else {}
     ft_raw = words.pop("feature_type", None) or known.feature_type or file_values.get("feature_type")
     recipe = words.pop("recipe", None) or known.recipe or file_values.pop("recipe", None)
@@ -423,11 +653,11 @@ def parse_configs(argv: Iterable[str]) -> list[Config]:
         ft_raw = ft_raw or layer["feature_type"]
         file_values = {**layer, **file_values}
     if any(w in ("-h", "--help") for w in flags):
-        types = feature_types_of(ft_raw) if ft_raw else []
-        build_parser(types[0] if len(types) == 1 else None).parse_args(flags)  # exits
-    types = feature_types_of(ft_raw)
-    ns = parse_flags(build_parser(types[0] if len(types) == 1 else None), rest)
+        build_parser(feature_types_of(ft_raw) if ft_raw else None).parse_args(flags)  # exits
+    types = feature_types_of(ft_raw) if ft_raw else []
+    ns = parse_flags(build_parser(types or None), rest, types)
     flag_words = {k: v for k, v in vars(ns).items() if k not in ("config", "feature_type", "recipe", "list_recipes")}
+    _check_usage(types, words, flag_words, file_values)
     plain = {k: v for k, v in words.items() if "." not in k}
     sections: dict[str, dict[str, Any]] = {t: {} for t in types}
     for key, value in words.items():
@@ -469,8 +699,9 @@ def _check_multi(types: list[str], fields: dict, unprefixed: Mapping[str, Any],
     only for per-type options."""
     for key in unprefixed:
         if not any(key in fields[t] for t in types):
-            raise ConfigError(f"unknown option {key!r} for feature types {', '.join(types)} "
-                              "(see --help)")
+            known = set().union(*fields.values())
+            raise ConfigError(f"unknown option {key!r} for feature types {', '.join(types)}"
+                              f"{_option_hint(key, known, types)}")
     if "checkpoint_path" in unprefixed and unprefixed["checkpoint_path"] is not None:
         raise ConfigError("checkpoint_path is ambiguous with several feature types: give it per "
                           "type, e.g. resnet.checkpoint_path=FILE")
@@ -481,7 +712,8 @@ def _check_multi(types: list[str], fields: dict, unprefixed: Mapping[str, Any],
                 raise ConfigError(f"{t}.{key}: {key} is an option of the whole run; set it once "
                                   "for every feature type")
             if key not in fields[t]:
-                raise ConfigError(f"unknown option {key!r} for feature_type={t} (see --help)")
+                raise ConfigError(f"unknown option {key!r} for feature_type={t}"
+                                  f"{_option_hint(key, fields[t], [t])}")
 
 
 def make_config(feature_type: str, **values: Any) -> Config:
@@ -493,7 +725,12 @@ def make_config(feature_type: str, **values: Any) -> Config:
 def _omegaconf_error(exc: OmegaConfBaseException, ft: str) -> ConfigError:
     key = getattr(exc, "full_key", None) or getattr(exc, "key", None) or "?"
     if isinstance(exc, ConfigKeyError):
-        return ConfigError(f"unknown option {key!r} for feature_type={ft} (see --help)")
+        try:
+            known = set(SharedOptions.__dataclass_fields__) | {r[0] for r in option_rows(ft)}
+            hint = _option_hint(str(key), known, [ft])
+        except ConfigError:  # not a feature type (finetune)
+            hint = " (see --help)"
+        return ConfigError(f"unknown option {key!r} for feature_type={ft}{hint}")
     if isinstance(exc, MissingMandatoryValue):
         return ConfigError(f"option {key} has no value (configs/ lacks its default)")
     msg = str(getattr(exc, "msg", "") or exc).splitlines()[0]

@@ -9,12 +9,12 @@ from __future__ import annotations
 import logging
 import sys
 
-from video_features.utils.config import parse_configs
 from video_features.utils.errors import FeatureError
-from video_features.utils.runner import configure_logging, run
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Help, the recipe list and usage errors answer without importing torch or any model
+    library (utils/config.py reads the feature types' options from models/options_index.py)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["finetune"]:
         from video_features.finetune import main as finetune
@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
 
         print(describe_recipes(), end="")
         return 0
+    from video_features.utils.config import parse_configs
+    from video_features.utils.runner import configure_logging, run
+
     configure_logging("info")
     try:
         cfgs = parse_configs(argv)
