@@ -20,6 +20,12 @@ it copied the stream out to a raw .aac file, so its audio starts with the primin
 for FFmpeg's AAC encoder: 21-23 ms) and every 0.96 s example is shifted by that much.
 ``keep_priming=True`` reproduces this (sample-exact for AAC in MP4); the default drops the priming
 as every player does.
+
+Which stream: of a file with several audio streams, the one FFmpeg picks by default
+(``av_find_best_stream``), or the k-th with ``stream=k`` (the ``audio_stream`` option);
+:func:`utils.video.pick_stream` is the one rule for both decoders. Damaged packets are skipped
+(as FFmpeg's command line does) and counted: :attr:`AudioInfo.damage` says what was decoded
+around, for the output's record.
 """
 from __future__ import annotations
 
@@ -49,10 +55,28 @@ class AudioInfo:
     num_samples: int = 0
     #: packets that failed to decode and were skipped (FFmpeg's command line skips them too)
     bad_packets: int = 0
+    #: the stream decoded: its index among the file's audio streams, and their number
+    stream: int | None = None
+    streams: int = 0
+    #: why the demuxer stopped before the end ("" where it did not): the rest of the track is lost
+    ended_early: str = ""
 
     @property
     def duration(self) -> float:
         return self.num_samples / self.sample_rate if self.sample_rate else 0.0
+
+    @property
+    def damage(self) -> str | None:
+        """One line saying what was decoded around, or None for a clean decode."""
+        parts = []
+        if self.bad_packets:
+            s = "s" if self.bad_packets > 1 else ""
+            parts.append(f"skipped {self.bad_packets} undecodable audio packet{s}")
+        if self.ended_early:
+            parts.append(f"the audio stream cannot be read on ({self.ended_early})")
+        if not parts:
+            return None
+        return "; ".join(parts) + f"; decoded {self.duration:.2f} s of audio"
 
 
 def _short(exc: BaseException) -> str:
@@ -76,9 +100,13 @@ def _open(path: str) -> Any:
         raise VideoError(f"not a readable media file ({_short(exc)})") from None
 
 
-def iter_pcm16(path: str, keep_priming: bool = False,
-               info: AudioInfo | None = None) -> Iterator[np.ndarray]:
+def iter_pcm16(path: str, keep_priming: bool = False, info: AudioInfo | None = None,
+               stream: int | None = None) -> Iterator[np.ndarray]:
     """Decoded audio as 16-bit PCM blocks of shape ``(n, channels)``, int16, in stream order.
+
+    ``stream``: which of the file's audio streams (its index among them); None: the one FFmpeg
+    picks by default (``av_find_best_stream``, :func:`utils.video.pick_stream`). A file without
+    that stream raises :class:`VideoError` naming how many audio streams it has.
 
     All blocks share the sample rate and channel count of the stream's first frame (recorded in
     ``info``); frames of a different layout or rate mid-stream are converted to those.
@@ -92,13 +120,12 @@ def iter_pcm16(path: str, keep_priming: bool = False,
     try:
         if not container.streams.audio:
             raise VideoError("no audio track")
-        try:
-            stream = container.streams.best("audio") or container.streams.audio[0]
-        except Exception:
-            stream = container.streams.audio[0]
-        ctx = stream.codec_context
+        from video_features.utils.video import pick_stream
+
+        chosen, info.stream, info.streams = pick_stream(container, "audio", stream)
+        ctx = chosen.codec_context
         if ctx is None:
-            raise VideoError(f"audio codec {getattr(stream, 'codec_tag', '') or '?'} cannot be "
+            raise VideoError(f"audio codec {getattr(chosen, 'codec_tag', '') or '?'} cannot be "
                              "decoded by this FFmpeg build")
         info.codec = ctx.name
         if keep_priming:
@@ -123,7 +150,7 @@ def iter_pcm16(path: str, keep_priming: bool = False,
                 yield _packed(out, info.channels)
 
         try:
-            for packet in container.demux(stream):
+            for packet in container.demux(chosen):
                 try:
                     frames = packet.decode()
                 except av.error.EOFError:
@@ -141,6 +168,7 @@ def iter_pcm16(path: str, keep_priming: bool = False,
                 raise VideoError(f"no decodable audio ({_short(exc)})") from None
             log.warning("%s: audio stream ends early after %.2f s (%s)", path, info.duration,
                         _short(exc))
+            info.ended_early = _short(exc)
         for rs in resamplers.values():  # rate/layout conversions may hold a few samples back
             for out in rs.resample(None):
                 block = _packed(out, info.channels)
@@ -258,15 +286,16 @@ class StreamResampler:
 
 
 def iter_audio(path: str, target_sr: int = 16000, keep_priming: bool = False,
-               dtype: Any = np.float32, info: AudioInfo | None = None) -> Iterator[np.ndarray]:
+               dtype: Any = np.float32, info: AudioInfo | None = None,
+               stream: int | None = None) -> Iterator[np.ndarray]:
     """Mono samples at ``target_sr`` in consecutive 1-D blocks, as they are decoded.
 
     Concatenated, the blocks are :func:`load_audio`'s result. Memory stays bounded by the block
-    size; the consumer decides what to keep.
+    size; the consumer decides what to keep. ``stream``: as :func:`iter_pcm16`.
     """
     info = info if info is not None else AudioInfo()
     resampler: StreamResampler | None = None
-    for block in iter_pcm16(path, keep_priming=keep_priming, info=info):
+    for block in iter_pcm16(path, keep_priming=keep_priming, info=info, stream=stream):
         if resampler is None:
             resampler = StreamResampler(info.sample_rate, target_sr)
         mono = (block / 32768.0).mean(axis=1)   # float64, as the reference: int16 / 32768, mean
@@ -280,13 +309,15 @@ def iter_audio(path: str, target_sr: int = 16000, keep_priming: bool = False,
 
 
 def load_audio(path: str, target_sr: int = 16000, keep_priming: bool = False,
-               dtype: Any = np.float32, info: AudioInfo | None = None) -> np.ndarray:
+               dtype: Any = np.float32, info: AudioInfo | None = None,
+               stream: int | None = None) -> np.ndarray:
     """The whole audio track of ``path`` as mono ``dtype`` samples at ``target_sr`` Hz.
 
     Raises :class:`utils.errors.VideoError` with a one-line reason for a missing or unreadable
     file, a file without an audio track, or an audio track without decodable samples.
     """
-    blocks = list(iter_audio(path, target_sr, keep_priming=keep_priming, dtype=dtype, info=info))
+    blocks = list(iter_audio(path, target_sr, keep_priming=keep_priming, dtype=dtype, info=info,
+                             stream=stream))
     if not blocks:
         return np.zeros(0, dtype)
     return np.concatenate(blocks)

@@ -18,6 +18,12 @@ other levels; bench/nvdec_compare.py measures pixel and feature differences on a
 average rate) in both ``timestamps`` modes, since frame pts are not used here, so
 variable-frame-rate videos should be decoded with ``decoder=cpu``.
 
+Which stream: PyNvVideoCodec's demuxer (NVIDIA's FFmpegDemuxer) decodes the video stream FFmpeg
+picks by default (``av_find_best_stream``), the CPU decoder's default too
+(:func:`utils.video.pick_stream`). A video whose chosen stream is another one (``video_stream=k``
+naming a stream FFmpeg would not pick, or a demuxer whose stream has another size than the chosen
+one) is handed to the CPU decoders as ``fallback``, so both decoders always read the same stream.
+
 Orientation: NVDEC hands out frames as stored. With ``rotation="auto"`` a video whose display
 matrix turns it (a phone's portrait video) is turned upright on the GPU by the CPU decoder's rule
 (:func:`utils.video.upright_ops`, read from its first frame with PyAV), so both decoders give
@@ -69,11 +75,18 @@ def _gpu_index(device: Any) -> int:
     return torch.cuda.current_device()
 
 
-def _check_caps(nvc: Any, path: str, gpu: int) -> None:
+def _check_caps(nvc: Any, path: str, gpu: int, size: tuple[int, int] | None = None) -> None:
     """Ask the engine before decoding: an unsupported stream then fails here, cleanly, rather
-    than inside the decoder's own thread (where an error can end the process)."""
+    than inside the decoder's own thread (where an error can end the process). ``size``: the
+    (width, height) of the stream the CPU decoder would read; a demuxer that reads a stream of
+    another size fails here too (the video then goes to the CPU decoders)."""
     try:
         dmx = nvc.CreateDemuxer(filename=path)
+        if size is not None:
+            got = _demuxer_size(dmx)
+            if got is not None and got != tuple(size):
+                raise RuntimeError(f"NVDEC's demuxer reads a {got[0]}x{got[1]} video stream, the "
+                                   f"chosen one is {size[0]}x{size[1]}")
         key = (gpu, dmx.GetNvCodecId(), dmx.ChromaFormat(), dmx.BitDepth())
         with _CAPS_LOCK:
             caps = _CAPS.get(key)
@@ -85,6 +98,14 @@ def _check_caps(nvc: Any, path: str, gpu: int) -> None:
     if not caps.get("supported", True):
         raise RuntimeError("the GPU's decoder does not support this codec / chroma format / "
                            "bit depth")
+
+
+def _demuxer_size(dmx: Any) -> tuple[int, int] | None:
+    """(width, height) of the stream the library's demuxer reads, or None where it does not say."""
+    try:
+        return int(dmx.Width()), int(dmx.Height())
+    except Exception:  # noqa: BLE001 - a version without these calls: not checked
+        return None
 
 
 #: bytes of decoded RGB frames one NVDEC session may hold on the GPU: the chunks handed on
@@ -114,27 +135,36 @@ def frames_held(chunk: int, buffer: int) -> int:
     return (CHUNKS_IN_FLIGHT + 2) * chunk + buffer + 1
 
 
-def _open(path: str, gpu: int, buffer: int) -> Any:
+def _open(path: str, gpu: int, buffer: int, size: tuple[int, int] | None = None) -> Any:
     import PyNvVideoCodec as nvc
 
-    _check_caps(nvc, path, gpu)
+    _check_caps(nvc, path, gpu, size)
     kwargs = dict(gpu_id=gpu, use_device_memory=True, output_color_type=nvc.OutputColorType.RGBP)
     if hasattr(nvc, "ThreadedDecoder"):  # prefetches in the background: made for sequential reads
         return nvc.ThreadedDecoder(path, buffer, **kwargs)
     return nvc.SimpleDecoder(path, **kwargs)
 
 
-def _frame_rate(path: str, total: int | None = None) -> tuple[float, float | None, int, int]:
+def _frame_rate(path: str, total: int | None = None, video_stream: int | None = None,
+                ) -> tuple[float, float | None, int, int]:
     """The video stream's average frame rate, read with PyAV as the CPU decoder reads it, the
     output rate that ``total`` evenly spaced frames take (None without ``total``), and the
-    stream's width and height (as stored)."""
-    from video_features.utils.video import open_frames
+    stream's width and height (as stored). ``video_stream``: the stream the CPU decoder would
+    read (:func:`utils.video.pick_stream`); one that NVIDIA's demuxer does not read (it takes
+    FFmpeg's default choice) raises, so the video goes to the CPU decoders."""
+    from video_features.utils.video import open_frames, pick_stream
 
-    with open_frames(path) as src:
+    with open_frames(path, video_stream=video_stream) as src:
         rate = src.native_fps
         count = src.frame_count() if total else None
         codec = src._stream.codec_context
         width, height = codec.width, codec.height
+        if src.streams > 1:
+            _, default, _ = pick_stream(src._container, "video")
+            if src.stream != default:
+                raise RuntimeError(f"NVDEC's demuxer reads only the video stream FFmpeg picks by "
+                                   f"default ({default} of {src.streams}), not video_stream="
+                                   f"{src.stream}")
     if total and not count:
         raise RuntimeError("extraction_total: the container does not declare the video's length")
     return rate, (total * rate / count if total else None), width, height
@@ -160,7 +190,8 @@ class _Source:
         self.torch, self.device = torch, torch.device(device)
         # the library's own average_fps may be an integer
         total = needs.get("extraction_total")
-        rate, total_fps, width, height = _frame_rate(path, total)
+        video_stream = needs.get("video_stream")
+        rate, total_fps, width, height = _frame_rate(path, total, video_stream)
         self.native_fps = rate
         self.out_fps = needs.get("extraction_fps") or total_fps
         self.total = total
@@ -170,14 +201,15 @@ class _Source:
         self.index = 0
         self.held = None
         #: (transpose, flip rows, flip columns) that turn the frames upright (utils/video.py)
-        self.ops = stream_upright(path) if needs.get("rotation", "auto") == "auto" else UPRIGHT
+        self.ops = (stream_upright(path, video_stream) if needs.get("rotation", "auto") == "auto"
+                    else UPRIGHT)
         self._convert: Any = None  # DLPack, or the array interface: chosen at the first frame
         # copies out of the decoder's surfaces run here, and are waited for before the decoder
         # may reuse them
         self._copy = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.dec = None
         # opened last: nothing after it can fail and leave the decoder's thread running
-        self.dec = _open(path, _gpu_index(self.device), self.buffer)
+        self.dec = _open(path, _gpu_index(self.device), self.buffer, (width, height))
 
     def close(self) -> None:
         """End the decoder (its thread and buffers); safe to call more than once."""

@@ -9,7 +9,9 @@ input's own path, so reruns find earlier results whatever else is in the list.
 
 Beside the arrays, ``<stem>_meta.json`` records what produced them (utils/record.py: the options
 that change values, the checkpoints' hashes, the feature type's revision, the tool's version),
-every option of the run, and each array's file size, shape and dtype. It is written last, so its
+every option of the run, each array's file size, shape and dtype, the input's media (the video
+and audio stream decoded: codec, size, ``stream`` / ``streams``), and, for an input decoded around
+undecodable data, ``"damaged"``: one line saying what was skipped. It is written last, so its
 presence means the arrays are complete; an output counts as done only when the record matches
 this run and every array's size and header agree with it (no array is loaded to check).
 
@@ -201,11 +203,18 @@ class OutputWriter:
             written.append(path)
         from video_features.utils.video import media_info
 
+        info = dict(info or {})
+        damaged = info.pop("damaged", None)
         # "id": this write, so that two extractions with equal records and timings still differ
         # (consolidation tells a staged input that already landed by its whole meta)
         meta = {"id": os.urandom(8).hex(), "input": str(Path(video_path).expanduser().resolve()),
-                "media": media_info(video_path), "record": self.record,
-                "outputs": outputs, "config": self.config, **({"extraction": dict(info)} if info else {})}
+                "media": media_info(video_path, self.config.get("video_stream"),
+                                    self.config.get("audio_stream")),
+                "record": self.record, "outputs": outputs, "config": self.config,
+                **({"extraction": info} if info else {}),
+                # decoded around undecodable data: one line saying what was skipped (absent for
+                # a clean input)
+                **({"damaged": str(damaged)} if damaged else {})}
         text = json.dumps(meta, indent=1, default=str).encode()
         atomic_write(meta_path, lambda f: f.write(text))
         written.append(meta_path)

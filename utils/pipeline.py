@@ -63,7 +63,9 @@ def _decoder_main(index: int, gen: int, slot_names: list[str], free: Any, tasks:
     Every message carries ``(kind, index, gen, vid, ...)`` so the device loop can tell a
     replaced decoder's leftovers from its successor's. Per input: the video stream's messages
     (``open``, ``chunk``..., ``end``) where frames are needed, then the audio's (``audio``...,
-    ``audio_end``) where audio is, ``error`` for a stream that fails, and ``done`` last."""
+    ``audio_end``) where audio is, ``error`` for a stream that fails, ``damaged`` (before its
+    ``end`` / ``audio_end``) for a stream decoded around undecodable packets, and ``done``
+    last."""
     slots = [_attach(n) for n in slot_names]
     try:
         while True:
@@ -83,7 +85,7 @@ def _decoder_main(index: int, gen: int, slot_names: list[str], free: Any, tasks:
                                     needs, chunk_frames, threads, parent)
                 if needs.get("audio"):
                     _stream_guarded(out, tag, "audio", _decode_audio, path, tag, slots, free, out,
-                                    needs["audio"], parent)
+                                    needs["audio"], parent, needs.get("audio_stream"))
             except _ParentGone:
                 return
             out.put(("done", *tag))
@@ -111,9 +113,12 @@ def _decode_video(path: str, tag: tuple, slots: list, free: Any, out: Any, needs
     with open_frames(path, needs["extraction_fps"], needs["frames_fps"],
                      timestamps=needs["timestamps"], threads=threads,
                      extraction_total=needs.get("extraction_total"),
-                     rotation=needs.get("rotation", "auto")) as src:
+                     rotation=needs.get("rotation", "auto"),
+                     video_stream=needs.get("video_stream")) as src:
         out.put(("open", *tag, src.fps))
         _decode_into_slots(src, tag, slots, free, out, chunk_frames, parent)
+        if src.damage:
+            out.put(("damaged", *tag, "video", src.damage))
         out.put(("end", *tag, src.end_time()))
 
 
@@ -122,15 +127,17 @@ AUDIO_BLOCK = 160_000
 
 
 def _decode_audio(path: str, tag: tuple, slots: list, free: Any, out: Any, audio: dict,
-                  parent: int) -> None:
-    """The audio track as float32 mono samples at ``audio['sample_rate']``, in slot-sized parts."""
-    from video_features.utils.audio import iter_audio
+                  parent: int, stream: int | None = None) -> None:
+    """The audio track (``stream``: which of the file's audio streams; None: FFmpeg's default
+    choice) as float32 mono samples at ``audio['sample_rate']``, in slot-sized parts."""
+    from video_features.utils.audio import AudioInfo, iter_audio
 
     per = min(AUDIO_BLOCK, SLOT_BYTES // 4)
     slot = view = None
     n = 0
+    info = AudioInfo()
     for block in iter_audio(path, audio["sample_rate"], keep_priming=audio.get("keep_priming", False),
-                            dtype=np.float32):
+                            dtype=np.float32, info=info, stream=stream):
         at = 0
         while at < len(block):
             if slot is None:
@@ -144,6 +151,8 @@ def _decode_audio(path: str, tag: tuple, slots: list, free: Any, out: Any, audio
                 slot = view = None
     if slot is not None:
         out.put(("audio", *tag, slot, n))
+    if info.damage:
+        out.put(("damaged", *tag, "audio", info.damage))
     out.put(("audio_end", *tag))
 
 
@@ -380,6 +389,13 @@ class VideoWork:
     #: "type: reason" of the feature types that failed while others succeeded (utils/multi.py)
     partial_errors: list = field(default_factory=list)
     error: str | None = None
+    #: one line per stream decoded around undecodable data (utils/video.py, utils/audio.py)
+    damaged: list = field(default_factory=list)
+
+    @property
+    def damage(self) -> str:
+        """What was decoded around, for the output's record and the summary ("" if nothing)."""
+        return "; ".join(self.damaged)
 
 
 class Batcher:
@@ -521,9 +537,12 @@ class DevicePipeline:
         self.writer = writer
         self.on_result = on_result
         self.batcher = Batcher(extractor.run_batch, extractor.batch_size_of, extractor.keep_rows)
-        # rotation is decided once for the run (a run option), so it travels with what to decode
+        # rotation and the streams are decided once for the run (run options), so they travel
+        # with what to decode
         needs = self.needs = {**extractor.frame_needs(),
-                              "rotation": extractor.cfg.get("rotation", "auto")}
+                              "rotation": extractor.cfg.get("rotation", "auto"),
+                              "video_stream": extractor.cfg.get("video_stream"),
+                              "audio_stream": extractor.cfg.get("audio_stream")}
         self.gpu = None  # decoder=nvdec: NVDEC threads decode; the CPU pool takes what they cannot
         if extractor.cfg.get("decoder", "cpu") == "nvdec":
             if needs.get("audio"):
@@ -678,6 +697,8 @@ class DevicePipeline:
                 self._add(work, self.ex.end_audio(work))
             elif kind == "error":
                 self.ex.stream_failed(work, msg[4], msg[5])
+            elif kind == "damaged":
+                work.damaged.append(msg[5])
             elif kind == "done":
                 work.decoded = True
         except FeatureError as exc:
@@ -744,10 +765,11 @@ class DevicePipeline:
                              seconds=time.perf_counter() - work.t0)
             elif exc is None and work.partial_errors:  # others of its feature types were written
                 res = Result(work.path, "failed", reason="; ".join(work.partial_errors),
-                             frames=work.frames, seconds=time.perf_counter() - work.t0)
+                             frames=work.frames, seconds=time.perf_counter() - work.t0,
+                             damaged=work.damage)
             elif exc is None:
                 res = Result(work.path, "done", frames=work.frames,
-                             seconds=time.perf_counter() - work.t0)
+                             seconds=time.perf_counter() - work.t0, damaged=work.damage)
             else:
                 res = Result(work.path, "failed", reason=f"writing the outputs failed: {exc}",
                              frames=work.frames)
@@ -766,6 +788,8 @@ class DevicePipeline:
             raise _FinishFailed(exc) from exc
         seconds = time.perf_counter() - work.t0
         info = {"frames": work.frames, "seconds": round(seconds, 3), "device": str(self.ex.device)}
+        if work.damage:   # the writer puts it at the top of the input's record
+            info["damaged"] = work.damage
         self.writer.write(work.path, feats, info)
 
     def run(self, paths: Iterable[str], max_in_flight: int | None = None) -> None:

@@ -72,6 +72,9 @@ class Result:
     stop: str = ""
     #: when the result was made (time.time())
     at: float = field(default_factory=time.time)
+    #: what was decoded around (undecodable packets skipped), one line; "" for a clean input.
+    #: Its outputs' record holds the same line as "damaged".
+    damaged: str = ""
 
 
 @dataclass
@@ -94,18 +97,28 @@ class Summary:
         return [r for r in self.results if r.status == "failed"]
 
     @property
+    def damaged(self) -> list[Result]:
+        """Inputs extracted from what decoded around damaged data (their outputs were written)."""
+        return [r for r in self.results if r.damaged and r.status == "done"]
+
+    @property
     def exit_code(self) -> int:
         return 0 if not self.failed and not self.errors else 1
 
     def text(self) -> str:
         """The counts and each failure; inputs not started after a stop are counted, not listed,
-        when the failure report holds them (after a stop on a long list they are most of it)."""
+        when the failure report holds them (after a stop on a long list they are most of it).
+        Inputs done from damaged data (packets skipped) are counted and listed too."""
         lines = [f"done {self.count('done')}, skipped {self.count('skipped')} (already extracted), "
                  f"failed {self.count('failed')}"]
         unstarted = [r for r in self.failed if _unstarted(r)]
         lines += [f"  FAILED {r.path}: {r.reason}" for r in self.failed
                   if not (self.report and _unstarted(r))]
         lines += [f"  ERROR {e}" for e in self.errors]
+        if self.damaged:
+            lines.append(f"damaged {len(self.damaged)} (decoded around undecodable data; their "
+                         "outputs hold what decoded, their record says what was skipped)")
+            lines += [f"  DAMAGED {r.path}: {r.damaged}" for r in self.damaged]
         if self.stopped:
             held = f" (listed in {self.report})" if self.report and unstarted else ""
             lines.append(f"stopped early: {self.stopped}; {len(unstarted)} input(s) not started"

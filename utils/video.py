@@ -31,7 +31,18 @@ skipped packets and where the first one was. Rows keep the presentation times of
 did decode (a gap in ``timestamps_ms``, no shift of later rows; with ``extraction_fps`` the slots
 there show the last good frame, as FFmpeg's ``fps`` filter). An input fails only when no frame
 decodes at all, or when the container cannot be read past some point (the rest of the video would
-be missing: reported with the frame and time it stops at).
+be missing: reported with the frame and time it stops at). A source that decoded around skipped
+packets says so in ``damage`` (one line, for the output's record and the run's summary).
+
+Which stream: a file with several video streams is decoded from the one FFmpeg picks by default
+(``av_find_best_stream``, through PyAV's ``streams.best``: a stream with the DEFAULT disposition
+before one without, a hearing/visual-impaired one last, then the one whose probing decoded more
+frames (up to 5), then the higher bit rate, then the first), as ffplay and NVIDIA's demuxer do;
+``video_stream=k`` picks the k-th video stream instead, and a file without it fails with the
+number it has (:func:`pick_stream`). The audio decoder (utils/audio.py) picks by the same rule.
+Other tools differ where no stream is DEFAULT or the DEFAULT one is not the first: the ffmpeg
+command line maps the video stream with the most pixels plus 5,000,000 for the DEFAULT disposition
+(audio: the most channels, the same bonus), OpenCV reads the first video stream.
 
 Orientation (``rotation="auto"``, the default): frames are turned upright as players show them:
 a video frame by its display matrix (phones record portrait video as landscape frames with a
@@ -212,14 +223,15 @@ def upright(img: np.ndarray, ops: tuple[bool, bool, bool]) -> np.ndarray:
     return np.ascontiguousarray(img)
 
 
-def stream_upright(path: str) -> tuple[bool, bool, bool]:
-    """How the frames of the video at ``path`` are turned upright (:func:`upright_ops` of its
-    first decodable frame's display matrix); for decoders that do not apply it themselves."""
+def stream_upright(path: str, video_stream: int | None = None) -> tuple[bool, bool, bool]:
+    """How the frames of the video at ``path`` are turned upright (:func:`upright_ops` of the
+    first decodable frame of its video stream, :func:`pick_stream`'s); for decoders that do not
+    apply it themselves."""
     import av
 
     try:
         with av.open(str(path), "r", metadata_errors="ignore") as c:
-            for frame in c.decode(c.streams.video[0]):
+            for frame in c.decode(pick_stream(c, "video", video_stream)[0]):
                 return upright_ops(display_matrix(frame))
     except Exception:  # unreadable: the decoder's own error says why
         pass
@@ -239,12 +251,54 @@ def _natural_key(name: str) -> list[Any]:
     return [int(tok) if tok.isdigit() else tok.lower() for tok in re.split(r"(\d+)", name)]
 
 
+STREAM_KINDS = ("video", "audio")
+
+
+def stream_count_text(kind: str, n: int) -> str:
+    """"2 video streams (0 and 1)"-style: how many streams of ``kind`` a file has."""
+    if n == 0:
+        return f"no {kind} stream"
+    if n == 1:
+        return f"1 {kind} stream (index 0)"
+    ids = "0 and 1" if n == 2 else f"0 to {n - 1}"
+    return f"{n} {kind} streams ({ids})"
+
+
+def pick_stream(container: Any, kind: str, index: int | None = None) -> tuple[Any, int, int]:
+    """The stream of ``kind`` ("video" or "audio") to decode, as ``(stream, position among the
+    file's streams of that kind, how many it has)``.
+
+    ``index`` None: the one FFmpeg picks by default, ``av_find_best_stream`` itself (PyAV's
+    ``streams.best``): the highest disposition score (one point for the DEFAULT disposition,
+    one for not being marked hearing- or visual-impaired), then the one whose probing decoded
+    more frames (counted up to 5), then the higher bit rate, then the more probed frames; on a
+    full tie the first. Audio streams without channels or a sample rate are never picked by it;
+    where it picks none, the first stream of the kind is taken. ``index`` k: the k-th stream of
+    the kind; a file with fewer (or none) raises :class:`VideoError` naming how many it has.
+    """
+    if kind not in STREAM_KINDS:
+        raise ValueError(f"kind must be one of {', '.join(STREAM_KINDS)}, not {kind!r}")
+    streams = list(getattr(container.streams, kind))
+    n = len(streams)
+    if n == 0:
+        raise VideoError(f"no {kind} stream in file")
+    if index is None:
+        best = container.streams.best(kind) if n > 1 else None
+        pos = next((i for i, s in enumerate(streams)
+                    if best is not None and s.index == best.index), 0)
+    elif not 0 <= int(index) < n:
+        raise VideoError(f"{kind}_stream={index}: the file has {stream_count_text(kind, n)}")
+    else:
+        pos = int(index)
+    return streams[pos], pos, n
+
+
 class FrameSource:
     """Frames of one input. Use as ``with open_frames(...) as src: for chunk in src.chunks(n)``."""
 
     def __init__(self, path: str, extraction_fps: float | None = None, frames_fps: float = 25.0,
                  timestamps: str = "pts", threads: int = 0, extraction_total: int | None = None,
-                 rotation: str = "auto"):
+                 rotation: str = "auto", video_stream: int | None = None):
         if extraction_fps and extraction_total:
             raise ValueError("extraction_fps and extraction_total are mutually exclusive")
         if timestamps not in TIMESTAMP_MODES:
@@ -256,6 +310,14 @@ class FrameSource:
         self.extraction_fps = extraction_fps
         self.timestamps = timestamps
         self.rotation = rotation
+        #: the video stream asked for (its index among the file's video streams; None: FFmpeg's
+        #: default choice); once open, ``stream`` is the one decoded and ``streams`` their count
+        self.video_stream = video_stream
+        self.stream: int | None = None
+        self.streams = 0
+        #: one line saying what was decoded around (skipped packets), once the frames are read;
+        #: None for an input that decoded cleanly
+        self.damage: str | None = None
         self._image_size: tuple | None = None  # a frame folder's first image (H, W, 3)
         self.threads = int(threads)  # FFmpeg decoding threads; 0: FFmpeg's choice (all cores)
         self._container = None
@@ -311,7 +373,13 @@ class FrameSource:
             self.close()
             hint = " (only audio: the audio feature types, vggish and clap, read it)"
             raise VideoError("no video stream in file" + (hint if audio_only else ""))
-        self._stream = self._container.streams.video[0]
+        # reopened (after the truncation probe): the stream chosen the first time
+        want = self.video_stream if self.stream is None else self.stream
+        try:
+            self._stream, self.stream, self.streams = pick_stream(self._container, "video", want)
+        except VideoError:
+            self.close()
+            raise
         self._stream.thread_type = "AUTO"
         if self.threads:
             self._stream.codec_context.thread_count = self.threads
@@ -422,7 +490,7 @@ class FrameSource:
         start = None
         n = 0
         bad = 0            # packets the decoder rejected (skipped, as FFmpeg's command line does)
-        first_bad = ""
+        first_bad = first_where = ""
         self._last_time = None
         self._last_duration: float | None = None
         packets = self._container.demux(vs)
@@ -445,6 +513,7 @@ class FrameSource:
                 if bad == 1:
                     where = f" after frame {n - 1}, {self._last_time:.2f} s" if n else ""
                     first_bad = f"the first{where}: {_short(exc)}"
+                    first_where = f" (the first{where or ' before any frame'})"
                 continue
             for frame in frames:
                 if frame.pts is None:
@@ -465,6 +534,8 @@ class FrameSource:
         if bad:
             log.warning("%s: skipped %d undecodable video packet(s) (%s); decoded %d frames "
                         "around them", self.path, bad, first_bad, n)
+            self.damage = (f"skipped {bad} undecodable video packet{'s' if bad > 1 else ''}"
+                           f"{first_where}; decoded {n} frames")
         self._check_declared_end(start)
 
     def _check_declared_end(self, first_pts: int | None) -> None:
@@ -637,15 +708,18 @@ class FrameSource:
 
 def open_frames(path: str, extraction_fps: float | None = None, frames_fps: float = 25.0,
                 timestamps: str = "pts", threads: int = 0,
-                extraction_total: int | None = None, rotation: str = "auto") -> FrameSource:
+                extraction_total: int | None = None, rotation: str = "auto",
+                video_stream: int | None = None) -> FrameSource:
     """Open a video file or a folder of frames; raises VideoError with a one-line reason.
 
     ``timestamps``: "pts" (presentation times) or "index" (``n / fps``, the reference tool's).
     ``extraction_total``: that many evenly spaced frames (instead of a rate).
     ``rotation``: "auto" (frames upright as players show them) or "raw" (as stored).
+    ``video_stream``: which of a file's video streams (:func:`pick_stream`; None: FFmpeg's
+    default choice).
     """
     return FrameSource(path, extraction_fps, frames_fps, timestamps, threads, extraction_total,
-                       rotation)
+                       rotation, video_stream)
 
 
 def _index_entries(stream: Any) -> Any:
@@ -667,10 +741,14 @@ def _short(exc: BaseException) -> str:
     return text[:200]
 
 
-def media_info(path: str) -> dict[str, Any]:
-    """What the output record says of its input: file size, container, duration, and each
-    stream's codec and geometry (a frame folder: its image count). Empty when it cannot be read
-    (the input is then failing anyway)."""
+def media_info(path: str, video_stream: int | None = None,
+               audio_stream: int | None = None) -> dict[str, Any]:
+    """What the output record says of its input: file size, container, duration, and the codec
+    and geometry of the video and audio stream that are decoded (:func:`pick_stream` with
+    ``video_stream`` / ``audio_stream``), with that stream's index among the file's streams of
+    its kind (``stream``) and their number (``streams``); ``stream`` is None where the file
+    lacks the one asked for. A frame folder: its image count. Empty when the file cannot be
+    read (the input is then failing anyway)."""
     p = Path(path)
     try:
         if p.is_dir():
@@ -678,18 +756,28 @@ def media_info(path: str) -> dict[str, Any]:
         import av
 
         info: dict[str, Any] = {"bytes": p.stat().st_size}
-        with av.open(str(p)) as c:
+        with av.open(str(p), "r", metadata_errors="ignore") as c:
             info["container"] = c.format.name
             if c.duration is not None:
                 info["duration_s"] = round(c.duration / 1_000_000, 3)
-            for s in c.streams.video[:1]:
-                info["video"] = {"codec": s.codec_context.name, "width": s.codec_context.width,
-                                 "height": s.codec_context.height,
-                                 "fps": float(s.average_rate) if s.average_rate else None,
-                                 "frames": s.frames or None}
-            for s in c.streams.audio[:1]:
-                info["audio"] = {"codec": s.codec_context.name, "sample_rate": s.codec_context.sample_rate,
-                                 "channels": s.codec_context.layout.nb_channels}
+            for kind, want in (("video", video_stream), ("audio", audio_stream)):
+                n = len(getattr(c.streams, kind))
+                if not n:
+                    continue
+                try:
+                    s, pos, _ = pick_stream(c, kind, want)
+                except VideoError:
+                    info[kind] = {"stream": None, "streams": n}
+                    continue
+                ctx = s.codec_context
+                if kind == "video":
+                    info[kind] = {"codec": ctx.name, "width": ctx.width, "height": ctx.height,
+                                  "fps": float(s.average_rate) if s.average_rate else None,
+                                  "frames": s.frames or None}
+                else:
+                    info[kind] = {"codec": ctx.name, "sample_rate": ctx.sample_rate,
+                                  "channels": ctx.layout.nb_channels}
+                info[kind].update(stream=pos, streams=n)
         return info
     except Exception:  # unreadable: the input's own error says why
         return {}

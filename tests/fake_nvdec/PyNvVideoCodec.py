@@ -3,7 +3,8 @@
 It lets the tests run the decoder=nvdec plumbing (threads, chunk hand-over, frame selection,
 fallback to the CPU) on machines without a GPU; the pixels are PyAV's, so outputs must equal the
 CPU decoder's exactly. A file whose name contains "unsupported" cannot be opened, as a codec
-NVDEC lacks.
+NVDEC lacks. As NVIDIA's demuxer (av_find_best_stream), it reads the video stream FFmpeg picks by
+default.
 
 As the real threaded decoder, it hands out views of its own surfaces, which it reuses: the frames
 of one get_batch_frames call are overwritten by the next call, and scrambled by end(). ``calls``
@@ -32,7 +33,7 @@ class OutputColorType(enum.Enum):
 class _Demuxer:
     def __init__(self, filename):
         with av.open(str(filename)) as c:
-            ctx = c.streams.video[0].codec_context
+            ctx = c.streams.best("video").codec_context
             self._codec, self._fmt = ctx.name, ctx.pix_fmt or ""
             self._size = (ctx.width, ctx.height)
 
@@ -87,7 +88,7 @@ class ThreadedDecoder:
         calls["decoders"].append({"path": str(path), "buffer_size": buffer_size, "gpu_id": gpu_id})
         self._buffer = buffer_size
         self._container = av.open(str(path))
-        stream = self._container.streams.video[0]
+        stream = self._container.streams.best("video")
         self._rate = float(stream.average_rate)
         self._frames = self._container.decode(stream)
         self._planar = output_color_type == OutputColorType.RGBP
