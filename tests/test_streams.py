@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from sample.make_samples import synth_frame
-from tests.test_audio import tone, write_media
+from tests.test_audio import tone
 from video_features.utils.audio import AudioInfo, load_audio
 from video_features.utils.config import make_config
 from video_features.utils.errors import VideoError
