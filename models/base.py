@@ -110,7 +110,8 @@ class Extractor(abc.ABC):
             with open_frames(work.path, needs["extraction_fps"], needs["frames_fps"],
                              timestamps=needs["timestamps"],
                              extraction_total=needs.get("extraction_total"),
-                             rotation=needs.get("rotation", "auto")) as src:
+                             rotation=needs.get("rotation", "auto"),
+                             video_stream=self.cfg.get("video_stream")) as src:
                 work.fps = src.fps
                 self.video_opened(work)
                 for chunk in src.chunks(self.chunk_frames()):
@@ -129,7 +130,8 @@ class Extractor(abc.ABC):
 
         try:
             for block in iter_audio(work.path, audio["sample_rate"],
-                                    keep_priming=audio.get("keep_priming", False), dtype=np.float32):
+                                    keep_priming=audio.get("keep_priming", False), dtype=np.float32,
+                                    stream=self.cfg.get("audio_stream")):
                 add(self.add_audio(work, block))
             add(self.end_audio(work))
         except FeatureError as exc:

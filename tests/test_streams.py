@@ -198,6 +198,18 @@ def test_a_run_decodes_the_chosen_stream_and_records_it(two, tmp_path):
         assert "damaged" not in meta(out, name)
 
 
+def test_the_python_api_takes_the_chosen_stream_too(two):
+    """``extract(path)`` of an extractor (the Python API's path, decoding in this process)
+    reads ``video_stream`` as a run does."""
+    from video_features.models.registry import get_extractor_class
+
+    for k in (0, 1):
+        cfg = make_config("null", video_paths=["x"], device="cpu", video_stream=k)
+        out = get_extractor_class("null")(cfg, torch.device("cpu")).extract(str(two["second"]))
+        np.testing.assert_allclose(np.asarray(out["null"]),
+                                   null_rows(stream_frames(two["second"], k)), rtol=1e-5)
+
+
 # -- which audio stream ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def audio(tmp_path_factory) -> dict[str, Path]:

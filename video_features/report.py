@@ -141,7 +141,7 @@ def _grouped(entries: list[tuple[str, str, str]]) -> str:
 
 
 # -- per input -------------------------------------------------------------------------------
-def _thumbnails(video: str, stamps_s: list[float]) -> list[np.ndarray]:
+def _thumbnails(video: str, stamps_s: list[float], stream: int | None = None) -> list[np.ndarray]:
     """Frames of ``video`` nearest to ``stamps_s`` (decoded in one pass at a low rate)."""
     from video_features.utils.video import open_frames
 
@@ -151,7 +151,7 @@ def _thumbnails(video: str, stamps_s: list[float]) -> list[np.ndarray]:
     fps = max(1.0, len(stamps_s) / span * 2)
     frames, times = [], []
     try:
-        with open_frames(video, fps) as src:
+        with open_frames(video, fps, video_stream=stream) as src:
             for chunk in src.chunks(16):
                 frames += list(chunk.frames)
                 times += list(chunk.timestamps_ms / 1000.0)
@@ -203,7 +203,8 @@ def _video_section(out: Output, findings: list, arrays: dict) -> str:
     video = out.meta.get("input")
     if t_s is not None and video and len(t_s):
         at = [float(t_s[i]) for i in np.linspace(0, len(t_s) - 1, min(THUMBS, len(t_s))).round().astype(int)]
-        thumbs = _thumbnails(video, at)
+        stream = ((out.meta.get("media") or {}).get("video") or {}).get("stream")
+        thumbs = _thumbnails(video, at, stream if isinstance(stream, int) else None)
         if thumbs:
             fig, axes = plt.subplots(1, len(thumbs), figsize=(1.6 * len(thumbs), 1.4))
             for ax, img, t in zip(np.atleast_1d(axes), thumbs, at):
