@@ -5,6 +5,13 @@ Feature types of your own can be added without editing the package: set
 ``VIDEO_FEATURES_PLUGINS="name=package.module:ClassName,..."`` (worker processes inherit it). The
 class subclasses :class:`models.base.Extractor`; its ``schema`` dataclass carries the defaults of
 options that configs/ does not know.
+
+``--help`` and the command line's usage checks need every feature type's options, and importing
+an extractor imports torch (seconds). They read them instead from ``models/options_index.py``,
+generated from the schemas (``python -m video_features.models.registry --write-index``) and
+trusted per feature type only while the classes it was made from read the same (their source
+text is compared by digest, no import); otherwise, and for plugins, the schema is imported.
+tests/test_cli.py fails while the index is stale.
 """
 from __future__ import annotations
 
