@@ -126,6 +126,17 @@ def test_finetune_refuses_abbreviations():
     assert "unknown option --train_annot" in line and "did you mean --train_annotations?" in line
 
 
+def test_finetune_key_value_typo_suggests_the_option():
+    line = usage_error("finetune", "lrr=0.1")
+    assert "unknown option 'lrr' for finetune (did you mean lr?)" in line
+
+
+@pytest.mark.parametrize("command,flag", [("check", "--x"), ("report", "--ou")])
+def test_check_and_report_refuse_abbreviations(tmp_path, command, flag):
+    res = run_main(command, flag, "y", str(tmp_path))
+    assert res.returncode == 2 and f"unrecognized arguments: {flag}" in res.stderr
+
+
 def test_option_index_is_current():
     """models/options_index.py holds what --help reads without torch; it is ignored (slower, still
     right) when stale, and this test keeps it current."""

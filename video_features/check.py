@@ -267,7 +267,7 @@ def check(root: str | Path) -> Report:
 def main(argv: list[str]) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="video-features check",
+    parser = argparse.ArgumentParser(prog="video-features check", allow_abbrev=False,
                                      description="Flag broken or suspicious outputs under OUTPUT_PATH "
                                                  "(exit code 1 when any output is broken).")
     parser.add_argument("output_path")

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from video_features.models.tvl1.options import TVL1Options, check_tvl1_options
-from video_features.utils.config import (CONFIG_DIR, Config, _add_option, _from_text, _omegaconf_error, _split_words,
+from video_features.utils.config import (CONFIG_DIR, Config, _add_option, _did_you_mean, _from_text, _omegaconf_error, _split_words,
                                          check_fields, option, parse_flags, read_yaml,
                                          schema_fields)
 from video_features.utils.errors import ConfigError, FeatureError, VideoError
@@ -136,7 +136,7 @@ def parse_options(argv: list[str]) -> Config:
     fields = schema_fields(FinetuneOptions)
     defaults = read_yaml(CONFIG_FILE)
     parser = argparse.ArgumentParser(
-        prog="video-features finetune",
+        prog="video-features finetune", allow_abbrev=False,
         description="Fine-tune I3D on labelled videos (Charades' CSV or a generic CSV/JSON), then "
                     "extract with --feature_type i3d checkpoint_path_rgb=OUTPUT_DIR/best_rgb.pt")
     for key, (tp, f) in fields.items():
@@ -145,7 +145,8 @@ def parse_options(argv: list[str]) -> Config:
     ns = parse_flags(parser, flags)
     for key in words:
         if key not in fields:
-            raise ConfigError(f"unknown option {key!r} for finetune (see finetune --help)")
+            raise ConfigError(f"unknown option {key!r} for finetune{_did_you_mean(key, fields)} "
+                              "(see finetune --help)")
     given = {k: _from_text(fields[k][0], v) for k, v in vars(ns).items()}
     file_values = read_yaml(given["config"]) if given.get("config") else {}
     try:

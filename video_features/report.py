@@ -402,7 +402,7 @@ img {{ margin: 0.2em; vertical-align: top; }}
 def main(argv: list[str]) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="video-features report",
+    parser = argparse.ArgumentParser(prog="video-features report", allow_abbrev=False,
                                      description="Write one self-contained HTML report of an output folder.")
     parser.add_argument("output_path")
     parser.add_argument("--out", help="the HTML file (default: OUTPUT_PATH/report.html)")
