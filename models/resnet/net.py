@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-import torchvision
 
 NAMES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
@@ -16,6 +15,10 @@ def build_resnet(model_name: str) -> nn.Module:
     """Untrained network with torchvision's module names (so its checkpoints load strictly)."""
     if model_name not in NAMES:
         raise ValueError(f"unknown ResNet {model_name!r}")
+    # imported here: torchvision's model zoo costs a second of start-up, which a run that finds
+    # every input done (or fails validation) should not pay
+    import torchvision
+
     return getattr(torchvision.models, model_name)(weights=None)
 
 
