@@ -25,7 +25,7 @@ from torch import nn
 from video_features.models.s3d.extractor import S3DExtractor, preprocess_reference, preprocess_torchvision
 from video_features.models.s3d.net import MIN_FRAMES, temporal_length
 from video_features.models.s3d.weights import (REFERENCE_CARD, TORCHVISION_CARD, convert_kylemin, detect_layout,
-                                kylemin_key, labels)
+                                kylemin_key, labels, load_s3d)
 from video_features.utils.config import make_config
 from video_features.utils.errors import ConfigError, VideoError, WeightsError
 
@@ -322,9 +322,12 @@ def test_checkpoint_path_is_recognised_by_its_keys(kylemin_file, tv_file, kylemi
     state = {"module." + k: v for k, v in kylemin_net.state_dict().items()
              if not k.endswith("num_batches_tracked")}
     torch.save(state, tmp_path / "S3D_kinetics400.pt")
-    ex = S3DExtractor(_cfg(checkpoint_path=str(tmp_path / "S3D_kinetics400.pt")), CPU)
-    got = ex.net.net.state_dict()
-    assert ex.layout == "kylemin"
+    cfg = _cfg(checkpoint_path=str(tmp_path / "S3D_kinetics400.pt"))
+    assert S3DExtractor(cfg, CPU).layout == "kylemin"
+    # the network as loaded (the extractor folds its BatchNorms into the convolutions on CPUs)
+    net, layout = load_s3d(cfg, CPU)
+    got = net.net.state_dict()
+    assert layout == "kylemin"
     for k, v in state.items():
         assert torch.equal(got[kylemin_key(k[len("module."):])], v)
 

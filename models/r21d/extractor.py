@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from video_features.models.base import Extractor, StackOptions
-from video_features.models.r21d.net import MODELS
+from video_features.models.r21d.net import MODELS, fold_batchnorm
 from video_features.models.r21d.weights import card_for, labels, load_r21d, spec_for
 from video_features.utils.config import Config, option
 from video_features.utils.errors import VideoError
@@ -31,11 +31,12 @@ KINETICS_STD = (0.22803, 0.22145, 0.216989)
 def preprocess(frames_u8: torch.Tensor, crops: str = "center") -> torch.Tensor:
     """(N, 3, H, W) uint8 -> (N, 3, 112, 112): /255, bilinear (no antialias) to 128x171,
     normalise, centre crop with torchvision's rounding (the reference recipe); 5 / 10 crops:
-    ``(N, V, 3, 112, 112)``, see :func:`utils.transforms.crop_views`."""
+    ``(N, V, 3, 112, 112)``, see :func:`utils.transforms.crop_views`. The crop is taken before
+    normalising (per-pixel, so the numbers are the same) to normalise fewer pixels."""
     x = frames_u8.float() / 255.0
     x = resize(x, (128, 171), antialias=False, round_to_uint8=False)
-    x = normalize(x, KINETICS_MEAN, KINETICS_STD)
-    return crop_views(x, 112, crops, lambda y: center_crop(y, 112, offset="round"))
+    x = crop_views(x, 112, crops, lambda y: center_crop(y, 112, offset="round"))
+    return normalize(x, KINETICS_MEAN, KINETICS_STD)
 
 
 @dataclasses.dataclass
@@ -79,6 +80,12 @@ class R21DExtractor(Extractor):
         super().__init__(resolve_stacks(cfg), device)
         cfg = self.cfg
         self.net = load_r21d(cfg, self.device)
+        # CPUs: BatchNorm folded into the convolutions and channels-last layout, oneDNN's fast
+        # path for 3D convolutions (R(2+1)D-18 on 2 cores: 0.32 s per 16-frame clip instead of
+        # 0.46 s; features within 3e-7 relative). GPUs run the network as loaded.
+        self.channels_last = self.device.type == "cpu"
+        if self.channels_last:
+            self.net = fold_batchnorm(self.net).to(memory_format=torch.channels_last_3d)
         self.labels = labels() if cfg.show_pred else []
 
     def chunk_frames(self) -> int:
@@ -100,7 +107,10 @@ class R21DExtractor(Extractor):
 
     @torch.inference_mode()
     def forward(self, key: str, batch: torch.Tensor) -> torch.Tensor:
-        return self.net(batch.permute(0, 2, 1, 3, 4))  # (B, T, C, H, W) -> (B, C, T, H, W)
+        x = batch.permute(0, 2, 1, 3, 4)  # (B, T, C, H, W) -> (B, C, T, H, W)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        return self.net(x)
 
     @torch.inference_mode()
     def finish(self, work) -> dict[str, np.ndarray]:
