@@ -98,9 +98,11 @@ def load_r21d(cfg: object, device: torch.device) -> R21DFeatures:
     """The pretrained network of ``cfg.model_name`` (default R(2+1)D-18) on ``device`` in eval
     mode; random only on explicit request."""
     model_name = getattr(cfg, "model_name", R2PLUS1D_18)
-    net = build_r21d(model_name)
     path = getattr(cfg, "checkpoint_path", None)
-    if not use_random_weights(getattr(cfg, "allow_random_weights", False), path, f"r21d {model_name}"):
+    if use_random_weights(getattr(cfg, "allow_random_weights", False), path, f"r21d {model_name}"):
+        net = build_r21d(model_name)
+    else:
+        net = build_r21d(model_name, init=False)  # a strict load overwrites every tensor
         load_checkpoint_into(net, card_for(model_name), path,
                              fill_bn_counters=model_name != R2PLUS1D_18)
     return R21DFeatures(net).to(device).eval()
