@@ -140,9 +140,15 @@ class I3DExtractor(Extractor):
         allow_random = bool(cfg.allow_random_weights)
         self.nets = {}
         self.labels = {}
+        # CPUs run I3D in channels-last layout, oneDNN's fast path for 3D convolutions: one
+        # 64-frame 224x224 stack on 2 cores took 1.4 s instead of 1.75 s (features within 2e-7
+        # relative). GPUs keep the default layout.
+        self.channels_last = self.device.type == "cpu"
         for s in self.streams:
             card = get_card(WEIGHTS[cfg.weights][s])
             self.nets[s] = load_i3d(s, card.name, cfg.get(f"checkpoint_path_{s}"), allow_random, self.device)
+            if self.channels_last and isinstance(self.nets[s], torch.nn.Module):
+                self.nets[s] = self.nets[s].to(memory_format=torch.channels_last_3d)
             if cfg.show_pred:
                 self.labels[s] = load_labels(card.extra.get("labels", "kinetics400"))
         self.flow_net = None
@@ -322,9 +328,11 @@ class I3DExtractor(Extractor):
         return items
 
     def forward(self, key: str, batch: torch.Tensor) -> torch.Tensor:
-        x = batch.permute(0, 2, 1, 3, 4).contiguous()  # (B, T, C, H, W) -> (B, C, T, H, W)
+        x = batch.permute(0, 2, 1, 3, 4)  # (B, T, C, H, W) -> (B, C, T, H, W)
+        x = x.contiguous(memory_format=torch.channels_last_3d if self.channels_last
+                         else torch.contiguous_format)
         net = self.nets[key]
-        return net.feature_maps(x) if self.cfg.spatial else net.features(x)
+        return net.feature_maps(x).contiguous() if self.cfg.spatial else net.features(x)
 
     def _predict(self, net: torch.nn.Module, feats: torch.Tensor) -> torch.Tensor:
         pooled = net._avg_pool(feats).mean(dim=(2, 3, 4)) if self.cfg.spatial else feats
