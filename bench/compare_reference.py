@@ -10,7 +10,10 @@ quiet machine (1-minute load average under ``--max_load``, polled every 30 s for
     feature | ours wall s | reference wall s | speed-up (reference / ours) | peak RSS | features
 
     python bench/compare_reference.py --reference_dir /path/to/video_features \\
-        --video v_GGSY1Qvo990.mp4 --features resnet50 r21d i3d s3d vggish clip --rounds 3
+        --video /path/to/video_features/sample/v_GGSY1Qvo990.mp4 --rounds 3
+
+(``v_GGSY1Qvo990.mp4``, in the reference's sample folder, is an 18 s 320x240 clip at 19.6 fps
+with AAC audio; ``--features`` picks a subset of resnet50 r21d i3d s3d vggish clip.)
 
 Wall seconds are the whole process (interpreter start, imports, weights, decoding, networks,
 saving); peak RSS is the largest single process of the run. "features" is the largest absolute
@@ -22,23 +25,25 @@ in a temporary folder, and the I3D, S3D and CLIP files are put where the referen
 (``models/i3d/checkpoints/i3d_rgb.pt``, ``models/s3d/checkpoint/S3D_kinetics400_torchified.pt``,
 ``models/clip/checkpoints/CLIP-custom.pth`` with ``model_name=custom``); torchvision's ResNet-50 and
 R(2+1)D-18 go in a private torch hub cache under their published names, torchvggish's VGGish and
-PCA files in ``models/vggish/hub/checkpoints`` of the copy (the reference sets TORCH_HOME there). The checkout itself is not changed. Our runs read the same files through
-``checkpoint_path``.
+PCA files in ``models/vggish/hub/checkpoints`` of the copy (the reference sets TORCH_HOME there).
+The checkout itself is not changed. Our runs read the same files through ``checkpoint_path``.
 
 What the reference needs here: its Python packages (omegaconf, opencv-python, resampy, soundfile,
 ftfy, regex; pass ``--reference_pythonpath`` for an extra site folder) and an ``ffmpeg``
 executable for S3D (it re-encodes every video to 25 fps) and VGGish (it extracts the audio to
 WAV): the one on PATH, else imageio-ffmpeg's (``pip install imageio-ffmpeg``), else ``--ffmpeg``.
-torchvision 0.24 and later have no video decoding, and the reference's R(2+1)D and S3D call
-``torchvision.io.video.read_video``; when it is missing a stand-in is installed in the reference's
-process only: PyAV decoding of every video frame to RGB and every audio frame of the file, stacked
-into tensors, as torchvision's PyAV reader returned them.
+Recent torchvision releases (0.27 here) have no video decoding, and the reference's R(2+1)D and
+S3D call ``torchvision.io.video.read_video``; when it is missing a stand-in is installed in the
+reference's process only: PyAV decoding of every video frame to RGB and every audio frame of the
+file, stacked into tensors, as torchvision's PyAV reader returned them. The table's reference
+times for those two types therefore include this stand-in's decoding, not torchvision's.
 
 Options of our runs that differ from our defaults, so that both tools compute the same numbers:
 ``timestamps_form=reference``; VGGish ``keep_priming=true`` (the reference keeps the AAC priming
 samples). S3D's reference re-encodes the video to 25 fps with libx264, so its pixels differ from
 ours (we pick frames by timestamp and decode once); its feature check is made by an extra,
-untimed run of ours on the reference's re-encoded file (``extraction_fps=null``).
+untimed run of ours on the reference's re-encoded file (``extraction_fps=null``; the reference's
+S3D runs keep their temporary files for it, ``keep_tmp_files=true``).
 """
 from __future__ import annotations
 
