@@ -224,8 +224,8 @@ def test_a_recomputation_racing_the_move_is_kept(tmp_path, monkeypatch, mode, wh
     if when == "after_read":
         real = Staged.read
 
-        def read(cls, name, meta_path):
-            item = real(name, meta_path)
+        def read(cls, name, meta_path, **kw):
+            item = real(name, meta_path, **kw)
             if name == "v0":
                 worker_rewrites()
             return item
@@ -251,6 +251,42 @@ def test_a_recomputation_racing_the_move_is_kept(tmp_path, monkeypatch, mode, wh
     assert _version_in_store(out, mode, "v0") == (2, 2)
     assert sorted(_read(out, mode)) == ["v0", "v1", "v2"]
     _nothing_staged(out)
+
+
+class _Killed(BaseException):
+    """Stands for a kill: nothing after it runs."""
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("deleted", [0, 1, 2])
+def test_a_kill_during_the_clean_up_leaves_nothing_behind(tmp_path, monkeypatch, mode, deleted):
+    """Killed after ``deleted`` of a landed input's staged files were deleted: the next
+    consolidation finishes the clean-up, whatever file it stopped at."""
+    root, out = tmp_path / "in", tmp_path / "out"
+    root.mkdir()
+    w = writer(mode, str(out), str(root))
+    paths = [str(root / f"v{i}.mp4") for i in range(SHARD)]
+    for p in paths:
+        stage(w, p, 1, rows=4)
+    real, calls = cons._remove_if_same, []
+
+    def remove_if_same(path, ident):
+        if len(calls) == deleted:
+            raise _Killed
+        calls.append(path.name)
+        real(path, ident)
+    monkeypatch.setattr(cons, "_remove_if_same", remove_if_same)
+    with pytest.raises(_Killed):
+        cons.consolidate(w)
+    monkeypatch.undo()
+    left = sorted(p.name for p in (out / "null" / ".staging").rglob("*") if p.is_file())
+    assert "v0_meta.json" in left   # the record is the last file deleted
+    assert w.state(paths[0], ["null", "fps"]).status == "done"
+    cons.consolidate(w)
+    _nothing_staged(out)
+    got = _read(out, mode)
+    assert sorted(got) == ["v0", "v1", "v2"]
+    assert all((got[n]["null"] == 1).all() for n in got)
 
 
 # -- 6. damaged files ----------------------------------------------------------------------------

@@ -52,7 +52,9 @@ Why nothing is lost or doubled, whatever is killed when:
   the index, and only then are the older copies (no longer linked) removed from their parts; a
   kill in between leaves an older copy that the next consolidation removes.
 - An input staged again after it landed (a kill between the part and the clean-up) is recognised
-  by its identical record and only cleaned up.
+  by its identical record and only cleaned up. The clean-up deletes the record last, so a kill
+  in it leaves that record (with fewer arrays), which the next consolidation recognises the same
+  way, and never arrays without a record.
 - One input's record and arrays are read as one snapshot: the record is read, the arrays are
   opened, and the record must still be the same file afterwards (a worker recomputing the input
   removes the record first). Staged files are deleted only if they are still the files that were
@@ -159,23 +161,31 @@ class Staged:
     idents: dict[Path, tuple[int, ...]]
 
     @classmethod
-    def read(cls, name: str, meta_path: Path) -> "Staged | None":
+    def read(cls, name: str, meta_path: Path, whole: bool = True) -> "Staged | None":
         """The input's record and files as one snapshot; None when it is incomplete, damaged or
-        being rewritten (it is then left alone)."""
+        being rewritten (it is then left alone). With ``whole`` False, an incomplete input is
+        read too, with the files it still has (to clean up what a killed clean-up left)."""
         try:
             with open(meta_path, "rb") as f:
                 ident = _ident(os.fstat(f.fileno()))
                 meta = json.loads(f.read())
             outputs = meta.get("outputs") or {}
             files = {k: meta_path.parent / v["file"] for k, v in outputs.items()}
-            idents = {meta_path: ident}
+            idents = {}
             for key, path in files.items():
-                with open(path, "rb") as f:
-                    if not matches_npy(f, outputs[key]):
+                try:
+                    with open(path, "rb") as f:
+                        if whole and not matches_npy(f, outputs[key]):
+                            return None
+                        idents[path] = _ident(os.fstat(f.fileno()))
+                except FileNotFoundError:
+                    if whole:
                         return None
-                    idents[path] = _ident(os.fstat(f.fileno()))
-            if _ident(os.stat(meta_path)) != ident:   # rewritten meanwhile: arrays may be newer
+            # a worker recomputing the input removes its record before writing any array, so
+            # the same record afterwards means that the arrays read are the ones it describes
+            if _ident(os.stat(meta_path)) != ident:
                 return None
+            idents[meta_path] = ident   # last: the record is deleted after the arrays
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return None
         return cls(name, meta_path, meta, _digest(meta), files, idents)
@@ -199,7 +209,10 @@ class Staged:
             yield opened
 
     def remove(self) -> None:
-        """Delete the staged files read (the record first), leaving any newer ones in place."""
+        """Delete the staged files read, leaving any newer ones in place. The record goes last,
+        so a kill on the way leaves a record whose input already landed (the next
+        consolidation finishes the clean-up), never arrays without a record (which nothing
+        could tell from a worker's half-written input)."""
         for path, ident in self.idents.items():
             _remove_if_same(path, ident)
         with contextlib.suppress(OSError):  # empty folders of the staging tree
@@ -247,7 +260,8 @@ def _staged(writer: OutputWriter) -> list[tuple[str, Path]]:
     for meta_path in sorted(root.rglob(f"*{suffix}")):
         rel = meta_path.relative_to(root)
         out.append(((rel.parent / meta_path.name[:-len(suffix)]).as_posix(), meta_path))
-    for folder in {m.parent for _, m in out}:   # files a killed consolidation moved aside
+    # files a killed consolidation moved aside, also in folders it left without a record
+    for folder in {root, *(p for p in root.rglob("*") if p.is_dir())}:
         remove_abandoned_temps(folder, folder=True)
     return out
 
@@ -889,9 +903,15 @@ def consolidate(writer: OutputWriter, final: bool = True) -> int:
         todo = []
         for name, meta_path in _staged(writer):
             item = Staged.read(name, meta_path)
+            landed = have.get(name)
             if item is None:
-                continue   # half-written, damaged or being rewritten: left to its worker
-            if name in have and have[name].digest == item.digest:
+                # half-written, damaged or being rewritten: left to its worker, unless it is
+                # what a kill during the clean-up of a landed input left
+                rest = Staged.read(name, meta_path, whole=False) if landed else None
+                if rest is not None and rest.digest == landed.digest:
+                    rest.remove()
+                continue
+            if landed is not None and landed.digest == item.digest:
                 item.remove()   # it landed before a kill stopped the clean-up
                 continue
             todo.append(item)
