@@ -1,8 +1,6 @@
 """Command-line entry point of a checkout: ``python main.py --feature_type resnet ...``, the same
 as the installed ``video-features`` command (video_features/cli.py)."""
-import sys
-
-from video_features.cli import main
+from video_features.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -76,7 +76,7 @@ def test_the_wheel_installs_only_the_video_features_package(tmp_path):
     for package in sorted(p.parent.name for p in (REPO / "models").glob("*/__init__.py")):
         assert f"video_features/models/{package}/__init__.py" in names, package  # pyproject lists it
     entry = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "video-features = video_features.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()
+    assert "video-features = video_features.cli:entry" in zipfile.ZipFile(wheel).read(entry).decode()
     # installed elsewhere, it runs without the checkout
     target = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(target)

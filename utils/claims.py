@@ -160,6 +160,7 @@ class Claims:
 
     def close(self) -> None:
         self._stop.set()
+        self._beat.join()
         self.release_all()
 
     def _heartbeat(self) -> None:

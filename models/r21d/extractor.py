@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from video_features.models.base import Extractor, StackOptions
-from video_features.models.r21d.net import MODELS, fold_batchnorm
+from video_features.models.fold_bn import fold_batchnorm
+from video_features.models.r21d.net import MODELS
 from video_features.models.r21d.weights import card_for, labels, load_r21d, spec_for
 from video_features.utils.config import Config, option
 from video_features.utils.errors import VideoError

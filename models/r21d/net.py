@@ -16,14 +16,13 @@ a run about a second of start-up (it imports torch._dynamo), and nothing else of
 tests/test_r21d.py holds the features equal to torchvision's own ``r2plus1d_18`` and to an
 R(2+1)D-34 assembled from torchvision's parts.
 
-:func:`fold_batchnorm` folds every BatchNorm into the convolution before it (inference only);
-the CPU path runs the folded network in channels-last layout (see the extractor).
+The CPU path folds every BatchNorm into the convolution before it and runs the network in
+channels-last layout (see the extractor).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 R2PLUS1D_18 = "r2plus1d_18_16_kinetics"
 R2PLUS1D_34_32 = "r2plus1d_34_32_ig65m_ft_kinetics"
@@ -132,31 +131,6 @@ def build_r21d(model_name: str = R2PLUS1D_18, num_classes: int = 400, init: bool
         return build_r2plus1d_34_ig65m(num_classes, init)
     raise ValueError(f"unknown r21d model_name {model_name!r}; choose one of {', '.join(MODELS)}")
 
-
-
-def _output_conv(m: nn.Module) -> nn.Conv3d | None:
-    """The convolution whose output is ``m``'s output (``m`` itself, or the last module of a
-    Sequential ending in one), else None."""
-    if isinstance(m, nn.Conv3d):
-        return m
-    if isinstance(m, nn.Sequential) and len(m):
-        return _output_conv(m[-1])
-    return None
-
-
-def fold_batchnorm(net: nn.Module) -> nn.Module:
-    """``net`` with every BatchNorm3d in eval mode that directly follows a convolution in a
-    Sequential folded into that convolution's weights and bias, and replaced by Identity. The
-    features change by float rounding only (about 3e-7 relative). In a CPU profile of
-    R(2+1)D-18 the BatchNorm passes took 11% of the network's time."""
-    for seq in [m for m in net.modules() if isinstance(m, nn.Sequential)]:
-        for i in range(1, len(seq)):
-            conv = _output_conv(seq[i - 1])
-            if isinstance(seq[i], nn.BatchNorm3d) and not seq[i].training and conv is not None:
-                fused = fuse_conv_bn_eval(conv, seq[i])
-                conv.weight, conv.bias = fused.weight, fused.bias
-                seq[i] = nn.Identity()
-    return net
 
 
 class R21DFeatures(nn.Module):

@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from video_features.models.base import Extractor, StackOptions
-from video_features.models.s3d.net import FEATURE_DIM, MIN_FRAMES, fold_batchnorm
+from video_features.models.fold_bn import fold_batchnorm
+from video_features.models.s3d.net import FEATURE_DIM, MIN_FRAMES
 from video_features.models.s3d.weights import FAMILIES, card_for, labels, load_s3d
 from video_features.utils.config import Config, option
 from video_features.utils.errors import ConfigError, VideoError

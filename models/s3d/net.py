@@ -86,22 +86,6 @@ def build_s3d(num_classes: int = 400) -> nn.Module:
     return S3D(num_classes)
 
 
-def fold_batchnorm(net: nn.Module) -> nn.Module:
-    """``net`` with the BatchNorm (in eval mode) of every conv / norm / ReLU unit folded into
-    the convolution's weights and bias and replaced by Identity (features change by float
-    rounding only)."""
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
-    for seq in [m for m in net.modules() if isinstance(m, nn.Sequential)]:
-        for i in range(1, len(seq)):
-            if (isinstance(seq[i], nn.BatchNorm3d) and not seq[i].training
-                    and isinstance(seq[i - 1], nn.Conv3d)):
-                fused = fuse_conv_bn_eval(seq[i - 1], seq[i])
-                seq[i - 1].weight, seq[i - 1].bias = fused.weight, fused.bias
-                seq[i] = nn.Identity()
-    return net
-
-
 def temporal_length(frames: int) -> int:
     """Time steps the body leaves of ``frames`` input frames (conv k7 s2 p3, pool k3 s2 p1,
     pool k2 s2)."""
