@@ -536,6 +536,80 @@ INDEX = {'resnet': {'target': 'video_features.models.resnet.extractor:ResNetExtr
                            'checkpoint has it, else mean',
                            None,
                            ('auto', 'fc_norm', 'mean'))]},
+ 'hf_video': {'target': 'video_features.models.hf_video.extractor:HFVideoExtractor',
+              'sources': [('video_features.models.hf_video.extractor',
+                           'HFVideoExtractor',
+                           'extractor',
+                           '74272db1914e0ab652164a0f8c11ac2a3e77edc4'),
+                          ('video_features.models.hf_video.extractor',
+                           'HFVideoOptions',
+                           'schema',
+                           '9044fb7e7d8b61082c9a36e53265b0f73bbefb09'),
+                          ('video_features.models.base',
+                           'StackOptions',
+                           'schema',
+                           'c01e2784d41749e057256132b547d0b3335a2a62'),
+                          ('video_features.models.base',
+                           'CropOptions',
+                           'schema',
+                           'efccd91ddd4b12306da6d4fadf766fa3b87c1f62')],
+              'options': [('crops',
+                           False,
+                           "center: the feature type's centre crop (rows T x D); 5 / 10: "
+                           "torchvision's FiveCrop / TenCrop views (corners, centre; and of the "
+                           'flipped frame), run as a batch dimension and saved as T x crops x D',
+                           None,
+                           ('center', '5', '10')),
+                          ('stack_size',
+                           False,
+                           "frames per clip; null: the model's own (num_frames / frames_per_clip "
+                           'of its config)',
+                           None,
+                           None),
+                          ('step_size',
+                           False,
+                           'frames between the starts of consecutive clips; null: stack_size '
+                           '(clips side by side)',
+                           None,
+                           None),
+                          ('tail',
+                           False,
+                           'drop: ignore frames after the last full stack (reference behaviour); '
+                           'pad: one more stack, completed by repeating its last frame',
+                           None,
+                           ('drop', 'pad')),
+                          ('model_name',
+                           False,
+                           'Hugging Face repo id (facebook/vjepa2-vitl-fpc64-256, '
+                           'facebook/timesformer-base-finetuned-k400, '
+                           'google/vivit-b-16x2-kinetics400, microsoft/xclip-base-patch32, '
+                           "MCG-NJU/videomae-base, ...) or a local folder in transformers' layout "
+                           '(config.json, model.safetensors, video_preprocessor_config.json or '
+                           'preprocessor_config.json)',
+                           None,
+                           None),
+                          ('revision',
+                           False,
+                           'hub revision (branch, tag or commit) of model_name; null: main',
+                           None,
+                           None),
+                          ('pooling',
+                           False,
+                           "tokens -> one vector per clip. auto: the model card's / classification "
+                           "head's (V-JEPA 2 mean, TimeSformer and ViViT cls, VideoMAE fc_norm "
+                           'where fine-tuned, X-CLIP mit); cls: class token; mean: patch-token '
+                           "mean; attentive: V-JEPA 2's attentive pooler (classification "
+                           "checkpoints); fc_norm: VideoMAE's head norm; mit: X-CLIP's video "
+                           "embedding; pooler: the model's pooler_output (models with their own "
+                           'code)',
+                           None,
+                           ('auto', 'cls', 'mean', 'fc_norm', 'attentive', 'mit', 'pooler')),
+                          ('trust_remote_code',
+                           False,
+                           'run network code that a repo ships (auto_map in its config.json, e.g. '
+                           'InternVideo2); refused otherwise',
+                           None,
+                           None)]},
  'clap': {'target': 'video_features.models.clap.extractor:CLAPExtractor',
           'sources': [('video_features.models.clap.extractor',
                        'CLAPExtractor',

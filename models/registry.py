@@ -36,6 +36,7 @@ _EXTRACTORS = {
     "clip": "video_features.models.clip.extractor:CLIPExtractor",
     "timm": "video_features.models.timm_image.extractor:TimmExtractor",
     "videomae": "video_features.models.videomae.extractor:VideoMAEExtractor",
+    "hf_video": "video_features.models.hf_video.extractor:HFVideoExtractor",
     "clap": "video_features.models.clap.extractor:CLAPExtractor",
     "raft": "video_features.models.flow_out.extractor:RAFTFlowExtractor",
     "pwc": "video_features.models.flow_out.extractor:PWCFlowExtractor",

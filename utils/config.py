@@ -56,7 +56,7 @@ class SharedOptions:
         "recorded as NAME@VERSION; other options still override it")
     feature_type: Optional[str] = option(
         "what to extract: resnet (alias resnet50), i3d, r21d (alias r21d_rgb), s3d, tv_video, "
-        "videomae, clip, timm, raft, pwc, tvl1, vggish, clap, null; several share one decode")
+        "videomae, hf_video, clip, timm, raft, pwc, tvl1, vggish, clap, null; several share one decode")
     video_paths: List[str] = option("input videos (or frame folders / audio files), space separated")
     file_with_video_paths: Optional[str] = option(
         "text file with one input path per line (blank lines and # comments ignored)")

@@ -10,6 +10,7 @@ also those of families that fetch single files (timm), so that one environment g
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -192,6 +193,31 @@ def resolve(cfg: Any, random_weights: bool, *, label: str, built_in: Container[s
     return Source(name, revision, folder, None if random_weights else weights_in(folder))
 
 
+def read_state_dict(path: Path) -> dict:
+    """A safetensors / torch file, or a sharded index of them, as one CPU state dict."""
+    import torch
+
+    path = Path(path)
+    if path.name.endswith(".index.json"):
+        index = json.loads(path.read_text())
+        state: dict = {}
+        for shard in sorted(set(index.get("weight_map", {}).values())):
+            state.update(read_state_dict(path.parent / shard))
+        return state
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise WeightsError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from None
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    return obj
+
+
 __all__ = ["CACHE_LACKS", "NOT_CACHED", "OFFLINE_WORDS", "WEIGHT_FILES", "ExtraFiles", "Source",
-           "fetch_hint", "hub_cache_dir", "hub_folder", "local_dir", "offline", "resolve",
-           "weights_in"]
+           "fetch_hint", "hub_cache_dir", "hub_folder", "local_dir", "offline", "read_state_dict",
+           "resolve", "weights_in"]

@@ -23,10 +23,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from video_features.models.videomae.weights import read_state_dict
 from video_features.utils import hf_hub
 from video_features.utils.errors import ConfigError, WeightsError
-from video_features.utils.hf_hub import ExtraFiles, Source, fetch_hint, local_dir
+from video_features.utils.hf_hub import ExtraFiles, Source, fetch_hint, local_dir, read_state_dict
 from video_features.utils.weights import WeightCard, check_keys, register_card
 
 log = logging.getLogger(__name__)

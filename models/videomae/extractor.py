@@ -20,8 +20,8 @@ import torch
 from video_features.models.base import Extractor, StackOptions
 from video_features.models.videomae.weights import (DEFAULT_MODEL, KINETICS_LABELS, KNOWN_MODELS, V2_HINT,
                                      build_config, build_network, card_for, import_transformers,
-                                     is_v2_name, processor_for, read_state_dict, resolve,
-                                     weights_file_for)
+                                     is_v2_name, processor_for, resolve, weights_file_for)
+from video_features.utils.hf_hub import read_state_dict
 from video_features.utils.config import Config, option
 from video_features.utils.errors import ConfigError, VideoError
 from video_features.utils.pipeline import rows_of

@@ -162,31 +162,6 @@ def processor_for(src: Source, config: Any) -> Any:
     return tf.VideoMAEImageProcessor(**values)
 
 
-def read_state_dict(path: Path) -> dict:
-    """A safetensors / torch file, or a sharded index of them, as one CPU state dict."""
-    import torch
-
-    path = Path(path)
-    if path.name.endswith(".index.json"):
-        index = json.loads(path.read_text())
-        state: dict = {}
-        for shard in sorted(set(index.get("weight_map", {}).values())):
-            state.update(read_state_dict(path.parent / shard))
-        return state
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise WeightsError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from None
-    for key in ("state_dict", "model"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-    return obj
-
-
 def published_to_module(state: dict) -> dict:
     """The hub's key layout -> transformers' current modules: the published checkpoints (and
     save_pretrained) keep the original VideoMAE attention biases ``q_bias`` / ``v_bias``, which
