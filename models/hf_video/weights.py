@@ -119,13 +119,15 @@ def load_network(cls: Any, config: Any, src: Source, state: dict | None, trust: 
             if hasattr(cls, "_from_config") else cls(config).eval()
     kwargs: dict[str, Any] = dict(config=config, local_files_only=True, output_loading_info=True,
                                   trust_remote_code=trust, dtype=torch.float32)
-    if state is not None:
-        kwargs["state_dict"] = state
     try:
-        net, info = cls.from_pretrained(str(src.folder), **kwargs)
+        if state is not None:   # transformers takes tensors only without a folder to read
+            net, info = cls.from_pretrained(None, state_dict=state, **kwargs)
+        else:
+            net, info = cls.from_pretrained(str(src.folder), **kwargs)
     except (OSError, ValueError, RuntimeError) as exc:
         raise WeightsError(f"cannot load {src.model_id}: {str(exc).splitlines()[0][:300]}") from None
-    missing = list(info.get("missing_keys") or []) + [k for k, *_ in info.get("mismatched_keys") or []]
+    missing = sorted(info.get("missing_keys") or []) + sorted(
+        k if isinstance(k, str) else k[0] for k in info.get("mismatched_keys") or [])
     if missing:
         raise WeightsError(f"{src.model_id}: the checkpoint does not fit {cls.__name__}: "
                            f"{len(missing)} weight(s) missing or of another shape "
