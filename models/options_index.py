@@ -476,7 +476,7 @@ INDEX = {'resnet': {'target': 'video_features.models.resnet.extractor:ResNetExtr
               'sources': [('video_features.models.videomae.extractor',
                            'VideoMAEExtractor',
                            'extractor',
-                           '454ae29e9f244ca48ab0939fcc6084331a684bf8'),
+                           '7fff5ad0bc3723151d4f3dc6a0964903604ad2b6'),
                           ('video_features.models.videomae.extractor',
                            'VideoMAEOptions',
                            'schema',

@@ -231,8 +231,10 @@ def test_overlapping_clips_padded_tail_and_too_short(models, make_video, video):
         _extract(models["vivit"], short)
 
 
-def test_stack_size_other_than_the_model_s_is_refused_by_the_model(models, video):
+def test_stack_size_other_than_the_model_s_where_its_positions_allow(models, video):
     """V-JEPA 2 uses rotary positions (any clip length); ViViT's positions are fixed."""
+    with pytest.raises(ConfigError, match="stack_size=8: .* takes clips of 4 frames"):
+        HFVideoExtractor(_cfg(models["vivit"], stack_size=8), CPU)
     _, out = _extract(models["vjepa2"], video, stack_size=8)
     assert out["hf_video"].shape == (1, 32)
     frames = decode_rgb(video)

@@ -19,7 +19,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from video_features.models.registry import get_extractor_class  # noqa: E402
-from video_features.models.videomae.extractor import Preprocess, VideoMAEExtractor  # noqa: E402
+from video_features.models.hf_video.preprocess import OnDevice  # noqa: E402
+from video_features.models.videomae.extractor import VideoMAEExtractor  # noqa: E402
 from video_features.models.videomae.weights import KINETICS_LABELS  # noqa: E402
 from video_features.utils.config import make_config  # noqa: E402
 from video_features.utils.errors import ConfigError, VideoError, WeightsError  # noqa: E402
@@ -130,7 +131,7 @@ def test_preprocess_matches_the_hf_image_processor(make_video, tmp_path, w, h, p
     proc = transformers.VideoMAEImageProcessor(**values)
     proc.save_pretrained(tmp_path)
     want = proc([list(frames)], return_tensors="pt").pixel_values[0]
-    ours = Preprocess.from_processor(
+    ours = OnDevice(
         transformers.VideoMAEImageProcessor.from_pretrained(tmp_path))(to_device(frames, CPU))
     assert ours.shape == want.shape == (3, 3, 64, 64) and ours.dtype == torch.float32
     torch.testing.assert_close(ours, want, rtol=0, atol=1e-6)   # measured: identical
@@ -151,7 +152,7 @@ def test_features_match_transformers_forward(classifier_dir, hf_classifier, vide
         hidden = hf_classifier.videomae(pv).last_hidden_state
         want = hf_classifier.fc_norm(hidden.mean(1)).numpy()
         logits = hf_classifier(pixel_values=pv).logits.numpy()
-        ours_logits = ex.classifier(torch.from_numpy(out["videomae"])).numpy()
+        ours_logits = ex.net.classifier(torch.from_numpy(out["videomae"])).numpy()
     scale = np.abs(want).max()
     assert np.abs(out["videomae"] - want).max() <= 1e-4 * scale
     assert np.abs(ours_logits - logits).max() <= 1e-4 * np.abs(logits).max()
@@ -164,7 +165,7 @@ def test_features_match_transformers_forward(classifier_dir, hf_classifier, vide
 
 def test_self_supervised_checkpoint_mean_pools_the_encoder(pretrain_dir, video9):
     ex, out = _extract(video9, model_name=str(pretrain_dir))
-    assert ex.pooling == "mean" and ex.classifier is None
+    assert ex.pooling == "mean" and not hasattr(ex.net, "classifier")
     hf = transformers.VideoMAEModel.from_pretrained(pretrain_dir).eval()   # drops the decoder
     assert hf.layernorm is not None
     frames = decode_rgb(video9)
@@ -350,7 +351,7 @@ def test_invalid_options_name_the_option(option, value, match):
 
 
 def test_stack_size_must_fit_the_model(classifier_dir):
-    with pytest.raises(ConfigError, match="num_frames=4"):
+    with pytest.raises(ConfigError, match="stack_size=6: .* takes clips of 4 frames"):
         VideoMAEExtractor(_cfg(model_name=str(classifier_dir), stack_size=6), CPU)
 
 

@@ -104,10 +104,14 @@ class HFVideoExtractor(Extractor):
                      ", ".join(("videomae", "timesformer", "vivit", "vjepa2", "xclip")))
         self.pooling = pooling_for(self.family, net, cfg.pooling, src.model_id)
         self.net = self.prune(net).to(self.device).eval()
-        self.stack = int(cfg.stack_size or self.family.frames(config, processor) or 0)
+        frames = self.family.frames(config, processor)
+        self.stack = int(cfg.stack_size or frames or 0)
         if not self.stack:
             raise ConfigError(f"{src.model_id}: its config gives no frames per clip; set "
                               "stack_size")
+        if self.family.fixed_frames and self.stack != frames:
+            raise ConfigError(f"option stack_size={self.stack}: {src.model_id} takes clips of "
+                              f"{frames} frames (fixed position embeddings)")
         self.step = int(cfg.step_size or self.stack)
         self.preprocess = OnDevice(processor)
         self.check_sizes(config, src.model_id)

@@ -39,6 +39,8 @@ class Family:
     base_attr = ""
     input_name = "pixel_values"
     poolings: tuple[str, ...] = ("pooler", "cls", "mean")
+    #: the position embeddings fit only the config's frames per clip
+    fixed_frames = False
 
     def network_class(self, tf: Any, config: Any) -> Any:
         """The classification model when the checkpoint is one (its head pools and predicts),
@@ -122,6 +124,7 @@ class VideoMAE(Family):
     classes = ("VideoMAEModel", "VideoMAEForVideoClassification")
     base_attr = "videomae"
     poolings = ("fc_norm", "mean")
+    fixed_frames = True
 
     def available(self, net: Any) -> tuple[str, ...]:
         if self.is_classifier(net) and net.fc_norm is not None:
@@ -156,6 +159,7 @@ class ViViT(TimeSformer):
     model_type = "vivit"
     classes = ("VivitModel", "VivitForVideoClassification")
     base_attr = "vivit"
+    fixed_frames = True
 
 
 class VJEPA2(Family):
@@ -185,6 +189,7 @@ class XCLIP(Family):
     model_type = "xclip"
     classes = ("XCLIPModel", None)
     poolings = ("mit", "mean")
+    fixed_frames = True
 
     def frames(self, config: Any, processor: Any) -> int | None:
         return getattr(config.vision_config, "num_frames", None)

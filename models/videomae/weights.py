@@ -20,7 +20,7 @@ from typing import Any
 from video_features.utils import hf_hub
 from video_features.utils.errors import ConfigError, WeightsError
 from video_features.utils.hf_hub import Source, local_dir
-from video_features.utils.weights import WeightCard, check_keys, register_card
+from video_features.utils.weights import WeightCard, register_card
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +67,9 @@ V2_HINT = ("VideoMAE V2 (OpenGVLab/VideoMAEv2-*) ships its network as remote cod
 
 def import_transformers() -> Any:
     """transformers, or a ConfigError naming the pip package (it is optional for the tool)."""
-    try:
-        import transformers
-    except ImportError:
-        raise ConfigError("feature_type videomae needs the transformers package: "
-                          "pip install transformers") from None
-    return transformers
+    from video_features.models.hf_video.weights import import_transformers as load
+
+    return load("videomae")
 
 
 def is_v2_name(name: str) -> bool:
@@ -160,39 +157,3 @@ def processor_for(src: Source, config: Any) -> Any:
     log.info("%s: no preprocessor_config.json; using VideoMAE's training preprocessing %s",
              src.model_id, values)
     return tf.VideoMAEImageProcessor(**values)
-
-
-def published_to_module(state: dict) -> dict:
-    """The hub's key layout -> transformers' current modules: the published checkpoints (and
-    save_pretrained) keep the original VideoMAE attention biases ``q_bias`` / ``v_bias``, which
-    the current modules hold as ``query.bias`` / ``value.bias``."""
-    out = {}
-    for k, v in state.items():
-        if k.endswith("attention.attention.q_bias"):
-            k = k[: -len("q_bias")] + "query.bias"
-        elif k.endswith("attention.attention.v_bias"):
-            k = k[: -len("v_bias")] + "value.bias"
-        out[k] = v
-    return out
-
-
-def build_network(config: Any, state: dict | None) -> Any:
-    """VideoMAEForVideoClassification when the checkpoint (or, for random weights, the config)
-    is a fine-tuned classifier, else the encoder VideoMAEModel; weights loaded strictly (the
-    self-supervised checkpoints' decoder is left out, it takes no part in features)."""
-    tf = import_transformers()
-    if state is not None:
-        classify = "classifier.weight" in state
-    else:
-        classify = "VideoMAEForVideoClassification" in (config.architectures or [])
-    net = (tf.VideoMAEForVideoClassification if classify else tf.VideoMAEModel)(config)
-    if state is not None:
-        state = published_to_module(state)
-        if not classify:
-            prefixed = any(k.startswith("videomae.") for k in state)
-            state = {k[len("videomae."):]: v for k, v in state.items()
-                     if k.startswith("videomae.")} if prefixed else state
-        expected = net.state_dict()
-        check_keys(state, expected, "videomae checkpoint")
-        net.load_state_dict(state, strict=True)
-    return net.eval()
