@@ -1,7 +1,7 @@
 """CLIP frame-wise features: preprocessing against open_clip's PIL transforms, features against
 open_clip's own OpenAI loader and ``encode_image``, TorchScript and plain checkpoints (fp16 and
-fp32), a SigLIP configuration with random weights, zero-shot ``show_pred``, errors and a run
-through the runner.
+fp32), a SigLIP configuration with random weights, SigLIP 2 (shrunk) from the Hugging Face hub
+cache, zero-shot ``show_pred``, errors and a run through the runner.
 
 Checkpoints are random weights in OpenAI's exact state-dict layout, written under the card's
 file name in the private torch hub cache or passed as ``checkpoint_path``.
@@ -183,12 +183,85 @@ def test_siglip_random_weights_match_open_clip_encode_image(make_video):
     assert max_rel(out["clip"], ref) < RTOL
 
 
+def vf_tiny_patch16_siglip(pretrained=False, **kwargs):
+    """timm's SigLIP image tower (the vit_base_patch16_siglip_224 entrypoint: no class token,
+    attention-pool head, tanh GELU), 32 wide, 2 blocks, 32 x 32 input."""
+    from timm.models import model_entrypoint
+
+    args = dict(embed_dim=32, depth=2, num_heads=2, img_size=32)
+    return model_entrypoint("vit_base_patch16_siglip_224")(pretrained=pretrained,
+                                                            **{**args, **kwargs})
+
+
+@pytest.fixture
+def tiny_siglip2(tmp_path, monkeypatch):
+    """open_clip's ViT-B-16-SigLIP2 with its tag (webli: repo timm/ViT-B-16-SigLIP2, squash
+    resize) as it is, its towers shrunk (the image tower: timm's SigLIP tower, tiny), and random
+    weights in open_clip's layout as the tag's ``open_clip_model.safetensors`` in a private
+    Hugging Face hub cache."""
+    import copy
+
+    import huggingface_hub.constants
+    import open_clip.factory
+    import timm.models
+    from safetensors.torch import save_file
+
+    import video_features.utils.weights as vf_weights
+
+    if not timm.models.is_model("vf_tiny_patch16_siglip"):
+        timm.models.register_model(vf_tiny_patch16_siglip)
+    arch = "ViT-B-16-SigLIP2"
+    cfg = copy.deepcopy(open_clip.get_model_config(arch))
+    cfg["embed_dim"] = 32
+    cfg["vision_cfg"].update(timm_model_name="vf_tiny_patch16_siglip", image_size=32)
+    cfg["text_cfg"].update(vocab_size=64, width=32, heads=2, layers=1)
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, arch, cfg)
+    # the tag's weight card, which names the input size, is registered for this test only
+    monkeypatch.setattr(vf_weights, "CARDS", dict(vf_weights.CARDS))
+    torch.manual_seed(5)
+    state = open_clip.create_model(arch, pretrained=None, pretrained_text=False).state_dict()
+    state = {k: (v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v).contiguous()
+             for k, v in state.items()}
+    repo, commit = tmp_path / "hub" / "models--timm--ViT-B-16-SigLIP2", "0" * 40
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    path = repo / "snapshots" / commit / "open_clip_model.safetensors"
+    save_file(state, str(path))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    return tmp_path / "hub", path
+
+
+def test_siglip2_from_the_hub_cache_matches_open_clip(tiny_siglip2, make_video):
+    """SigLIP 2 (model_name=ViT-B-16-SigLIP2 pretrained=webli) through the path users take: the
+    tag's file from the Hugging Face hub cache, its squash resize; features equal open_clip's own
+    create_model_and_transforms(pretrained='webli') transform and encode_image."""
+    cache, path = tiny_siglip2
+    clip_video = make_video("clip_sig2.mp4", n_frames=3, fps=25.0, width=64, height=48)
+    cfg = _cfg(model_name="ViT-B-16-SigLIP2", pretrained="webli")
+    card, found = CLIPExtractor.weights_for(cfg)["clip"]
+    assert found == str(path) and card.url == "https://huggingface.co/timm/ViT-B-16-SigLIP2"
+    ex = CLIPExtractor(cfg, CPU)
+    assert (ex.recipe.resize_mode, ex.recipe.interpolation) == ("squash", "bicubic")
+    assert ex.recipe.mean == (0.5, 0.5, 0.5) and ex.recipe.size == (32, 32)
+    assert ex.visual.trunk.global_pool == "map" and ex.visual.trunk.num_prefix_tokens == 0
+    out = ex.extract(str(clip_video))["clip"]
+    assert out.shape == (3, 32)
+    model, _, transform = open_clip.create_model_and_transforms(
+        "ViT-B-16-SigLIP2", pretrained="webli", cache_dir=str(cache))
+    ref = open_clip_features(model.eval(), decode(clip_video), transform)
+    assert max_rel(out, ref) < RTOL
+    assert np.abs(ref[0] - ref[-1]).max() > 1e-2 * np.abs(ref).max()   # frames differ
+
+
 def test_offline_open_clip_tag_names_what_to_fetch():
     cfg = _cfg(model_name="ViT-B-16-SigLIP2", pretrained="webli")
     with pytest.raises(WeightsError) as ei:
         CLIPExtractor.weights_for(cfg)
     msg = str(ei.value)
     assert "https://huggingface.co/timm/ViT-B-16-SigLIP2" in msg and "open_clip_model.safetensors" in msg
+    assert "`hf download timm/ViT-B-16-SigLIP2 open_clip_model.safetensors --cache-dir" in msg
     assert "checkpoint_path" in msg
 
 

@@ -1,9 +1,9 @@
 """timm frame-wise features: our device preprocessing against timm's own eval transform
 (``create_transform(**data_config)`` on PIL images) for every crop mode and both
 interpolations, features against timm's own pipeline (PIL frames -> create_transform ->
-forward_features -> forward_head(pre_logits=True)) on the same weights, weight resolution (the
-Hugging Face hub cache, checkpoint_path, offline and no-network errors, random weights),
-show_pred, errors and a run through the runner.
+forward_features -> forward_head(pre_logits=True)) on the same weights (tiny DINOv2 / DINOv3
+included), weight resolution (the Hugging Face hub cache, checkpoint_path, offline and
+no-network errors, random weights), show_pred, errors and a run through the runner.
 
 Weights are random, in timm's published layout (``model.safetensors`` of the tag's hub repo)
 written into a private hub cache, loaded through the real path; the reference models are built
@@ -28,10 +28,62 @@ from video_features.utils.config import make_config  # noqa: E402
 from video_features.utils.errors import ConfigError, VideoError, WeightsError  # noqa: E402
 from video_features.utils.transforms import to_device  # noqa: E402
 from video_features.utils.video import open_frames  # noqa: E402
+from timm.models import (generate_default_cfgs, get_pretrained_cfg, model_entrypoint,  # noqa: E402
+                         register_model, resolve_pretrained_cfg)
 
 CPU = torch.device("cpu")
 RTOL = 1e-4
 FPS = 25.0
+
+
+# -- tiny DINOv2 / DINOv3 --------------------------------------------------------------------
+# Registered in timm under names of their own, as timm registers its test_vit models: the real
+# entrypoint (vit_small_patch14_dinov2, its reg4 variant, vit_small_patch16_dinov3: the class,
+# registers, layer scale, rope) with a 32-wide, 2-block trunk at a small input size; the
+# pretrained config is the real tag's (interpolation, crop_pct, mean / std, no classifier) but for
+# that input size, and its hub repo is timm/<name>.<tag>, written only in the private hub cache
+# below. timm's register_model reads the pretrained configs from this module's default_cfgs.
+TINY_TRUNK = dict(embed_dim=32, depth=2, num_heads=2)
+
+
+def _tiny_cfg(real: str, side: int) -> dict:
+    cfg = get_pretrained_cfg(real).to_dict()
+    for key in ("architecture", "tag", "url"):     # the real tag's identity and its release file
+        cfg.pop(key, None)
+    return {**cfg, "input_size": (3, side, side), "hf_hub_id": "timm/"}
+
+
+TINY_DINO = {  # registered name -> the real timm name it shrinks, input side
+    "vf_tiny_patch14_dinov2.lvd142m": ("vit_small_patch14_dinov2.lvd142m", 56),
+    "vf_tiny_patch14_reg4_dinov2.lvd142m": ("vit_small_patch14_reg4_dinov2.lvd142m", 56),
+    "vf_tiny_patch16_dinov3.lvd1689m": ("vit_small_patch16_dinov3.lvd1689m", 64),
+}
+default_cfgs = generate_default_cfgs({k: _tiny_cfg(*v) for k, v in TINY_DINO.items()})
+
+
+def _shrunk(name: str, pretrained: bool, pretrained_cfg=None, pretrained_cfg_overlay=None,
+            **kwargs):
+    """The real entrypoint of ``name``'s model, with TINY_TRUNK and ``name``'s pretrained config
+    (its weights: the tiny repo's file, or the file timm's caller overlays)."""
+    cfg = resolve_pretrained_cfg(name, pretrained_cfg, pretrained_cfg_overlay).to_dict()
+    real = TINY_DINO[f"{name}.{cfg['tag']}"][0].split(".")[0]
+    args = {**TINY_TRUNK, "img_size": cfg["input_size"][1:], **kwargs}
+    return model_entrypoint(real)(pretrained=pretrained, pretrained_cfg=cfg, **args)
+
+
+@register_model
+def vf_tiny_patch14_dinov2(pretrained=False, **kwargs):
+    return _shrunk("vf_tiny_patch14_dinov2", pretrained, **kwargs)
+
+
+@register_model
+def vf_tiny_patch14_reg4_dinov2(pretrained=False, **kwargs):
+    return _shrunk("vf_tiny_patch14_reg4_dinov2", pretrained, **kwargs)
+
+
+@register_model
+def vf_tiny_patch16_dinov3(pretrained=False, **kwargs):
+    return _shrunk("vf_tiny_patch16_dinov3", pretrained, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +91,7 @@ def hub_cache(tmp_path_factory):
     """A private Hugging Face cache holding random weights of the tiny test models."""
     cache = tmp_path_factory.mktemp("hf-hub-cache")
     files = {name: write_random_hub_weights(name, cache, seed=i)
-             for i, name in enumerate(("test_vit", "test_vit3", "test_resnet"))}
+             for i, name in enumerate(("test_vit", "test_vit3", "test_resnet", *TINY_DINO))}
     return cache, files
 
 
@@ -189,6 +241,57 @@ def test_siglip2_tower_random_weights(make_video, caplog):
     with torch.no_grad():
         ref = ex.model.forward_head(ex.model.forward_features(x), pre_logits=True).numpy()
     assert max_rel(out, ref) < RTOL
+
+
+@pytest.mark.parametrize("name", ["vf_tiny_patch14_dinov2.lvd142m",
+                                  "vf_tiny_patch14_reg4_dinov2.lvd142m"])
+def test_dinov2_is_the_class_token_and_matches_timm(private_hub, make_video, name):
+    """DINOv2 (vit_*_patch14_dinov2.lvd142m, with registers vit_*_patch14_reg4_dinov2.lvd142m):
+    no classifier, the pooled pre-logits are the final-norm class token (registers left out);
+    the tag's transform: bicubic resize of the shorter side, crop_pct 1, ImageNet mean / std."""
+    cache, files = private_hub
+    clip = make_video("timm_dinov2.mp4", n_frames=3, fps=FPS, width=96, height=72)
+    cfg = _cfg(model_name=name)
+    assert (cfg.crop_pct, cfg.crop_mode) == (1.0, "center")
+    assert TimmExtractor.weights_for(cfg)["timm"][1] == str(files[name])
+    ex = TimmExtractor(cfg, CPU)
+    assert type(ex.model).__name__ == "VisionTransformer" and ex.model.global_pool == "token"
+    assert ex.model.num_classes == 0
+    assert ex.model.num_prefix_tokens == (5 if "reg4" in name else 1)
+    assert ex.recipe.interpolation == "bicubic" and ex.recipe.mean == (0.485, 0.456, 0.406)
+    out = ex.extract(str(clip))["timm"]
+    assert out.shape == (3, 32)
+    frames = decode(clip)
+    assert max_rel(out, timm_reference(name, cache, frames)) < RTOL
+    x = preprocess(to_device(frames, CPU), ex.recipe)
+    with torch.no_grad():
+        cls = ex.model.forward_features(x)[:, 0]
+    assert max_rel(out, cls.numpy()) < RTOL
+    with pytest.raises(ConfigError, match="option show_pred"):
+        _cfg(model_name=name, show_pred=True)
+
+
+def test_dinov3_is_the_patch_token_mean_and_matches_timm(private_hub, make_video):
+    """DINOv3 ViTs (vit_*_patch16_dinov3.lvd1689m, timm's Eva with rope and 4 registers): timm
+    pools the mean of the patch tokens after the final norm (its default global_pool 'avg'; the
+    class token and the registers left out), not upstream's class token."""
+    cache, files = private_hub
+    name = "vf_tiny_patch16_dinov3.lvd1689m"
+    clip = make_video("timm_dinov3.mp4", n_frames=3, fps=FPS, width=72, height=96)
+    cfg = _cfg(model_name=name)
+    assert (cfg.crop_pct, cfg.crop_mode) == (1.0, "center")
+    assert TimmExtractor.weights_for(cfg)["timm"][1] == str(files[name])
+    ex = TimmExtractor(cfg, CPU)
+    assert type(ex.model).__name__ == "Eva" and ex.model.rope is not None
+    assert (ex.model.global_pool, ex.model.num_prefix_tokens, ex.model.num_classes) == ("avg", 5, 0)
+    out = ex.extract(str(clip))["timm"]
+    assert out.shape == (3, 32)
+    frames = decode(clip)
+    assert max_rel(out, timm_reference(name, cache, frames)) < RTOL
+    x = preprocess(to_device(frames, CPU), ex.recipe)
+    with torch.no_grad():
+        patches = ex.model.forward_features(x)[:, 5:]
+    assert max_rel(out, patches.mean(1).numpy()) < RTOL
 
 
 # -- show_pred -------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from torch import nn
 
 from video_features.models.clip.preprocess import ImageRecipe, recipe_from_cfg
 from video_features.utils.errors import ConfigError, WeightsError
+from video_features.utils.hf_hub import hub_cache_dir
 from video_features.utils.weights import (WeightCard, check_keys, get_card, load_state_dict, register_card,
                            resolve_checkpoint, sha256_of)
 
@@ -186,8 +187,10 @@ def _open_clip_card(arch: str, tag: str) -> WeightCard:
 
 def _hf_file(arch: str, tag: str, tag_cfg: Mapping[str, Any]) -> Path:
     """The checkpoint of an open_clip tag from the Hugging Face hub cache (downloaded there when
-    online); WeightsError naming what to fetch otherwise."""
+    online); WeightsError naming what to fetch otherwise. The cache is the one timm and the
+    transformers-layout families use (HF_HUB_CACHE / HF_HOME read when called)."""
     repo, names = _hub_parts(tag_cfg)
+    cache = hub_cache_dir()
     try:
         from huggingface_hub import hf_hub_download
     except ImportError:
@@ -198,15 +201,15 @@ def _hf_file(arch: str, tag: str, tag_cfg: Mapping[str, Any]) -> Path:
         for filename in names:
             try:
                 return Path(hf_hub_download(repo, filename, local_files_only=local_only,
-                                            library_name="open_clip"))
+                                            cache_dir=cache, library_name="open_clip"))
             except Exception as exc:  # missing file, no network: every kind ends in the advice
                 reasons.append(f"{filename}: {type(exc).__name__}")
     why = "downloads are disabled" if offline() else "; ".join(reasons[-len(names):])
     raise WeightsError(
         f"weights for open_clip {arch} pretrained={tag} are not in the Hugging Face hub cache "
-        f"and could not be downloaded ({why}); fetch {names[0]} (or {names[-1]}) of "
-        f"https://huggingface.co/{repo}, e.g. `huggingface-cli download {repo} {names[0]}`, "
-        "or pass checkpoint_path=FILE")
+        f"{cache} and could not be downloaded ({why}); fetch {names[0]} (or {names[-1]}) of "
+        f"https://huggingface.co/{repo}, e.g. `hf download {repo} {names[0]} --cache-dir "
+        f"{cache}`, or pass checkpoint_path=FILE")
 
 
 def _url_file(arch: str, tag: str, url: str) -> Path:
