@@ -39,6 +39,8 @@ CASES = {
     "key=value typo": (["--feature_type", "resnet", "--video_paths", "a.mp4", "modle_name=x"], 2),
     "no feature_type": (["--video_paths", "a.mp4"], 2),
     "no inputs": (["--feature_type", "resnet"], 2),
+    "finetune help": (["finetune", "--help"], 0),
+    "finetune typo": (["finetune", "lrr=0.1"], 2),
     "rerun resnet": (_rerun("resnet", "extraction_fps=1"), 0),
     "rerun i3d rgb": (_rerun("i3d", "streams=rgb", "stack_size=16", "step_size=16"), 0),
     "rerun vggish": (_rerun("vggish"), 0),

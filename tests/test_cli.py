@@ -109,7 +109,8 @@ def test_help_of_a_plugin_type_shows_its_schema_options():
 @pytest.mark.parametrize("args", [["--help"], ["--list_recipes"],
                                   ["--feature_typ", "resnet", "--video_paths", "a.mp4"],
                                   ["--feature_type", "resnet", "--video_paths", "a", "--device", "gpu"],
-                                  ["--video_paths", "a.mp4"]])
+                                  ["--video_paths", "a.mp4"], ["finetune", "--help"],
+                                  ["finetune", "lrr=0.1"], ["finetune", "--train_annot", "a"]])
 def test_help_recipes_and_usage_errors_do_not_import_torch(args):
     code = ("import sys\nfrom video_features.cli import main\n"
             f"try:\n    rc = main({args!r})\nexcept SystemExit as exc:\n    rc = exc.code\n"

@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     library (utils/config.py reads the feature types' options from models/options_index.py)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["finetune"]:
-        from video_features.finetune import main as finetune
+        from video_features.finetune_options import main as finetune
 
         return finetune(argv[1:])
     if argv[:1] == ["check"]:
