@@ -16,7 +16,7 @@ from tests.conftest import run_main
 from video_features.finetune import build_model, evaluate, Inputs, train
 from video_features.finetune_options import parse_options
 from video_features.models.i3d.extractor import I3DExtractor
-from video_features.models.i3d.weights import (convert_state_dict, export_state_dict, load_i3d,
+from video_features.models.i3d.weights import (convert_state_dict, export_state_dict,
                                                random_official_state_dict, write_random_checkpoint)
 from video_features.utils.annotations import (AnnotationError, frame_labels, parse_charades_actions,
                                               read_charades, read_generic)
