@@ -148,6 +148,26 @@ def load_raft(checkpoint_path: str | None = None, allow_random: bool = False,
                  allow_random, device)
 
 
+def load_flow_net(cfg: Any, allow_random: bool, device: Any) -> Any:
+    """The optical-flow estimator ``cfg.flow_type`` names (tvl1, pwc or raft) on ``device``, for
+    i3d's flow stream and fine-tuning on computed flow."""
+    if cfg.flow_type == "tvl1":
+        from video_features.models.tvl1 import TVL1, TVL1Params
+
+        return TVL1(TVL1Params.from_config(cfg)).to(device)
+    load = load_pwc if cfg.flow_type == "pwc" else load_raft
+    return load(cfg.flow_checkpoint_path, allow_random, device)
+
+
+def estimate_flow(net: Any, cfg: Any, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Flow from frames ``a`` to ``b`` with ``cfg``'s RAFT options where they apply (iterations
+    and padding; without them RAFT's defaults, 20 and unpad)."""
+    if cfg.flow_type != "raft":
+        return net.estimate(a, b)
+    return net.estimate(a, b, iters=cfg.get("raft_iters", 20),
+                        unpad=cfg.get("raft_padding", "unpad") == "unpad")
+
+
 def _official_state(kind: str, seed: int) -> dict[str, torch.Tensor]:
     torch.manual_seed(seed)
     if kind in ("pwc", PWC_CARD.name):

@@ -213,15 +213,10 @@ class Inputs:
     def __init__(self, cfg: Config, device: Any):
         self.cfg, self.device = cfg, device
         self.flow_net = None
-        if cfg.stream == "flow" and cfg.flow_source == "net" and cfg.flow_type == "tvl1":
-            from video_features.models.tvl1 import TVL1, TVL1Params
+        if cfg.stream == "flow" and cfg.flow_source == "net":
+            from video_features.models.flow_weights import load_flow_net
 
-            self.flow_net = TVL1(TVL1Params.from_config(cfg)).to(device)
-        elif cfg.stream == "flow" and cfg.flow_source == "net":
-            from video_features.models import flow_weights
-
-            load = flow_weights.load_pwc if cfg.flow_type == "pwc" else flow_weights.load_raft
-            self.flow_net = load(cfg.flow_checkpoint_path, cfg.allow_random_weights, device)
+            self.flow_net = load_flow_net(cfg, cfg.allow_random_weights, device)
 
     def __call__(self, clips: list[dict]):
 
@@ -232,6 +227,7 @@ class Inputs:
         """uint8 frames (rgb) or flow levels (jpg) or frames to compute flow on -> (T, C, c, c)
         in [-1, 1]; ``where`` = (top, left, flip), or None for the centre crop."""
 
+        from video_features.models.flow_weights import estimate_flow
         from video_features.models.i3d.extractor import flow_to_i3d, rgb_to_i3d
         from video_features.utils.transforms import center_crop
 
@@ -244,14 +240,10 @@ class Inputs:
         with torch.no_grad():
             f = frames.float()
             a, b = f[:-1], f[1:]
-            flow = torch.cat([self._flow(a[i:i + 16], b[i:i + 16]) for i in range(0, len(a), 16)])
+            flow = torch.cat([estimate_flow(self.flow_net, self.cfg, a[i:i + 16], b[i:i + 16])
+                              for i in range(0, len(a), 16)])
         flow = center_crop(flow, c) if where is None else crop(flow, *where[:2], c, where[2])
         return flow_to_i3d(flow)
-
-    def _flow(self, a, b):
-        if self.cfg.flow_type != "raft":
-            return self.flow_net.estimate(a, b)
-        return self.flow_net.estimate(a, b, iters=20)
 
 
 def clip_loss(time_logits, labels, cfg: Config):

@@ -154,22 +154,16 @@ class I3DExtractor(Extractor):
         self.flow_net = None
         #: frame pairs per flow forward pass; None: sized on the first frames (auto)
         self.flow_pairs = None if cfg.flow_batch_size == "auto" else int(cfg.flow_batch_size)
-        if "flow" in self.streams and cfg.flow_type == "tvl1":
-            from video_features.models.tvl1 import TVL1, TVL1Params
+        if "flow" in self.streams:
+            from video_features.models.flow_weights import load_flow_net
 
-            self.flow_net = TVL1(TVL1Params.from_config(cfg)).to(self.device)
-        elif "flow" in self.streams:
-            from video_features.models import flow_weights
-
-            load = flow_weights.load_pwc if cfg.flow_type == "pwc" else flow_weights.load_raft
-            self.flow_net = load(cfg.flow_checkpoint_path, allow_random, self.device)
+            self.flow_net = load_flow_net(cfg, allow_random, self.device)
 
     # -- per chunk ---------------------------------------------------------------------------
     def _flow(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        if self.cfg.flow_type != "raft":
-            return self.flow_net.estimate(a, b)
-        return self.flow_net.estimate(a, b, iters=self.cfg.raft_iters,
-                                      unpad=self.cfg.raft_padding == "unpad")
+        from video_features.models.flow_weights import estimate_flow
+
+        return estimate_flow(self.flow_net, self.cfg, a, b)
 
     def batch_size_of(self, key: str) -> int:
         """Stacks per I3D batch (``batch_size``); frame pairs per flow batch (``flow_pairs``)."""
