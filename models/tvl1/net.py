@@ -33,6 +33,7 @@ import logging
 import os
 import threading
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -96,7 +97,7 @@ class TVL1Params:
 
 def _f32(x: float) -> float:
     """A double rounded to float32, as OpenCV's ``static_cast<float>``."""
-    return float(torch.tensor(x, dtype=torch.float32))
+    return float(np.float32(x))
 
 
 # -- images ------------------------------------------------------------------------------------
