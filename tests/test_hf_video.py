@@ -248,6 +248,18 @@ def test_show_pred_uses_the_classifier_on_the_pooled_features(models, video, cap
     assert len(lines) == 2 and all(len(ln.split(": ", 1)[1].split("  ")) == 5 for ln in lines)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["vjepa2", "vivit", "xclip"])
+def test_cuda_matches_the_cpu(models, video, name):
+    """The processor runs on the GPU's frames (torchvision's CUDA resize may round a rare value
+    one level off) and the network there: the CPU's features within fp32 noise."""
+    _, cpu = _extract(models[name], video)
+    ex = HFVideoExtractor(_cfg(models[name], device="cuda"), torch.device("cuda"))
+    gpu = ex.extract(str(video))
+    np.testing.assert_allclose(gpu["timestamps_ms"], cpu["timestamps_ms"])
+    assert np.abs(gpu["hf_video"] - cpu["hf_video"]).max() <= 1e-2 * np.abs(cpu["hf_video"]).max()
+
+
 # -- models that ship their own code ----------------------------------------------------------
 REMOTE_CONFIG = '''
 from transformers import PretrainedConfig
