@@ -83,6 +83,16 @@ def local_dir(name: str | None) -> Path | None:
     return p.resolve() if p.is_dir() else None
 
 
+def model_ident(name: str, revision: str | None) -> tuple[str, str]:
+    """(identity, url) of a model for its weight card: the resolved local folder and its file URL,
+    or ``repo[@revision]`` and its hub page."""
+    local = local_dir(name)
+    if local:
+        return str(local), local.as_uri()
+    return (name + (f"@{revision}" if revision else ""),
+            f"https://huggingface.co/{name}" + (f"/tree/{revision}" if revision else ""))
+
+
 def weights_in(folder: Path) -> Path | None:
     """The weights file of a folder in Hugging Face layout (safetensors preferred)."""
     for fname in WEIGHT_FILES:
@@ -219,5 +229,5 @@ def read_state_dict(path: Path) -> dict:
 
 
 __all__ = ["CACHE_LACKS", "NOT_CACHED", "OFFLINE_WORDS", "WEIGHT_FILES", "ExtraFiles", "Source",
-           "fetch_hint", "hub_cache_dir", "hub_folder", "local_dir", "offline", "read_state_dict",
+           "fetch_hint", "hub_cache_dir", "hub_folder", "local_dir", "model_ident", "offline", "read_state_dict",
            "resolve", "weights_in"]

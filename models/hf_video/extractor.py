@@ -92,7 +92,6 @@ class HFVideoExtractor(Extractor):
                                     f"{self.label} {cfg.model_name}")
         src = self.resolve(random)
         config, processor, remote = self.load_config(src)
-        self.family: Family
         known = None if remote else family_for(config.model_type)
         cls = known.network_class(tf, config) if known else tf.AutoModel
         net = hw.load_network(cls, config, src, None if random else hw.explicit_state(src, cfg),
@@ -136,14 +135,13 @@ class HFVideoExtractor(Extractor):
 
     def class_names(self, config: Any) -> list[str]:
         n = int(getattr(config, "num_labels", 0) or 0)
-        names = [str((config.id2label or {}).get(i, i)) for i in range(n)]
-        return names
+        return [str((config.id2label or {}).get(i, i)) for i in range(n)]
 
     # ------------------------------------------------------------------------------------------
     def prune(self, net: Any) -> Any:
         """Parts that take no part in video features are dropped (X-CLIP's text tower)."""
-        for part in ("text_model", "text_projection", "prompts_generator"):
-            if self.family.model_type == "xclip" and hasattr(net, part):
+        if self.family.model_type == "xclip":
+            for part in ("text_model", "text_projection", "prompts_generator"):
                 setattr(net, part, None)
         return net
 

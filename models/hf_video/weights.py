@@ -18,7 +18,7 @@ from typing import Any
 
 from video_features.utils import hf_hub
 from video_features.utils.errors import ConfigError, WeightsError
-from video_features.utils.hf_hub import Source, local_dir, read_state_dict
+from video_features.utils.hf_hub import Source, model_ident, read_state_dict
 from video_features.utils.weights import WeightCard, register_card
 
 log = logging.getLogger(__name__)
@@ -146,11 +146,7 @@ def explicit_state(src: Source, cfg: Any) -> dict | None:
 def card_for(cfg: Any, label: str = "hf_video") -> WeightCard:
     """The card identifying the model (repo id + revision, or the local folder); the record beside
     each output adds the sha256 of the weights file actually used."""
-    name, revision = cfg.model_name, cfg.get("revision")
-    local = local_dir(name)
-    ident = str(local) if local else name + (f"@{revision}" if revision else "")
-    url = local.as_uri() if local else (f"https://huggingface.co/{name}"
-                                        + (f"/tree/{revision}" if revision else ""))
+    ident, url = model_ident(cfg.model_name, cfg.get("revision"))
     return register_card(WeightCard(
         name=f"{label}:{ident}",
         url=url,

@@ -73,9 +73,6 @@ class VideoMAEExtractor(HFVideoExtractor):
         config = build_config(src)
         return config, processor_for(src, config), False
 
-    def chunk_frames(self) -> int:
-        return max(self.step, 16)
-
     def class_names(self, config: Any) -> list[str]:
         """The config's id2label where it holds real names, else the Kinetics-400 names for a
         400-way head, else the indices."""

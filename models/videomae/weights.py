@@ -12,14 +12,14 @@ benchmarks and smoke tests run offline.
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
+from video_features.models.hf_video import weights as hf_video_weights
 from video_features.utils import hf_hub
-from video_features.utils.errors import ConfigError, WeightsError
-from video_features.utils.hf_hub import Source, local_dir
+from video_features.utils.errors import ConfigError
+from video_features.utils.hf_hub import Source, model_ident
 from video_features.utils.weights import WeightCard, register_card
 
 log = logging.getLogger(__name__)
@@ -67,9 +67,7 @@ V2_HINT = ("VideoMAE V2 (OpenGVLab/VideoMAEv2-*) ships its network as remote cod
 
 def import_transformers() -> Any:
     """transformers, or a ConfigError naming the pip package (it is optional for the tool)."""
-    from video_features.models.hf_video.weights import import_transformers as load
-
-    return load("videomae")
+    return hf_video_weights.import_transformers("videomae")
 
 
 def is_v2_name(name: str) -> bool:
@@ -85,12 +83,8 @@ def resolve(cfg: Any, random_weights: bool) -> Source:
 def card_for(cfg: Any) -> WeightCard:
     """The card that identifies the model (repo id + revision, or the local folder); the record
     beside each output adds the sha256 of the weights file actually used."""
-    name, revision = cfg.model_name, cfg.get("revision")
-    local = local_dir(name)
-    ident = str(local) if local else name + (f"@{revision}" if revision else "")
-    url = local.as_uri() if local else (f"https://huggingface.co/{name}"
-                                        + (f"/tree/{revision}" if revision else ""))
-    labels = KNOWN_MODELS.get(name, (None, None))[1]
+    ident, url = model_ident(cfg.model_name, cfg.get("revision"))
+    labels = KNOWN_MODELS.get(cfg.model_name, (None, None))[1]
     return register_card(WeightCard(
         name=f"videomae:{ident}",
         url=url,
@@ -110,21 +104,14 @@ def card_for(cfg: Any) -> WeightCard:
 
 def weights_file_for(cfg: Any) -> str | None:
     """The weights file ``cfg`` loads (resolving / downloading it), or None for random weights."""
-    if cfg.allow_random_weights and not cfg.get("checkpoint_path"):
-        return None  # the rule of use_random_weights, without its log line (logged at load)
-    src = resolve(cfg, random_weights=False)
-    return str(src.weights) if src.weights else None
+    return hf_video_weights.weights_file_for(cfg, "videomae", KNOWN_MODELS)
 
 
 def build_config(src: Source) -> Any:
     """VideoMAEConfig from the source's config.json or, for known repos, the built-in table."""
     tf = import_transformers()
     if src.folder is not None:
-        path = src.folder / "config.json"
-        try:
-            raw = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise WeightsError(f"cannot read {path}: {exc}") from None
+        raw = hf_video_weights.read_raw_config(src)
         mtype = str(raw.get("model_type", ""))
         if mtype.lower() != "videomae":
             if is_v2_name(mtype) or raw.get("auto_map"):
