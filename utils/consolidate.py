@@ -257,13 +257,15 @@ def _staged(writer: OutputWriter) -> list[tuple[str, Path]]:
         return []
     suffix = f"_{META_KEY}.json"
     out = []
-    for meta_path in sorted(root.rglob(f"*{suffix}")):
-        rel = meta_path.relative_to(root)
-        out.append(((rel.parent / meta_path.name[:-len(suffix)]).as_posix(), meta_path))
-    # files a killed consolidation moved aside, also in folders it left without a record
-    for folder in {root, *(p for p in root.rglob("*") if p.is_dir())}:
-        remove_abandoned_temps(folder, folder=True)
-    return out
+    for dirpath, _, files in os.walk(root):   # one walk of the staging tree
+        folder = Path(dirpath)
+        rel = folder.relative_to(root)
+        out += [((rel / f[:-len(suffix)]).as_posix(), folder / f)
+                for f in files if f.endswith(suffix)]
+        # files a killed consolidation moved aside, also in folders it left without a record
+        if any(f.startswith(".") and f.endswith(".tmp") for f in files):
+            remove_abandoned_temps(folder, folder=True)
+    return sorted(out, key=lambda item: item[1])
 
 
 @contextlib.contextmanager
