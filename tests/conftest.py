@@ -87,3 +87,13 @@ def run_main(*args: str, cwd: Path | None = None, timeout: int = 600, env: dict 
     return subprocess.run([sys.executable, str(ROOT / "main.py"), *args], cwd=cwd or ROOT,
                           capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+
+
+@pytest.fixture
+def private_hub_cache(tmp_path_factory, monkeypatch):
+    """An empty Hugging Face cache of our own (shared by a session's tests that use it): nothing
+    from the machine's cache is ever read."""
+    cache = tmp_path_factory.getbasetemp() / "hf-hub-cache"
+    cache.mkdir(exist_ok=True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    return cache

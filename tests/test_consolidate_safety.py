@@ -205,15 +205,22 @@ def _version_in_store(out: Path, mode: str, name: str) -> tuple[int, int]:
         return meta["extraction"]["v"], int(np.load(io.BytesIO(tar.extractfile(f"{key}.null.npy").read()))[0, 0])
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("when", ["after_read", "before_remove"])
-def test_a_recomputation_racing_the_move_is_kept(tmp_path, monkeypatch, mode, when):
+def _one_shard_staged(tmp_path: Path, mode: str):
+    """A shard's worth of inputs (v0, v1, ...) staged at version 1: (output folder, writer,
+    input paths)."""
     root, out = tmp_path / "in", tmp_path / "out"
     root.mkdir()
     w = writer(mode, str(out), str(root))
     paths = [str(root / f"v{i}.mp4") for i in range(SHARD)]
     for p in paths:
         stage(w, p, 1, rows=4)
+    return out, w, paths
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("when", ["after_read", "before_remove"])
+def test_a_recomputation_racing_the_move_is_kept(tmp_path, monkeypatch, mode, when):
+    out, w, paths = _one_shard_staged(tmp_path, mode)
     hooked = {"done": False}
 
     def worker_rewrites():
@@ -262,12 +269,7 @@ class _Killed(BaseException):
 def test_a_kill_during_the_clean_up_leaves_nothing_behind(tmp_path, monkeypatch, mode, deleted):
     """Killed after ``deleted`` of a landed input's staged files were deleted: the next
     consolidation finishes the clean-up, whatever file it stopped at."""
-    root, out = tmp_path / "in", tmp_path / "out"
-    root.mkdir()
-    w = writer(mode, str(out), str(root))
-    paths = [str(root / f"v{i}.mp4") for i in range(SHARD)]
-    for p in paths:
-        stage(w, p, 1, rows=4)
+    out, w, paths = _one_shard_staged(tmp_path, mode)
     real, calls = cons._remove_if_same, []
 
     def remove_if_same(path, ident):

@@ -83,12 +83,7 @@ ARCHS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def private_hub_cache(tmp_path_factory, monkeypatch):
-    cache = tmp_path_factory.getbasetemp() / "hf-hub-cache"
-    cache.mkdir(exist_ok=True)
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    return cache
+pytestmark = pytest.mark.usefixtures("private_hub_cache")   # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

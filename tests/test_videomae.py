@@ -33,13 +33,7 @@ FRAMES = 4             # the tiny models' num_frames
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-@pytest.fixture(autouse=True)
-def private_hub_cache(tmp_path_factory, monkeypatch):
-    """An empty Hugging Face cache of our own: nothing from the machine's cache is ever read."""
-    cache = tmp_path_factory.getbasetemp() / "hf-hub-cache"
-    cache.mkdir(exist_ok=True)
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    return cache
+pytestmark = pytest.mark.usefixtures("private_hub_cache")   # tests/conftest.py
 
 
 def tiny_config(kind: str = "classify", **kw) -> "transformers.VideoMAEConfig":
