@@ -100,7 +100,7 @@ def solver_name(model: TVL1, device: torch.device) -> str:
     fused = getattr(tvl1_net, "_FUSED", {}).get("cuda" if device.type == "cuda" else "cpu", "?")
     if fused is None:
         return "tensor ops (fused kernel unavailable)"
-    mod = getattr(fused, "__module__", "") or ""
+    mod = getattr(fused, "__name__", "")    # _FUSED holds the solver module itself
     if mod.endswith("cpu_loop"):
         return "numba loops (cpu_loop)"
     if mod.endswith("triton_step"):
