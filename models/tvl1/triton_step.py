@@ -58,6 +58,15 @@ _NUM_WARPS = 4
 
 
 @triton.jit
+def _block_pixels(pid, b, H, W, BLOCK: tl.constexpr):
+    """Program ``pid``'s pixels of pair ``b``: their offsets in the plane, whether each is in
+    the image, their columns and rows, and the offset of the pair's plane in (B, H, W)."""
+    hw = H * W
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    return offs, offs < hw, offs % W, offs // W, b.to(tl.int64) * hw
+
+
+@triton.jit
 def _primal_kernel(ix_ptr, iy_ptr, grad_ptr, rhoc_ptr,
                    u1_ptr, u2_ptr, u3_ptr,
                    p11_ptr, p12_ptr, p21_ptr, p22_ptr, p31_ptr, p32_ptr,
@@ -67,12 +76,8 @@ def _primal_kernel(ix_ptr, iy_ptr, grad_ptr, rhoc_ptr,
     b = tl.program_id(1)
     if tl.load(active_ptr + b) == 0:
         return
-    hw = H * W
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    valid = offs < hw
-    x = offs % W
-    y = offs // W
-    idx = b.to(tl.int64) * hw + offs
+    offs, valid, x, y, base = _block_pixels(pid, b, H, W, BLOCK)
+    idx = base + offs
     left = valid & (x > 0)
     up = valid & (y > 0)
 
@@ -149,12 +154,8 @@ def _dual_kernel(u1_ptr, u2_ptr, u3_ptr,
         tl.store(err_ptr + b, 0.0)
     if act == 0:
         return
-    hw = H * W
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    valid = offs < hw
-    x = offs % W
-    y = offs // W
-    idx = b.to(tl.int64) * hw + offs
+    offs, valid, x, y, base = _block_pixels(pid, b, H, W, BLOCK)
+    idx = base + offs
     right = valid & (x < W - 1)
     down = valid & (y < H - 1)
     _dual_update(u1_ptr, p11_ptr, p12_ptr, idx, valid, right, down, W, taut)
@@ -207,16 +208,11 @@ def _median_kernel(u1_ptr, u2_ptr, o1_ptr, o2_ptr, active_ptr, H, W,
     """u1, u2 median-filtered into o1, o2 for the pairs still iterating, copied for the others."""
     pid = tl.program_id(0)
     b = tl.program_id(1)
-    hw = H * W
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    valid = offs < hw
-    base = b.to(tl.int64) * hw
+    offs, valid, x, y, base = _block_pixels(pid, b, H, W, BLOCK)
     if tl.load(active_ptr + b) == 0:
         tl.store(o1_ptr + base + offs, tl.load(u1_ptr + base + offs, mask=valid), mask=valid)
         tl.store(o2_ptr + base + offs, tl.load(u2_ptr + base + offs, mask=valid), mask=valid)
     else:
-        x = offs % W
-        y = offs // W
         _median_plane(u1_ptr, o1_ptr, base, offs, valid, x, y, H, W, K)
         _median_plane(u2_ptr, o2_ptr, base, offs, valid, x, y, H, W, K)
 
