@@ -248,6 +248,10 @@ class Extractor(abc.ABC):
         raises VideoError when there are none (e.g. shorter than one stack)."""
         raise NotImplementedError
 
+    def discard(self, work: Any) -> None:
+        """``work`` failed and will not be finished: remove what its state keeps outside memory
+        (a type that writes files as it goes). Memory is freed with the state itself."""
+
     @classmethod
     def weights_for(cls, cfg: Config) -> dict[str, tuple[WeightCard, str | None]]:
         """role -> (weight card, explicit checkpoint path or None) of every checkpoint ``cfg``

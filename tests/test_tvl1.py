@@ -4,6 +4,7 @@ generated scenes), a known sub-pixel motion, batching independence, the CPU loop
 tensor ops, and the i3d flow stream fed by it against OpenCV's flow through the same path."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -329,6 +330,60 @@ def test_the_tvl1_feature_type_writes_jpeg_pairs_on_the_command_line(video9, tmp
     assert {p.parent.name for p in found} == {video9.stem}
     assert len(found) == 16 and [p.name for p in found[:2]] == [f"{video9.stem}-000001x.jpg",
                                                                 f"{video9.stem}-000001y.jpg"]
+
+
+def _abandoned_folder(target: Path, pid: int) -> Path:
+    """A JPEG folder as a run with process id ``pid`` leaves it when killed mid-input."""
+    from video_features.utils.output import HOST
+
+    folder = target.with_name(f".{target.name}.{HOST}.{pid}.0badf00d.tmp")
+    folder.mkdir(parents=True)
+    (folder / f"{target.name}-000001x.jpg").write_bytes(b"half a run")
+    return folder
+
+
+@pytest.mark.parametrize("how", ["keep_rows", "finish", "keep_rows_of_one_of_two_types"])
+def test_jpeg_folders_of_killed_runs_and_failed_inputs_are_removed(make_video, tmp_path,
+                                                                   monkeypatch, how):
+    import subprocess
+
+    from video_features.models.flow_out.extractor import TVL1FlowExtractor
+    from video_features.utils.config import parse_configs
+    from video_features.utils.errors import VideoError
+    from video_features.utils.runner import run
+
+    video = make_video("tvl1_30.mp4", n_frames=30, fps=25.0, width=64, height=48)
+    out = tmp_path / "out"
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    killed = _abandoned_folder(out / "tvl1" / video.stem, gone.pid)      # its writer is dead
+    live = _abandoned_folder(out / "tvl1" / "other", os.getppid())       # another run's, alive
+    seen = []
+    method = how.split("_of_")[0]
+    original = getattr(TVL1FlowExtractor, method)
+
+    def fail_later(self, work, *args):
+        st = work.state
+        if st.pairs == 0:          # the first batch's JPEGs are written, then it fails
+            return original(self, work, *args)
+        for job in getattr(st, "jpg_jobs", ()):   # written by the JPEG threads
+            job.result()
+        seen.append(len(list(st.jpg_dir.iterdir())))
+        raise VideoError("stopped on purpose")
+
+    monkeypatch.setattr(TVL1FlowExtractor, method, fail_later)
+    types = ["tvl1", "null"] if how.endswith("two_types") else ["tvl1"]
+    summary = run(parse_configs([
+        "--feature_type", *types, "--video_paths", str(video), "--on_extraction", "save_numpy",
+        "--output_path", str(out), "--device", "cpu", f"input_root={video.parent}",
+        "batch_size=3", "tvl1_warps=1", "tvl1_outer_iterations=1", "flow_format=jpg",
+        "progress=false"]))
+    assert summary.count("failed") == 1 and "stopped on purpose" in summary.failed[0].reason
+    assert seen and seen[0] >= 6                 # the input had JPEGs on disk when it failed
+    assert not killed.exists() and live.exists()
+    assert sorted(p.name for p in (out / "tvl1").iterdir()) == [live.name]
+    if len(types) == 2:                          # the other type's output is written
+        assert (out / "null" / f"{video.stem}_null.npy").exists()
 
 
 def test_too_short_and_too_small_inputs_get_one_line(make_video, video9):

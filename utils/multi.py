@@ -16,6 +16,7 @@ them (``<output_path>/<feature_type>/...``), each with its own record.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, Mapping
 
 import numpy as np
@@ -27,6 +28,8 @@ from video_features.utils.errors import ConfigError, FeatureError, VideoError
 from video_features.utils.pipeline import VideoWork
 from video_features.utils.transforms import pick_frames
 from video_features.utils.video import SlotSelector
+
+log = logging.getLogger(__name__)
 
 SEP = "/"
 
@@ -195,10 +198,22 @@ class MultiExtractor(Extractor):
             except FeatureError as exc:
                 part.error = str(exc)
         failed = {t: p for t, p in work.state.items() if p.error is not None}
+        for t, part in failed.items():
+            self._discard_part(t, part)
         if failed and not feats:
             raise VideoError(_joined(failed))
         work.partial_errors = [f"{t}: {p.error}" for t, p in failed.items()]
         return feats
+
+    def discard(self, work: VideoWork) -> None:
+        for t, part in (work.state or {}).items():
+            self._discard_part(t, part)
+
+    def _discard_part(self, t: str, part: _Part) -> None:
+        try:
+            self.subs[t].discard(part.work)
+        except Exception as exc:  # noqa: BLE001 - the part's failure is already its result
+            log.warning("%s (%s): cleaning up after the failure: %s", part.work.path, t, exc)
 
 
 def _joined(parts: Mapping[str, _Part]) -> str:

@@ -31,6 +31,7 @@ import fcntl
 import json
 import os
 import pickle
+import shutil
 import socket
 import tempfile
 from dataclasses import dataclass
@@ -437,7 +438,8 @@ def remove_abandoned_temps(path: Path, folder: bool = False) -> list[Path]:
     """Remove temporary files of exactly ``path`` whose writer provably died: written on this
     host by a process id that no longer exists. Others' live temporary files are never touched
     (no glob pattern, so names with ``[`` or ``*`` match only themselves). With ``folder``,
-    those of every file in the folder ``path``."""
+    those of every file in the folder ``path``. A temporary folder (``flow_format=jpg`` fills
+    one before renaming it into place) goes with its contents."""
     prefix = "." if folder else _temp_prefix(path)
     removed = []
     try:
@@ -458,7 +460,10 @@ def remove_abandoned_temps(path: Path, folder: bool = False) -> list[Path]:
         if pid == os.getpid() or _pid_alive(pid):
             continue
         try:
-            os.unlink(entry.path)
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
             removed.append(Path(entry.path))
         except FileNotFoundError:
             pass

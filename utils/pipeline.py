@@ -740,8 +740,16 @@ class DevicePipeline:
         work.error = reason
         self.batcher.drop(work)
         self.works.pop(work.vid, None)
+        self._discard(work)
         self.on_result(Result(work.path, "failed", reason=reason, frames=work.frames,
                               seconds=time.perf_counter() - work.t0))
+
+    def _discard(self, work: VideoWork) -> None:
+        """The extractor's clean-up of an input that failed; its own failure is only logged."""
+        try:
+            self.ex.discard(work)
+        except Exception as exc:  # noqa: BLE001 - the input's failure is already its result
+            log.warning("%s: cleaning up after the failure: %s", work.path, exc)
 
     def _finish_ready(self) -> None:
         from video_features.utils.runner import Result
@@ -755,6 +763,8 @@ class DevicePipeline:
                 still.append((work, fut))
                 continue
             exc = fut.exception()
+            if exc is not None:
+                self._discard(work)
             if isinstance(exc, _FinishFailed):
                 if not isinstance(exc.cause, FeatureError):
                     # e.g. a device error: as if raised by a batch (this input and those not
@@ -811,6 +821,8 @@ class DevicePipeline:
                 reason = process_failure(exc).reason
                 for path in self.paths_in_flight():
                     self.on_result(Result(path, "failed", reason=reason, stage="extract"))
+                for work in list(self.works.values()):
+                    self._discard(work)
                 rest = pending.drain() if hasattr(pending, "drain") else list(pending)
                 for path in rest:
                     self.on_result(Result(path, "failed", stage="not_started",

@@ -13,16 +13,20 @@ device: each batch's rows go straight to an unlinked spill file on the output di
 array is written from a memory map of it; memory stays bounded by the batch whatever the
 video's length. ``flow_format=jpg`` writes instead the 8-bit x/y JPEG pairs that TV-L1-style
 pipelines and pytorch-i3d's training code read: ``<stem>/<stem>-000001x.jpg`` and ``...y.jpg``
-(1-based), levels ``round(128 + 255 / (2 * flow_bound) * f)`` clamped to 0..255.
+(1-based), levels ``round(128 + 255 / (2 * flow_bound) * f)`` clamped to 0..255. They are
+quantised on the device, encoded and written by two threads of their own (so neither the device
+loop nor the GPU waits for the encoder) into a temporary folder that is renamed into place when
+the input is finished; an input that fails takes its folder with it, and one a killed run left
+is removed by the next run that meets it.
 """
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
 import logging
-import os
 import shutil
 import tempfile
-import uuid
 from pathlib import Path
 from typing import Any, Optional
 
@@ -35,6 +39,7 @@ from video_features.models.tvl1.options import TVL1Options, check_tvl1_options
 from video_features.utils.config import Config, SharedOptions, option
 from video_features.utils.device import to_host_async
 from video_features.utils.errors import ConfigError, VideoError
+from video_features.utils.output import OutputWriter, remove_abandoned_temps, temp_name
 from video_features.utils.transforms import resize
 
 log = logging.getLogger(__name__)
@@ -44,6 +49,10 @@ FORMATS = ("npy", "jpg")
 #: TV-L1's coarsest pyramid level has sides of at least 16 pixels; frames below have no pyramid
 MIN_TVL1_SIDE = 16
 JPEG_QUALITY = 95  # what OpenCV writes by default, as the TV-L1 extraction tools do
+#: threads that encode and write JPEG batches (encode_jpeg runs without the GIL)
+JPG_THREADS = 2
+#: batches handed to those threads and not yet written, at most (bounds the host memory they hold)
+JPG_BACKLOG = 4
 
 
 def flow_size(h: int, w: int, side_size: int | None, smaller_edge: bool) -> tuple[int, int]:
@@ -103,6 +112,7 @@ class _FlowVideo:
     queued: Any = None          # (host rows, ready) of the last batch, still being copied
     jpg_dir: Path | None = None  # flow_format=jpg: temporary folder of the JPEGs so far
     jpg_stem: str = ""
+    jpg_jobs: list = dataclasses.field(default_factory=list)  # its batches' encode-and-write
 
 
 class FlowExtractor(Extractor):
@@ -131,6 +141,8 @@ class FlowExtractor(Extractor):
         super().__init__(cfg, device)
         self.output_keys = self.output_keys_for(cfg)
         self.net = self.load_net()
+        self._jpg_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._jpg_backlog: collections.deque = collections.deque()
 
     # -- what each network needs --------------------------------------------------------------
     def load_net(self) -> torch.nn.Module:
@@ -186,8 +198,6 @@ class FlowExtractor(Extractor):
         return str(path)
 
     def _jpg_target(self, path: str) -> Path:
-        from video_features.utils.output import OutputWriter
-
         writer = OutputWriter.from_config(self.cfg)
         return writer.video_dir(path) / writer.stem(path)
 
@@ -221,19 +231,36 @@ class FlowExtractor(Extractor):
             st.queued = None
 
     def _write_jpgs(self, work: Any, st: _FlowVideo, rows: torch.Tensor) -> None:
-        from torchvision.io import encode_jpeg
-
         if st.jpg_dir is None:
             target = self._jpg_target(work.path)
             target.parent.mkdir(parents=True, exist_ok=True)
-            st.jpg_dir = target.parent / f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+            remove_abandoned_temps(target)   # the folder of a killed run's attempt
+            st.jpg_dir = temp_name(target)
             st.jpg_dir.mkdir()
             st.jpg_stem = target.name
-        q = quantise(rows.float(), self.cfg.flow_bound).cpu()
-        images = [q[i, c:c + 1].contiguous() for i in range(len(q)) for c in (0, 1)]
-        for j, data in enumerate(encode_jpeg(images, quality=JPEG_QUALITY)):
-            n, axis = st.pairs + j // 2 + 1, "xy"[j % 2]
-            (st.jpg_dir / f"{st.jpg_stem}-{n:06d}{axis}.jpg").write_bytes(data.numpy().tobytes())
+        levels, ready = to_host_async(quantise(rows.float(), self.cfg.flow_bound))
+        if self._jpg_pool is None:
+            self._jpg_pool = concurrent.futures.ThreadPoolExecutor(
+                JPG_THREADS, thread_name_prefix="flow-jpg")
+        while len(self._jpg_backlog) >= JPG_BACKLOG:
+            concurrent.futures.wait([self._jpg_backlog.popleft()])
+        job = self._jpg_pool.submit(_write_jpg_batch, levels, ready, st.jpg_dir, st.jpg_stem,
+                                    st.pairs + 1)
+        st.jpg_jobs.append(job)
+        self._jpg_backlog.append(job)
+
+    def discard(self, work: Any) -> None:
+        st = work.state
+        if not isinstance(st, _FlowVideo):
+            return
+        concurrent.futures.wait(st.jpg_jobs)   # none may write into the folder once it is gone
+        st.jpg_jobs = []
+        if st.jpg_dir is not None:
+            shutil.rmtree(st.jpg_dir, ignore_errors=True)
+            st.jpg_dir = None
+        if st.spill is not None:
+            st.spill.close()
+            st.spill = None
 
     def finish(self, work: Any) -> dict[str, np.ndarray]:
         st = work.state
@@ -247,6 +274,9 @@ class FlowExtractor(Extractor):
             times = self.row_times(work, np.stack([frames[:-1], frames[1:]], 1))
         out = {"fps": np.array(work.fps, dtype=np.float64), "timestamps_ms": times}
         if self.cfg.flow_format == "jpg":
+            for job in st.jpg_jobs:   # every JPEG on disk (a write error is raised here)
+                job.result()
+            st.jpg_jobs = []
             target = self._jpg_target(work.path)
             if target.exists():  # recomputed (overwrite, or an output made otherwise)
                 shutil.rmtree(target)
@@ -261,6 +291,19 @@ class FlowExtractor(Extractor):
         st.spill.close()
         st.spill = None
         return {self.cfg.feature_type: flow, **out}
+
+
+def _write_jpg_batch(levels: torch.Tensor, ready: Any, folder: Path, stem: str,
+                     first: int) -> None:
+    """(B, 2, h, w) uint8 levels of pairs ``first``, ``first + 1``, ... -> their x and y JPEGs
+    in ``folder`` (on a JPEG thread, once the copy off the device is ``ready``)."""
+    from torchvision.io import encode_jpeg
+
+    ready()
+    images = [levels[i, c:c + 1].contiguous() for i in range(len(levels)) for c in (0, 1)]
+    for j, data in enumerate(encode_jpeg(images, quality=JPEG_QUALITY)):
+        n, axis = first + j // 2, "xy"[j % 2]
+        (folder / f"{stem}-{n:06d}{axis}.jpg").write_bytes(data.numpy().tobytes())
 
 
 class RAFTFlowExtractor(FlowExtractor):
