@@ -129,6 +129,29 @@ def test_rows_go_to_disk_not_memory(video):
     assert isinstance(out["pwc"], np.memmap)  # the array is read back from the spill file
 
 
+def test_batches_that_run_out_of_memory_are_halved_for_the_rest_of_the_run(video, monkeypatch,
+                                                                            caplog):
+    ex = PWCFlowExtractor(_cfg("pwc", batch_size=6, dtype="float32"), CPU)
+    want = np.array(ex.extract(str(video))["pwc"])
+    real, sizes = ex.estimate, []
+
+    def limited(a, b):
+        sizes.append(len(a))
+        if len(a) > 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(a, b)
+
+    monkeypatch.setattr(ex, "estimate", limited)
+    with caplog.at_level("WARNING"):
+        first = np.array(ex.extract(str(video))["pwc"])
+        second = np.array(ex.extract(str(video))["pwc"])
+    # the 6 pairs go as one batch that fails and is split; the next video's batches are 3 pairs
+    assert sizes == [6, 3, 3, 3, 3] and ex.batch_size_of("flow") == 3
+    assert sum("ran out of GPU memory" in r.message for r in caplog.records) == 1
+    np.testing.assert_allclose(first, want, atol=1e-5)
+    np.testing.assert_allclose(second, want, atol=1e-5)
+
+
 def test_jpg_pairs_in_the_pytorch_i3d_layout(video, tmp_path):
     from video_features.utils.runner import run
 

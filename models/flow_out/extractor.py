@@ -141,6 +141,9 @@ class FlowExtractor(Extractor):
         super().__init__(cfg, device)
         self.output_keys = self.output_keys_for(cfg)
         self.net = self.load_net()
+        #: frame pairs per batch: ``batch_size``, halved for the rest of the run whenever a batch
+        #: runs out of GPU memory (so later batches do not run out again)
+        self.pairs_per_batch = int(cfg.batch_size)
         self._jpg_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._jpg_backlog: collections.deque = collections.deque()
 
@@ -176,10 +179,13 @@ class FlowExtractor(Extractor):
         pairs = torch.stack([seq[:-1], seq[1:]], 1)  # (n, 2, 3, h, w)
         return [("flow", pairs, np.asarray(stamps, np.float64)[-len(pairs):])]
 
+    def batch_size_of(self, key: str) -> int:
+        return self.pairs_per_batch
+
     @torch.inference_mode()
     def forward(self, key: str, batch: torch.Tensor) -> torch.Tensor:
         """(B, 2, 3, h, w) frame pairs -> (B, 2, h, w) flow; a batch too big for the GPU is
-        split in halves rather than failing."""
+        split in halves rather than failing, and later batches are made no bigger."""
         try:
             return self.estimate(batch[:, 0], batch[:, 1])
         except torch.cuda.OutOfMemoryError:
@@ -187,6 +193,10 @@ class FlowExtractor(Extractor):
                 raise
             torch.cuda.empty_cache()
             half = len(batch) // 2
+            if self.pairs_per_batch > half:
+                self.pairs_per_batch = half
+                log.warning("optical flow ran out of GPU memory: %d frame pairs per batch from now "
+                            "on", half)
             return torch.cat([self.forward(key, batch[:half]), self.forward(key, batch[half:])])
 
     # -- rows -> disk -------------------------------------------------------------------------
