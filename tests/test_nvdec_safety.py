@@ -4,6 +4,7 @@ frames copied out before the decoder reuses its surfaces."""
 from __future__ import annotations
 
 import queue
+import re
 from pathlib import Path
 
 import av
@@ -63,6 +64,22 @@ def test_decoder_caps_asked_once_per_kind_of_stream_on_the_decoders_gpu(fake, cl
     assert nvdec._gpu_index(torch.device("cuda", 2)) == 2
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
     assert nvdec._gpu_index(torch.device("cuda")) == 1  # "cuda": the current GPU, not 0
+
+
+def test_streams_outside_the_decoders_size_limits_are_refused_before_decoding(fake, clips,
+                                                                             monkeypatch):
+    from video_features.utils import nvdec
+
+    nvdec._open(str(clips[0]), 0, 8).end()          # 64x48 within every limit
+    within = dict(fake.LIMITS)
+    for limits, said in [({"width_max": 32}, "at most 32x4096 pixels"),
+                         ({"mb_num_max": 11}, "(11 macroblocks)"),   # 4 x 3 blocks of 16
+                         ({"height_min": 64}, "at least 48x64 pixels")]:
+        monkeypatch.setattr(fake, "LIMITS", {**within, **limits})
+        monkeypatch.setattr(nvdec, "_CAPS", {})
+        with pytest.raises(RuntimeError, match=rf"{re.escape(said)}.*the video is 64x48"):
+            nvdec._open(str(clips[0]), 0, 8)
+    assert not fake.calls["decoders"][1:]           # refused: no decoder was made for it
 
 
 def test_frames_held_are_bounded_by_bytes(fake, clips, monkeypatch):

@@ -82,11 +82,10 @@ def _check_caps(nvc: Any, path: str, gpu: int, size: tuple[int, int] | None = No
     another size fails here too (the video then goes to the CPU decoders)."""
     try:
         dmx = nvc.CreateDemuxer(filename=path)
-        if size is not None:
-            got = _demuxer_size(dmx)
-            if got is not None and got != tuple(size):
-                raise RuntimeError(f"NVDEC's demuxer reads a {got[0]}x{got[1]} video stream, the "
-                                   f"chosen one is {size[0]}x{size[1]}")
+        got = _demuxer_size(dmx)
+        if size is not None and got is not None and got != tuple(size):
+            raise RuntimeError(f"NVDEC's demuxer reads a {got[0]}x{got[1]} video stream, the "
+                               f"chosen one is {size[0]}x{size[1]}")
         key = (gpu, dmx.GetNvCodecId(), dmx.ChromaFormat(), dmx.BitDepth())
         with _CAPS_LOCK:
             caps = _CAPS.get(key)
@@ -98,6 +97,29 @@ def _check_caps(nvc: Any, path: str, gpu: int, size: tuple[int, int] | None = No
     if not caps.get("supported", True):
         raise RuntimeError("the GPU's decoder does not support this codec / chroma format / "
                            "bit depth")
+    why = _size_refused(caps, *(got or size or (None, None)))
+    if why:
+        raise RuntimeError(why)
+
+
+def _size_refused(caps: dict, width: int | None, height: int | None) -> str:
+    """Why the GPU's decoder cannot take a ``width`` x ``height`` stream by its capabilities
+    (``width_max`` / ``height_max`` / ``width_min`` / ``height_min`` / ``mb_num_max``, each
+    checked where the library reports it), or ""."""
+    if width is None or height is None:
+        return ""
+    lo_w, lo_h = caps.get("width_min"), caps.get("height_min")
+    hi_w, hi_h = caps.get("width_max"), caps.get("height_max")
+    blocks = ((width + 15) // 16) * ((height + 15) // 16)
+    if (hi_w and width > hi_w) or (hi_h and height > hi_h) or (
+            caps.get("mb_num_max") and blocks > caps["mb_num_max"]):
+        return (f"the GPU's decoder takes at most {hi_w}x{hi_h} pixels "
+                f"({caps.get('mb_num_max')} macroblocks) of this codec, the video is "
+                f"{width}x{height}")
+    if (lo_w and width < lo_w) or (lo_h and height < lo_h):
+        return (f"the GPU's decoder takes at least {lo_w}x{lo_h} pixels of this codec, the video "
+                f"is {width}x{height}")
+    return ""
 
 
 def _demuxer_size(dmx: Any) -> tuple[int, int] | None:

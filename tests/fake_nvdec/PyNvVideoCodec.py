@@ -57,9 +57,14 @@ def CreateDemuxer(filename):
     return _Demuxer(filename)
 
 
+#: the size limits GetDecoderCaps reports (the library's keys; NVDEC's H.264 limits)
+LIMITS = {"width_min": 48, "height_min": 16, "width_max": 4096, "height_max": 4096,
+          "mb_num_max": 65536}
+
+
 def GetDecoderCaps(gpuid=0, codec=None, chromaformat=None, bitdepth=8):
     calls["caps"].append((gpuid, codec, chromaformat, bitdepth))
-    return {"supported": True, "max_width": 8192, "max_height": 8192}
+    return {"supported": True, "num_decoder_engines": 1, **LIMITS}
 
 
 class _Frame:
