@@ -30,7 +30,7 @@ class _FakeRay:
     """Just what run_on_ray calls, with each actor an object in this process."""
 
     def __init__(self, gpus: int):
-        self.gpus, self.options, self.killed = gpus, None, 0
+        self.gpus, self.options, self.killed, self.restarted = gpus, None, 0, 0
 
     def is_initialized(self):
         return True
@@ -44,6 +44,7 @@ class _FakeRay:
         def wrap(cls):
             class Handle:
                 def __init__(self, *args):
+                    self.args = args
                     self.obj = cls(*args)
 
                 def __getattr__(self, name):
@@ -64,8 +65,12 @@ class _FakeRay:
     def wait(self, refs, num_returns=1, timeout=None):
         return refs[:num_returns], refs[num_returns:]
 
-    def kill(self, actor):
-        self.killed += 1
+    def kill(self, actor, no_restart=True):
+        if no_restart:
+            self.killed += 1
+        else:   # Ray starts the actor again in a new process
+            self.restarted += 1
+            actor.obj = type(actor.obj)(*actor.args)
 
 
 def test_ray_gpu_actors_select_an_indexed_device(monkeypatch):
@@ -119,6 +124,55 @@ def test_ray_gpu_actors_select_an_indexed_device(monkeypatch):
     assert all(r.status == "done" for r in results), [r.reason for r in results]
     assert built == ["cuda:0", "cuda:0"] and selected == [0, 0]
     assert fake.options["num_gpus"] == 1 and fake.killed == 2
+
+
+def test_a_ray_worker_whose_device_fails_is_restarted(monkeypatch):
+    """A sticky CUDA error (the process's context is gone) fails its input as a device error;
+    the driver has Ray start that actor again, and it does the rest of the chunk."""
+    from video_features.utils import ray_backend, runner
+
+    contexts = []
+
+    class Extractor:
+        frame_seam, frames_read = False, 0
+
+        def __init__(self):
+            contexts.append(self)
+            self.broken, self.device = False, torch.device("cpu")
+
+        def autocast(self):
+            import contextlib
+
+            return contextlib.nullcontext()
+
+        def extract(self, path):
+            if self.broken or (path == "b.mp4" and len(contexts) == 1):
+                self.broken = True
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            return {}
+
+    class Writer:
+        def write(self, path, feats, info):
+            pass
+
+    monkeypatch.setattr(ray_backend, "import_ray", lambda: fake)
+    monkeypatch.setattr(runner, "build_worker", lambda cfgs, records, device: (Extractor(),
+                                                                               Writer()))
+    monkeypatch.setattr(runner, "configure_logging", lambda level: None)
+    monkeypatch.setattr(ray_backend, "_node_resources", lambda: {"CPU": 8.0, "GPU": 1.0},
+                        raising=False)
+    monkeypatch.setattr(ray_backend, "QUEUED_PER_ACTOR", 1)
+    fake = _FakeRay(gpus=1)
+    cfg = Config({"device": "cuda", "tf32": False, "log_level": "info", "cpu_workers": 1,
+                  "decoders": 3, "ray_actors": None, "ray_address": None})
+    results = {}
+    ray_backend.run_on_ray([cfg], [{}], _Queue(["a.mp4", "b.mp4", "c.mp4", "d.mp4"]),
+                           lambda r: results.update({r.path: r}) or True)
+    assert results["b.mp4"].status == "failed" and results["b.mp4"].device_broken
+    assert "device error" in results["b.mp4"].reason
+    assert [results[p].status for p in ("a.mp4", "c.mp4", "d.mp4")] == ["done"] * 3, [
+        (r.path, r.reason) for r in results.values()]
+    assert fake.restarted == 1 and len(contexts) == 2   # the one actor, started again once
 
 
 def test_actor_decoders_follow_the_actors_node_not_the_driver():

@@ -454,3 +454,4 @@ def test_videos_are_finished_off_the_device_loop(videos, resnet_weights):
     results, outputs = _run_pipeline(ex, videos[:2])
     assert {r.status for r in results.values()} == {"failed"} and len(results) == 2
     assert all("illegal memory access" in r.reason for r in results.values())
+    assert all(r.device_broken for r in results.values())   # the process's CUDA context is gone

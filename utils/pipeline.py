@@ -576,6 +576,14 @@ class DevicePipeline:
     def paths_in_flight(self) -> list[str]:
         return [w.path for w in self.works.values()] + [w.path for w, _ in self._writing]
 
+    def abandon(self) -> list[str]:
+        """After a batch failed (every input in flight is lost with it): the inputs in flight,
+        with what the extractor kept on disk for those not yet finishing removed."""
+        paths = self.paths_in_flight()
+        for work in list(self.works.values()):
+            self._discard(work)
+        return paths
+
     def submit(self, path: str) -> None:
         vid, self._next = self._next, self._next + 1
         self.works[vid] = VideoWork(vid, path)
@@ -818,11 +826,11 @@ class DevicePipeline:
             try:
                 self.step()
             except Exception as exc:
-                reason = process_failure(exc).reason
-                for path in self.paths_in_flight():
-                    self.on_result(Result(path, "failed", reason=reason, stage="extract"))
-                for work in list(self.works.values()):
-                    self._discard(work)
+                failure = process_failure(exc)
+                for path in self.abandon():
+                    self.on_result(Result(path, "failed", reason=failure.reason, stage="extract",
+                                          device_broken=failure.device_broken))
+                reason = failure.reason
                 rest = pending.drain() if hasattr(pending, "drain") else list(pending)
                 for path in rest:
                     self.on_result(Result(path, "failed", stage="not_started",

@@ -154,8 +154,13 @@ class ExtractActor:
         from video_features.utils.runner import _flag_stop, process_one, videos_at_once
 
         if not self.extractor.frame_seam:
-            return [_flag_stop(process_one(self.extractor, self.writer, p), self.writer)
-                    for p in paths]
+            results = []
+            for p in paths:
+                results.append(_flag_stop(process_one(self.extractor, self.writer, p),
+                                          self.writer))
+                if results[-1].device_broken:
+                    break   # nothing more can run in this process: the driver restarts it
+            return results
         if self.pipe is None:
             self.pipe = self._new_pipeline()
         self._results = results = []
@@ -167,6 +172,8 @@ class ExtractActor:
             raise
         if self.pipe.busy:  # a failed batch left its inputs in the pipeline: start clean
             self.close()
+        if any(r.device_broken for r in results):   # those never started go to the driver again
+            results = [r for r in results if r.stage != "not_started"]
         return results
 
     def close(self) -> bool:
@@ -251,6 +258,16 @@ def run_on_ray(cfgs: list[Config], records: list[dict], todo: Any,
             else:
                 for res in results:
                     feeding = on_result(res) and feeding
+                if any(res.device_broken for res in results):
+                    # its CUDA context is gone for good: Ray restarts it in a fresh process
+                    # (max_restarts); the inputs of the chunk it did not start are sent again,
+                    # chunks queued on it come back as lost and are retried
+                    log.warning("backend=ray: a worker's device failed; it is restarted")
+                    ray.kill(actors[a], no_restart=False)
+                    answered = {res.path for res in results}
+                    unrun = [p for p in chunk if p not in answered]
+                    if unrun:
+                        retry.append(unrun)
             if feeding:
                 send(a)
     finally:

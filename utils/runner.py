@@ -382,7 +382,7 @@ def _worker_pipeline(extractor: Any, writer: OutputWriter, cfg: Config, conn: An
                         pipe.step()
                     except Exception as exc:  # a batch failed: every input in it is lost
                         res = process_failure(exc)
-                        for path in pipe.paths_in_flight():
+                        for path in pipe.abandon():
                             send(Result(path, "failed", reason=res.reason, stage="extract",
                                         device_broken=res.device_broken))
                         if res.device_broken:
