@@ -1,6 +1,9 @@
 """Command-line parsing: classic flags, key=value, YAML files, validation before any model."""
 from __future__ import annotations
 
+import json
+import os
+
 import pytest
 
 from tests.conftest import run_main
@@ -142,3 +145,16 @@ def test_extraction_total_and_fps_are_mutually_exclusive():
     with pytest.raises(ConfigError, match="extraction_total must be >= 1"):
         parse_args(["--feature_type", "resnet", "--device", "cpu", "--video_paths", "a",
                     "extraction_total=0"])
+
+
+def test_a_missing_optional_package_names_what_needs_it_and_how_to_install_it():
+    from video_features.utils.errors import require
+
+    assert require("json", "anything") is json
+    assert require("os.path", "anything") is os.path        # a submodule is returned itself
+    with pytest.raises(ConfigError) as err:
+        require("no_such_package.sub", "feature_type=x", extra="x")
+    assert str(err.value) == ("feature_type=x needs no_such_package (No module named "
+                              "'no_such_package'): pip install no_such_package (or the [x] extra)")
+    with pytest.raises(ConfigError, match=r"^report needs pkg>=2 \(.*\): pip install pkg>=2$"):
+        require("no_such_package", "report", pip="pkg>=2")

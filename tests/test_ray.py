@@ -75,7 +75,8 @@ def test_actor_count_and_clear_errors(monkeypatch, videos, tmp_path):
         return real(name, *a, **k)
 
     monkeypatch.setattr(builtins, "__import__", no_ray)
-    with pytest.raises(ConfigError, match=r"backend=ray needs Ray .*pip install"):
+    with pytest.raises(ConfigError, match=r"backend=ray needs 'ray>=2\.9' \(No module named 'ray'\): "
+                                          r"pip install 'ray>=2\.9' \(or the \[ray\] extra\)"):
         _cfg("null", videos, tmp_path, backend="ray")
 
 

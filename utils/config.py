@@ -26,7 +26,7 @@ import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
-from video_features.utils.errors import ConfigError
+from video_features.utils.errors import ConfigError, require
 
 log = logging.getLogger(__name__)
 
@@ -827,10 +827,7 @@ def validate(cfg: Config) -> Config:
     if cfg.on_extraction != "print" and not cfg.output_path:
         raise ConfigError("output_path is required when on_extraction saves files")
     if cfg.on_extraction == "save_hdf5":
-        try:
-            import h5py  # noqa: F401  (checked before any work, not after it)
-        except ImportError as exc:
-            raise ConfigError(f"on_extraction=save_hdf5 needs h5py ({exc}): pip install h5py") from None
+        require("h5py", "on_extraction=save_hdf5")  # checked before any work, not after it
     if cfg.on_extraction == "save_parquet":
         from video_features.utils.consolidate import pyarrow_modules
 

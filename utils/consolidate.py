@@ -424,14 +424,11 @@ class _Store:
 
 
 # -- HDF5 ----------------------------------------------------------------------------------------
-def _h5py() -> Any:
-    try:
-        import h5py
-    except ImportError as exc:
-        from video_features.utils.errors import ConfigError
+def h5py_module() -> Any:
+    """h5py, or a ConfigError naming the install command."""
+    from video_features.utils.errors import require
 
-        raise ConfigError(f"on_extraction=save_hdf5 needs h5py ({exc}); `pip install h5py`") from None
-    return h5py
+    return require("h5py", "on_extraction=save_hdf5")
 
 
 def _h5_entries(h5py: Any, f: Any, part: Path) -> dict[str, Entry]:
@@ -458,7 +455,7 @@ class HDF5Store(_Store):
         self._published_at = 0.0
 
     def _read(self, part: Path) -> dict[str, Entry]:
-        h5py = _h5py()
+        h5py = h5py_module()
         with h5py.File(part, "r", locking=False) as f:
             return _h5_entries(h5py, f, part)
 
@@ -472,7 +469,7 @@ class HDF5Store(_Store):
         not open is moved aside (if it was the index, nothing is lost)."""
         if not self.path.is_file():
             return
-        h5py = _h5py()
+        h5py = h5py_module()
         try:
             with h5py.File(self.path, "r", locking=False) as f:
                 if INDEX_ATTR in f.attrs:
@@ -496,7 +493,7 @@ class HDF5Store(_Store):
     def _copy_groups(self, source: Path, target: Path) -> int:
         """Copy every input group of ``source`` (at any depth, as earlier versions nested them)
         that can be read into the new part ``target``; returns how many."""
-        h5py = _h5py()
+        h5py = h5py_module()
         groups: list[str] = []
         try:
             src = h5py.File(source, "r", locking=False)
@@ -532,7 +529,7 @@ class HDF5Store(_Store):
         return kept
 
     def _drop(self, part: Path, names: set[str]) -> None:
-        h5py = _h5py()
+        h5py = h5py_module()
         with h5py.File(part, "r", locking=False) as src:
             keep = [k for k, g in src.items() if g.attrs.get("name", unquote(k)) not in names]
             if not keep:
@@ -547,7 +544,7 @@ class HDF5Store(_Store):
             atomic_build(part, build)
 
     def _write(self, path: Path, batch: list[Staged]) -> list[Staged]:
-        h5py = _h5py()
+        h5py = h5py_module()
         written: list[Staged] = []
 
         def build(tmp: str) -> None:
@@ -573,7 +570,7 @@ class HDF5Store(_Store):
             return
         if not final and time.monotonic() - self._published_at < INDEX_EVERY_S:
             return
-        h5py = _h5py()
+        h5py = h5py_module()
         base = self.folder.name
 
         def build(tmp: str) -> None:
@@ -712,18 +709,14 @@ class ShardStore(_Store):
 # -- Parquet -------------------------------------------------------------------------------------
 def pyarrow_modules() -> tuple[Any, Any]:
     """``(pyarrow, pyarrow.parquet)``, or a ConfigError naming the install command."""
-    from video_features.utils.errors import ConfigError
+    from video_features.utils.errors import ConfigError, require
 
-    try:
-        import pyarrow
-        import pyarrow.parquet
-    except ImportError as exc:
-        raise ConfigError(f"on_extraction=save_parquet needs pyarrow ({exc}): "
-                          "pip install pyarrow") from None
+    parquet = require("pyarrow.parquet", "on_extraction=save_parquet", pip="pyarrow")
+    import pyarrow
     if int(pyarrow.__version__.split(".")[0]) < 16:  # 16: float16 in Parquet, NumPy 2
         raise ConfigError(f"on_extraction=save_parquet needs pyarrow>=16, not "
                           f"{pyarrow.__version__}: pip install -U pyarrow")
-    return pyarrow, pyarrow.parquet
+    return pyarrow, parquet
 
 
 def _list_type(pa: Any, dtype: np.dtype) -> Any:
@@ -934,7 +927,7 @@ def consolidate(writer: OutputWriter, final: bool = True) -> int:
 
 def read_hdf5(path: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]:
     """All inputs of an HDF5 output: name -> {key: array} (for small files and tests)."""
-    h5py = _h5py()
+    h5py = h5py_module()
     out: dict[str, dict[str, np.ndarray]] = {}
     with h5py.File(path, "r", locking=False) as f:
         for key in f:

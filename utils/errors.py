@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
+from types import ModuleType
 
 
 class FeatureError(Exception):
@@ -24,6 +26,20 @@ class VideoError(FeatureError):
 class WeightsError(FeatureError):
     """A checkpoint cannot be found, downloaded, verified or does not fit the network."""
 
+
+def require(module: str, needed_by: str, pip: str | None = None,
+            extra: str | None = None) -> ModuleType:
+    """``module`` imported, or a ConfigError naming what needs it and the install command:
+    "<needed_by> needs <pip> (<why the import failed>): pip install <pip> [(or the [extra]
+    extra)]". ``pip``: the package (and version) to install, where not the module's name."""
+    try:
+        __import__(module)   # (not importlib: tests stand in for a missing package here)
+        return sys.modules[module]
+    except ImportError as exc:
+        package = pip or module.split(".")[0]
+        also = f" (or the [{extra}] extra)" if extra else ""
+        raise ConfigError(f"{needed_by} needs {package} ({exc}): pip install {package}{also}") \
+            from None
 
 
 class OutputError(FeatureError):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Container
 
-from video_features.utils.errors import ConfigError, WeightsError
+from video_features.utils.errors import WeightsError, require
 
 log = logging.getLogger(__name__)
 
@@ -107,11 +107,7 @@ def hub_folder(repo: str, revision: str | None, *, label: str, need_weights: boo
     where needed), downloading what is missing unless offline; a one-line WeightsError
     otherwise (its offline form opens with ``offline_text``), ConfigError without
     huggingface_hub."""
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise ConfigError(f"feature_type {label} needs the huggingface_hub package: "
-                          "pip install huggingface_hub") from None
+    snapshot_download = require("huggingface_hub", f"feature_type {label}").snapshot_download
     cache = hub_cache_dir()
 
     def missing(folder: Path) -> str:

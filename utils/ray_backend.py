@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from video_features.utils.config import Config
-from video_features.utils.errors import ConfigError
+from video_features.utils.errors import ConfigError, require
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +30,7 @@ QUEUED_PER_ACTOR = 2
 
 
 def import_ray() -> Any:
-    try:
-        import ray
-    except ImportError as exc:
-        raise ConfigError(f"backend=ray needs Ray ({exc}): pip install 'ray>=2.9' (or the [ray] "
-                          "extra)") from None
-    return ray
+    return require("ray", "backend=ray", pip="'ray>=2.9'", extra="ray")
 
 
 def _checkout_root() -> str | None:

@@ -48,13 +48,9 @@ SIMILARITY_SIDE = 200     # rows of the self-similarity image at most (longer vi
 
 
 def _plt() -> Any:
-    try:
-        import matplotlib
-    except ImportError as exc:
-        from video_features.utils.errors import ConfigError
+    from video_features.utils.errors import require
 
-        raise ConfigError(f"report needs matplotlib ({exc}): pip install matplotlib (or the "
-                          "[report] extra)") from None
+    matplotlib = require("matplotlib", "report", extra="report")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

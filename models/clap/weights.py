@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from video_features.utils import hf_hub
-from video_features.utils.errors import ConfigError, WeightsError
+from video_features.utils.errors import ConfigError, WeightsError, require
 from video_features.utils.hf_hub import ExtraFiles, Source, fetch_hint, model_ident, read_state_dict
 from video_features.utils.weights import WeightCard, check_keys, register_card
 
@@ -48,12 +48,7 @@ SOUND_LABELS = Path(__file__).resolve().parent / "labels" / "sounds.txt"
 
 
 def import_transformers() -> Any:
-    try:
-        import transformers
-    except ImportError:
-        raise ConfigError("feature_type clap needs the transformers package: "
-                          "pip install transformers") from None
-    return transformers
+    return require("transformers", "feature_type clap")
 
 
 #: what show_pred's texts need beyond the audio model: the RoBERTa tokenizer

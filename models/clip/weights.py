@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from video_features.models.clip.preprocess import ImageRecipe, recipe_from_cfg
-from video_features.utils.errors import ConfigError, WeightsError
+from video_features.utils.errors import ConfigError, WeightsError, require
 from video_features.utils.hf_hub import hub_cache_dir
 from video_features.utils.weights import (WeightCard, check_keys, get_card, load_state_dict, register_card,
                            resolve_checkpoint, sha256_of)
@@ -71,12 +71,7 @@ PROMPT = "a photo of {}"
 
 def open_clip_module() -> Any:
     """open_clip, or a ConfigError naming the pip package."""
-    try:
-        import open_clip
-    except ImportError as exc:
-        raise ConfigError(f"feature_type=clip needs open_clip_torch ({exc}); install it with "
-                          "`pip install open_clip_torch`") from None
-    return open_clip
+    return require("open_clip", "feature_type=clip", pip="open_clip_torch")
 
 
 def offline() -> bool:
@@ -191,11 +186,7 @@ def _hf_file(arch: str, tag: str, tag_cfg: Mapping[str, Any]) -> Path:
     transformers-layout families use (HF_HUB_CACHE / HF_HOME read when called)."""
     repo, names = _hub_parts(tag_cfg)
     cache = hub_cache_dir()
-    try:
-        from huggingface_hub import hf_hub_download
-    except ImportError:
-        raise WeightsError(f"open_clip {arch}/{tag}: weights come from the Hugging Face hub; "
-                           "`pip install huggingface_hub`") from None
+    hf_hub_download = require("huggingface_hub", f"open_clip {arch}/{tag}").hf_hub_download
     reasons = []
     for local_only in ((True,) if offline() else (True, False)):
         for filename in names:

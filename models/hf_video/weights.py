@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from video_features.utils import hf_hub
-from video_features.utils.errors import ConfigError, WeightsError
+from video_features.utils.errors import ConfigError, WeightsError, require
 from video_features.utils.hf_hub import Source, model_ident, read_state_dict
 from video_features.utils.weights import WeightCard, register_card
 
@@ -29,11 +29,7 @@ PROCESSOR_FILES = ("video_preprocessor_config.json", "preprocessor_config.json")
 
 def import_transformers(label: str = "hf_video") -> Any:
     """transformers (new enough for video processors), or a ConfigError naming the package."""
-    try:
-        import transformers
-    except ImportError:
-        raise ConfigError(f"feature_type {label} needs the transformers package: "
-                          "pip install transformers") from None
+    transformers = require("transformers", f"feature_type {label}")
     if not hasattr(transformers, "AutoVideoProcessor"):
         raise ConfigError(f"feature_type {label} needs transformers >= 4.53 (video processors); "
                           f"this is {transformers.__version__}: pip install -U transformers")

@@ -26,7 +26,7 @@ from typing import Any, Mapping
 from torch import nn
 
 from video_features.models.timm_image.preprocess import TimmRecipe, recipe_from_data_config
-from video_features.utils.errors import ConfigError, WeightsError
+from video_features.utils.errors import ConfigError, WeightsError, require
 from video_features.utils.hf_hub import hub_cache_dir, offline
 from video_features.utils.weights import WeightCard, register_card, resolve_checkpoint
 
@@ -41,12 +41,7 @@ LAYOUT = ("timm state dict of the model (the keys of timm.create_model(model_nam
 
 def import_timm() -> Any:
     """timm, or a ConfigError naming the pip package."""
-    try:
-        import timm
-    except ImportError as exc:
-        raise ConfigError(f"feature_type=timm needs timm ({exc}); install it with "
-                          "`pip install timm`") from None
-    return timm
+    return require("timm", "feature_type=timm")
 
 
 @dataclass(frozen=True)
@@ -146,11 +141,7 @@ def _hub_file(source: Source) -> Path:
     names = [source.pretrained_cfg["hf_hub_filename"]] if source.pretrained_cfg.get(
         "hf_hub_filename") else list(HUB_FILES)
     cache = hub_cache_dir()
-    try:
-        from huggingface_hub import hf_hub_download
-    except ImportError:
-        raise ConfigError("feature_type=timm loads weights through huggingface_hub: "
-                          "`pip install huggingface_hub`") from None
+    hf_hub_download = require("huggingface_hub", "feature_type=timm").hf_hub_download
     for filename in names:
         try:
             return Path(hf_hub_download(repo, filename, revision=revision, cache_dir=cache,
