@@ -236,6 +236,80 @@ def test_gpu_metrics_name_the_gpu_torch_uses_by_its_uuid(monkeypatch, tmp_path):
     assert RunLog(str(tmp_path), "r", ["resnet"], ["cuda:1"])._gpus == []
 
 
+def test_ray_actors_measure_their_own_gpus_and_the_log_shows_them(monkeypatch, tmp_path):
+    """Under Ray the driver's GPUs are not the run's: each actor samples its GPU while it works
+    and sends the chunk's average busy share and peak memory with its last result; the metrics
+    log shows the latest figures of every actor's GPU."""
+    import json
+
+    from video_features.utils import ray_backend, runlog, runner
+    from video_features.utils.output import HOST
+
+    uuid = "aaaaaaaa-0000-0000-0000-000000000000"
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda i: types.SimpleNamespace(uuid=uuid))
+    _fake_nvml(monkeypatch, [f"GPU-{uuid}"])
+    busy = iter([20, 60, 100, 40])
+    sys.modules["pynvml"].nvmlDeviceGetUtilizationRates = \
+        lambda h: types.SimpleNamespace(gpu=next(busy))
+    monkeypatch.setattr(runlog, "SAMPLE_EVERY", 3600.0)   # the test takes the samples itself
+
+    meter = runlog.GpuMeter("cuda:0")
+    meter.sample()
+    meter.sample()
+    assert meter.harvest() == [{"host": HOST, "index": 0, "busy": 0.4, "memory_bytes": 123}]
+    assert meter.harvest() == []                          # each chunk starts afresh
+    meter.close()
+    assert runlog.GpuMeter("cpu").harvest() == []
+
+    meters = []
+    made = runlog.GpuMeter.__init__
+    monkeypatch.setattr(runlog.GpuMeter, "__init__",
+                        lambda self, device: (made(self, device), meters.append(self))[0])
+
+    class Extractor:
+        frame_seam, frames_read, device = False, 0, torch.device("cpu")
+
+        def autocast(self):
+            import contextlib
+
+            return contextlib.nullcontext()
+
+        def extract(self, path):
+            meters[-1].sample()                           # as the meter's thread would
+            return {}
+
+    class Writer:
+        def write(self, path, feats, info):
+            pass
+
+    fake = _FakeRay(gpus=1)
+    monkeypatch.setattr(ray_backend, "import_ray", lambda: fake)
+    monkeypatch.setattr(runner, "build_worker", lambda cfgs, records, device: (Extractor(),
+                                                                               Writer()))
+    monkeypatch.setattr(runner, "configure_logging", lambda level: None)
+    monkeypatch.setattr(ray_backend, "_node_resources", lambda: {"CPU": 8.0, "GPU": 1.0},
+                        raising=False)
+    cfg = Config({"device": "cuda", "tf32": False, "log_level": "info", "cpu_workers": 1,
+                  "decoders": 3, "ray_actors": None, "ray_address": None})
+    busy = iter([50, 70])                                 # what the fake NVML reports next
+    results = []
+    ray_backend.run_on_ray([cfg], [{}], _Queue(["a.mp4", "b.mp4"]),
+                           lambda r: results.append(r) or True)
+    meters[-1].close()
+    assert [r.gpus for r in results] == [[], [{"host": HOST, "index": 0, "busy": 0.6,
+                                               "memory_bytes": 123}]]
+
+    log = runlog.RunLog(str(tmp_path), "r", ["resnet"], ["cuda:0"], sample_gpus=False)
+    assert log._gpus == []                                # not the driver's own GPU
+    progress = runner._Progress(2, False, runlog=log)
+    for r in results:
+        progress.update(r)
+    progress.close()
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["gpus"] == results[-1].gpus
+
+
 def test_decoders_auto_is_left_to_each_ray_actor():
     """The command line's default decoders=auto reaches the actors (each sizes it from its own
     node), while the local backend resolves it up front."""

@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 from video_features.utils.config import Config
 from video_features.utils.errors import ConfigError, require
+from video_features.utils.runlog import GpuMeter
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +120,7 @@ class ExtractActor:
         self.pipelines_built = 0
         self._results: list = []
         self.pipe = self._new_pipeline() if self.extractor.frame_seam else None
+        self.gpu_meter = GpuMeter(device)
 
     def _new_pipeline(self) -> Any:
         from video_features.utils.pipeline import DevicePipeline
@@ -141,7 +143,13 @@ class ExtractActor:
 
     def process(self, paths: list[str]) -> list:
         """Results of ``paths``, through the device pipeline (or one at a time for feature types
-        that are not on it)."""
+        that are not on it); the last one carries the actor's GPU figures over the chunk."""
+        results = self._process(paths)
+        if results:
+            results[-1].gpus = self.gpu_meter.harvest()
+        return results
+
+    def _process(self, paths: list[str]) -> list:
         import collections
 
         import torch

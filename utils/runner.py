@@ -75,6 +75,8 @@ class Result:
     #: what was decoded around (undecodable packets skipped), one line; "" for a clean input.
     #: Its outputs' record holds the same line as "damaged".
     damaged: str = ""
+    #: GPU figures of the Ray actor that made it, over its chunk (on the chunk's last result)
+    gpus: list = field(default_factory=list)
 
 
 @dataclass
@@ -442,6 +444,8 @@ class _Progress:
         if res.status == "done" and not self.frames_live:
             self.frames += res.frames or 0
         if self.runlog is not None:
+            if res.gpus:
+                self.runlog.note_remote(res.gpus)
             self.runlog.tick(self.frames, self.done, self.failed)
         if self.consolidating and res.status == "done" and self.done % CONSOLIDATE_EVERY == 0:
             _consolidate_all(self.consolidating, self.errors, final=False)
@@ -572,10 +576,11 @@ def run(cfg: Config | list[Config]) -> Summary:
     consolidating = [w for w in writers if w.consolidated]
     from video_features.utils.runlog import RunLog
 
-    runlog = RunLog(cfg.output_path, run_id, [c.feature_type for c in cfgs], devices) \
-        if writers[0].saves else None
+    ray = cfg.get("backend", "local") == "ray"   # then the actors measure their own GPUs
+    runlog = RunLog(cfg.output_path, run_id, [c.feature_type for c in cfgs], devices,
+                    sample_gpus=not ray) if writers[0].saves else None
     progress = _Progress(len(todo), _progress_enabled(cfg), consolidating, runlog)
-    progress.frames_live = cfg.get("backend", "local") != "ray"
+    progress.frames_live = not ray
     # several runs on one list and output folder: each input is started by one of them
     claims = Claims(writers, cfg.get("claim_timeout", 600)) if writers[0].saves else None
     progress.claims = claims
