@@ -54,6 +54,8 @@ def _type_options(vggish_ckpt):
     return ["resnet.model_name=resnet18", "resnet.extraction_fps=5", "resnet.batch_size=3",
             "r21d.stack_size=4", "r21d.step_size=3", "r21d.batch_size=2",
             "i3d.stack_size=4", "i3d.step_size=4", "i3d.streams=[rgb,flow]", "i3d.flow_batch_size=2",
+            # TV-L1 at one short warp: flow without PWC-Net's minutes on the CPU
+            "i3d.flow_type=tvl1", "i3d.tvl1_warps=1", "i3d.tvl1_outer_iterations=1",
             "i3d.allow_random_weights=true", f"vggish.checkpoint_path={vggish_ckpt}",
             "vggish.batch_size=2"]
 

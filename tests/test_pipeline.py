@@ -186,8 +186,11 @@ def test_i3d_flow_pairs_are_batched_across_chunks_and_videos(videos, make_video,
     (not once per decoded chunk), and the outputs equal the one-video path."""
     other = make_video("p4.mp4", n_frames=20, fps=25.0, width=64, height=48, seed=4)
     paths = [videos[0], other]   # one frame size: one pair shape after resizing
+    # TV-L1 at one short warp (each pair solved as if alone): the batching, without PWC-Net's
+    # minutes on the CPU (test_pipeline_equals_one_video_extraction runs PWC-Net here)
     cfg = make_config("i3d", video_paths=[str(p) for p in paths], device="cpu", stack_size=4,
-                      step_size=4, batch_size=2, flow_batch_size=24, allow_random_weights=True)
+                      step_size=4, batch_size=2, flow_batch_size=24, allow_random_weights=True,
+                      flow_type="tvl1", tvl1_warps=1, tvl1_outer_iterations=1)
     ex = build_extractor(cfg, "cpu")
     sizes = []
     real = ex._flow
