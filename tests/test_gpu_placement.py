@@ -73,12 +73,51 @@ class _FakeRay:
             actor.obj = type(actor.obj)(*actor.args)
 
 
+class _Extractor:
+    """What a fake actor's worker extracts with: ``extract(path)`` decides each input."""
+
+    frame_seam, frames_read = False, 0
+
+    def __init__(self, extract, device=torch.device("cpu")):
+        self._extract, self.device = extract, device
+
+    def autocast(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def extract(self, path):
+        return self._extract(path)
+
+
+class _Writer:
+    def write(self, path, feats, info):
+        pass
+
+
+def _run_on_fake_ray(monkeypatch, build_worker, paths: list[str], gpus: int = 1):
+    """run_on_ray with device=cuda on a fake Ray of ``gpus`` GPUs whose actors build their
+    worker with ``build_worker``; (the fake Ray, the inputs left, the results in order)."""
+    from video_features.utils import ray_backend, runner
+
+    fake = _FakeRay(gpus=gpus)
+    monkeypatch.setattr(ray_backend, "import_ray", lambda: fake)
+    monkeypatch.setattr(runner, "build_worker", build_worker)
+    monkeypatch.setattr(runner, "configure_logging", lambda level: None)
+    monkeypatch.setattr(ray_backend, "_node_resources",
+                        lambda: {"CPU": 8.0, "GPU": float(gpus)}, raising=False)
+    cfg = Config({"device": "cuda", "tf32": False, "log_level": "info", "cpu_workers": 1,
+                  "decoders": 3, "ray_actors": None, "ray_address": None})
+    results = []
+    left = ray_backend.run_on_ray([cfg], [{}], _Queue(paths), lambda r: results.append(r) or True)
+    return fake, left, results
+
+
 def test_ray_gpu_actors_select_an_indexed_device(monkeypatch):
     """Ray narrows each GPU actor to its GPU: the actor must ask for cuda:0 (a bare "cuda"
     made set_device raise before any work)."""
     from torch.cuda._utils import _get_device_index
 
-    from video_features.utils import ray_backend, runner
     from video_features.utils.device import prepare_device
 
     selected, built = [], []
@@ -87,39 +126,12 @@ def test_ray_gpu_actors_select_an_indexed_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_device",
                         lambda d: selected.append(_get_device_index(d, optional=False)))
 
-    class Extractor:
-        frame_seam, frames_read = False, 0
-
-        def __init__(self, device):
-            self.device = device
-
-        def autocast(self):
-            import contextlib
-
-            return contextlib.nullcontext()
-
-        def extract(self, path):
-            return {}
-
-    class Writer:
-        def write(self, path, feats, info):
-            pass
-
     def build_worker(cfgs, records, device):
         built.append(device)
-        return Extractor(prepare_device(device, cfgs[0].tf32)), Writer()
+        return _Extractor(lambda path: {}, prepare_device(device, cfgs[0].tf32)), _Writer()
 
-    fake = _FakeRay(gpus=2)
-    monkeypatch.setattr(ray_backend, "import_ray", lambda: fake)
-    monkeypatch.setattr(runner, "build_worker", build_worker)
-    monkeypatch.setattr(runner, "configure_logging", lambda level: None)
-    monkeypatch.setattr(ray_backend, "_node_resources", lambda: {"CPU": 8.0, "GPU": 2.0},
-                        raising=False)
-    cfg = Config({"device": "cuda", "tf32": False, "log_level": "info", "cpu_workers": 1,
-                  "decoders": 3, "ray_actors": None, "ray_address": None})
-    results = []
-    left = ray_backend.run_on_ray([cfg], [{}], _Queue(["a.mp4", "b.mp4", "c.mp4"]),
-                                  lambda r: results.append(r) or True)
+    fake, left, results = _run_on_fake_ray(monkeypatch, build_worker,
+                                           ["a.mp4", "b.mp4", "c.mp4"], gpus=2)
     assert left == [] and sorted(r.path for r in results) == ["a.mp4", "b.mp4", "c.mp4"]
     assert all(r.status == "done" for r in results), [r.reason for r in results]
     assert built == ["cuda:0", "cuda:0"] and selected == [0, 0]
@@ -129,45 +141,25 @@ def test_ray_gpu_actors_select_an_indexed_device(monkeypatch):
 def test_a_ray_worker_whose_device_fails_is_restarted(monkeypatch):
     """A sticky CUDA error (the process's context is gone) fails its input as a device error;
     the driver has Ray start that actor again, and it does the rest of the chunk."""
-    from video_features.utils import ray_backend, runner
+    from video_features.utils import ray_backend
 
     contexts = []
 
-    class Extractor:
-        frame_seam, frames_read = False, 0
+    def build_worker(cfgs, records, device):
+        state = {"broken": False}    # of this process's CUDA context
+        contexts.append(state)
 
-        def __init__(self):
-            contexts.append(self)
-            self.broken, self.device = False, torch.device("cpu")
-
-        def autocast(self):
-            import contextlib
-
-            return contextlib.nullcontext()
-
-        def extract(self, path):
-            if self.broken or (path == "b.mp4" and len(contexts) == 1):
-                self.broken = True
+        def extract(path):
+            if state["broken"] or (path == "b.mp4" and len(contexts) == 1):
+                state["broken"] = True
                 raise RuntimeError("CUDA error: an illegal memory access was encountered")
             return {}
+        return _Extractor(extract), _Writer()
 
-    class Writer:
-        def write(self, path, feats, info):
-            pass
-
-    monkeypatch.setattr(ray_backend, "import_ray", lambda: fake)
-    monkeypatch.setattr(runner, "build_worker", lambda cfgs, records, device: (Extractor(),
-                                                                               Writer()))
-    monkeypatch.setattr(runner, "configure_logging", lambda level: None)
-    monkeypatch.setattr(ray_backend, "_node_resources", lambda: {"CPU": 8.0, "GPU": 1.0},
-                        raising=False)
     monkeypatch.setattr(ray_backend, "QUEUED_PER_ACTOR", 1)
-    fake = _FakeRay(gpus=1)
-    cfg = Config({"device": "cuda", "tf32": False, "log_level": "info", "cpu_workers": 1,
-                  "decoders": 3, "ray_actors": None, "ray_address": None})
-    results = {}
-    ray_backend.run_on_ray([cfg], [{}], _Queue(["a.mp4", "b.mp4", "c.mp4", "d.mp4"]),
-                           lambda r: results.update({r.path: r}) or True)
+    fake, _, done = _run_on_fake_ray(monkeypatch, build_worker,
+                                     ["a.mp4", "b.mp4", "c.mp4", "d.mp4"])
+    results = {r.path: r for r in done}
     assert results["b.mp4"].status == "failed" and results["b.mp4"].device_broken
     assert "device error" in results["b.mp4"].reason
     assert [results[p].status for p in ("a.mp4", "c.mp4", "d.mp4")] == ["done"] * 3, [
@@ -242,7 +234,7 @@ def test_ray_actors_measure_their_own_gpus_and_the_log_shows_them(monkeypatch, t
     log shows the latest figures of every actor's GPU."""
     import json
 
-    from video_features.utils import ray_backend, runlog, runner
+    from video_features.utils import runlog, runner
     from video_features.utils.output import HOST
 
     uuid = "aaaaaaaa-0000-0000-0000-000000000000"
@@ -267,35 +259,13 @@ def test_ray_actors_measure_their_own_gpus_and_the_log_shows_them(monkeypatch, t
     monkeypatch.setattr(runlog.GpuMeter, "__init__",
                         lambda self, device: (made(self, device), meters.append(self))[0])
 
-    class Extractor:
-        frame_seam, frames_read, device = False, 0, torch.device("cpu")
+    def extract(path):
+        meters[-1].sample()                               # as the meter's thread would
+        return {}
 
-        def autocast(self):
-            import contextlib
-
-            return contextlib.nullcontext()
-
-        def extract(self, path):
-            meters[-1].sample()                           # as the meter's thread would
-            return {}
-
-    class Writer:
-        def write(self, path, feats, info):
-            pass
-
-    fake = _FakeRay(gpus=1)
-    monkeypatch.setattr(ray_backend, "import_ray", lambda: fake)
-    monkeypatch.setattr(runner, "build_worker", lambda cfgs, records, device: (Extractor(),
-                                                                               Writer()))
-    monkeypatch.setattr(runner, "configure_logging", lambda level: None)
-    monkeypatch.setattr(ray_backend, "_node_resources", lambda: {"CPU": 8.0, "GPU": 1.0},
-                        raising=False)
-    cfg = Config({"device": "cuda", "tf32": False, "log_level": "info", "cpu_workers": 1,
-                  "decoders": 3, "ray_actors": None, "ray_address": None})
     busy = iter([50, 70])                                 # what the fake NVML reports next
-    results = []
-    ray_backend.run_on_ray([cfg], [{}], _Queue(["a.mp4", "b.mp4"]),
-                           lambda r: results.append(r) or True)
+    _, _, results = _run_on_fake_ray(monkeypatch, lambda cfgs, records, device: (
+        _Extractor(extract), _Writer()), ["a.mp4", "b.mp4"])
     meters[-1].close()
     assert [r.gpus for r in results] == [[], [{"host": HOST, "index": 0, "busy": 0.6,
                                                "memory_bytes": 123}]]
